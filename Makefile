@@ -1,0 +1,23 @@
+# The two commands of the README: `make quickstart` (set up, run the main job) and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: setup system-deps quickstart test test-fast bench
+
+setup:  ## install hpsearch and its Python dependencies (torch from the local wheel cache where there is one)
+	$(PIP) install -q -e '.[dev]'
+
+system-deps:  ## Debian packages the tests use: Fashion-MNIST, Chromium, PostgreSQL, docker-compose
+	.ci/install-system-deps
+
+quickstart: setup  ## run the quickstart study offline on the embedded stores in ./runs
+	hpsearch run studies/quickstart.yaml
+
+test: setup system-deps  ## the whole suite, slow tests included (what CI runs)
+	$(PYTHON) -m pytest -q
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PYTHON) benchmarks/run_all.py

@@ -1,0 +1,183 @@
+"""The `hpsearch` command: a thin click layer over the library (parse, call, echo)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from hpsearch.errors import HPSearchError
+
+SPEC = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+STORAGE = click.option("--storage", envvar="HPSEARCH_STORAGE", default=None,
+                       help="Optuna storage URL; overrides the spec's study.storage. [env HPSEARCH_STORAGE]")
+TRACKING = click.option("--tracking-uri", envvar="HPSEARCH_TRACKING_URI", default=None,
+                        help="MLflow tracking URI; overrides the spec's tracking.uri. [env HPSEARCH_TRACKING_URI]")
+DATA_DIR = click.option("--data-dir", envvar="HPSEARCH_DATA_DIR", default=None, type=click.Path(file_okay=False),
+                        help="Where torchvision-format datasets are looked for first. [env HPSEARCH_DATA_DIR]")
+RUNS_DIR = click.option("--runs-dir", envvar="HPSEARCH_RUNS_DIR", default=None, type=click.Path(file_okay=False),
+                        help="Folder of the embedded stores, artifacts and caches (default ./runs). "
+                             "[env HPSEARCH_RUNS_DIR]")
+
+
+class _Group(click.Group):
+    """Turns hpsearch's own errors into `Error: ...` with exit 1 and no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HPSearchError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="hpsearch")
+def cli() -> None:
+    """Declared hyperparameter searches for PyTorch models (Optuna + MLflow)."""
+
+
+def _load(spec_path: str, **overrides: Any) -> Any:
+    from hpsearch.spec import load_spec
+
+    return load_spec(spec_path, **overrides)
+
+
+@cli.command()
+@SPEC
+@STORAGE
+@TRACKING
+@DATA_DIR
+@RUNS_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved spec as JSON.")
+def validate(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None,
+             runs_dir: str | None, as_json: bool) -> None:
+    """Check SPEC and print its resolved settings; runs nothing."""
+    spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
+    if as_json:
+        click.echo(json.dumps(spec.to_dict(), indent=2))
+        return
+    click.echo(_describe(spec))
+
+
+def _describe(spec: Any) -> str:
+    from hpsearch.spec import mask_password
+
+    s, t = spec.study, spec.task
+    lines = [
+        f"{spec.path}: valid.",
+        f"study    {s.name}: " + ", ".join(f"{m.direction} {m.name}" for m in s.metrics)
+        + f"; {s.n_trials} trials in total" + (f", timeout {s.timeout:g} s" if s.timeout else "")
+        + f"; seed {s.seed}",
+        f"sampler  {s.sampler.type} {dict(s.sampler.options) or ''}".rstrip(),
+        f"pruner   {s.pruner.type} {dict(s.pruner.options) or ''}".rstrip()
+        + (f" wrapping {s.pruner.wrapped.type}" if s.pruner.wrapped else ""),
+        f"storage  {mask_password(s.storage)}",
+        f"task     {t.type} on {t.dataset}" + (f" (fallback {t.fallback})" if t.fallback else "")
+        + f"; validation {t.val_fraction:g} of train; {t.epochs} epochs; batch {t.batch_size}; device {t.device}",
+        f"model    {spec.model.family}",
+        "space:",
+    ]
+    for p in spec.space:
+        if p.type == "fixed":
+            desc = f"= {p.value!r}"
+        elif p.type == "categorical":
+            desc = f"one of {list(p.choices)}"
+        else:
+            desc = f"{p.type} in [{p.low}, {p.high}]" + (" log" if p.log else "") + (f" step {p.step}" if p.step else "")
+        if p.per_layer:
+            desc += " per layer"
+        if p.when:
+            desc += " when " + ", ".join(f"{k} in {list(v)}" for k, v in p.when.items())
+        lines.append(f"  {p.name:<15} {desc}")
+    if s.enqueue:
+        lines.append(f"enqueued {len(s.enqueue)} known-good configuration(s) first")
+    tr = spec.tracking
+    lines.append(f"tracking {'MLflow ' + mask_password(tr.uri) + ', experiment ' + tr.experiment if tr.enabled else 'off'}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@SPEC
+@STORAGE
+@TRACKING
+@DATA_DIR
+@RUNS_DIR
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes sharing the study (n_trials stays the study's total).")
+@click.option("--gpus", default=None, help="Comma-separated CUDA device ids to place workers on, e.g. 0,1.")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Workers per GPU listed in --gpus.")
+@click.option("--device", default=None, help="Override task.device (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--allow-space-change", is_flag=True,
+              help="Continue an existing study although its search space changed.")
+@click.option("--no-finish", is_flag=True, help="Skip the final test evaluation and model registration.")
+def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None, runs_dir: str | None,
+        workers: int, gpus: str | None, workers_per_gpu: int, device: str | None, allow_space_change: bool,
+        no_finish: bool) -> None:
+    """Run (or resume) the study in SPEC until its n_trials, then test and register the best model."""
+    spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
+    from hpsearch import workers as workers_mod
+    from hpsearch.progress import summary
+
+    try:
+        study = workers_mod.run_study(spec, workers=workers, gpus=gpus, workers_per_gpu=workers_per_gpu,
+                                      device=device, allow_space_change=allow_space_change)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: finished trials are kept, none is left running. Run the same command to "
+                   "resume.", err=True)
+        sys.exit(130)
+    result: dict[str, Any] = {}
+    if not no_finish:
+        from hpsearch.study import finish
+
+        result = finish(spec, study, device=device)
+    click.echo(summary(spec, study, result))
+
+
+@cli.command()
+@click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+@click.option("--study", "study_name", default=None, help="Join this study (with --storage) using its stored spec.")
+@STORAGE
+@TRACKING
+@DATA_DIR
+@RUNS_DIR
+@click.option("--device", default=None, help="Override task.device (auto, cpu, cuda, cuda:N, mps).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
+@click.option("--quiet", is_flag=True, help="No progress line (when a parent process shows one).")
+def worker(spec_path: str | None, study_name: str | None, storage: str | None, tracking_uri: str | None,
+           data_dir: str | None, runs_dir: str | None, device: str | None, threads: int | None, quiet: bool) -> None:
+    """Join a study as one more worker, until the study's total is reached.
+
+    Either SPEC (refused if the study's stored spec differs) or --storage URL --study NAME.
+    """
+    from hpsearch.progress import Progress
+    from hpsearch.study import load_stored_spec, open_study, setup_worker, work
+
+    if spec_path is None:
+        if not (storage and study_name):
+            raise click.UsageError("give a SPEC, or --storage URL and --study NAME to join an existing study.")
+        spec = load_stored_spec(storage, study_name, runs_dir=runs_dir)
+    else:
+        spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
+        if study_name and study_name != spec.study.name:
+            raise click.UsageError(f"--study {study_name!r} differs from the spec's study.name {spec.study.name!r}.")
+    study = open_study(spec)
+    setup = setup_worker(spec, study, device=device, threads=threads)
+    try:
+        if quiet:
+            ran = work(spec, study, setup, timeout=spec.study.timeout)
+        else:
+            with Progress(spec, study):
+                ran = work(spec, study, setup, timeout=spec.study.timeout)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: this worker's finished trials are kept.", err=True)
+        sys.exit(130)
+    if not quiet:
+        click.echo(f"worker done: ran {ran} trial(s) of study {spec.study.name!r}.")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    cli(prog_name="hpsearch")

@@ -1,0 +1,116 @@
+"""A live progress line for a study, read from its storage, and the end-of-study summary."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+import optuna
+
+from hpsearch.spec import Spec, mask_password
+from hpsearch.study import Counts, count_trials
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(spec: Spec, study: optuna.Study, counts: Counts, elapsed: float, done_at_start: int) -> str:
+    """Return one line: a bar, trials done / pruned / failed, the best value, elapsed and ETA."""
+    total = spec.study.n_trials
+    done = min(counts.finished, total)
+    width = 24
+    filled = int(width * done / total)
+    bar = "#" * filled + "-" * (width - filled)
+    best = "-"
+    if not spec.study.multi_objective:
+        try:
+            best = f"{study.best_value:.4g}"
+        except ValueError:
+            pass
+    else:
+        best = f"{len(study.best_trials)} on the Pareto front" if counts.complete else "-"
+    new = done - done_at_start
+    eta = "-" if new <= 0 else _clock(elapsed / new * (total - done))
+    return (f"[{bar}] {done}/{total} trials | complete {counts.complete} pruned {counts.pruned} "
+            f"failed {counts.failed} running {counts.running} | best {spec.study.metrics[0].name} {best} | "
+            f"{_clock(elapsed)} elapsed, ETA {eta}")
+
+
+class Progress:
+    """Redraws the progress line every ``interval`` seconds from a thread, until stopped."""
+
+    def __init__(self, spec: Spec, study: optuna.Study, *, stream: TextIO = sys.stderr, interval: float = 1.0):
+        self.spec, self.study, self.stream, self.interval = spec, study, stream, interval
+        self.tty = stream.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._start = time.monotonic()
+        self._done_at_start = count_trials(study).finished
+        self._last = ""
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._draw(final=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def _draw(self, final: bool = False) -> None:
+        try:
+            line = progress_line(self.spec, self.study, count_trials(self.study), time.monotonic() - self._start,
+                                 self._done_at_start)
+        except Exception:  # noqa: BLE001 - a busy storage must not kill the display, nor the study
+            return
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self._last)) + ("\n" if final else ""))
+        elif line != self._last or final:
+            # Not a terminal (CI, a log file): one line per change, without carriage returns.
+            if line.split(" | ")[0] != self._last.split(" | ")[0] or final:
+                self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last = line
+
+
+def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
+    """Return the end-of-study summary: best params and values, test metrics, where to look next."""
+    counts = count_trials(study)
+    lines = [f"Study {spec.study.name!r}: {counts.finished} of {spec.study.n_trials} trials finished "
+             f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)."]
+    data = study.user_attrs.get("hpsearch.data") or {}
+    if data:
+        lines.append(f"Data: {data.get('name')} from {data.get('source')} ({data.get('n_train')} train / "
+                     f"{data.get('n_val')} validation / {data.get('n_test')} test, sha256 {data.get('sha256')})"
+                     + ("  [FALLBACK: not the requested dataset " + repr(data.get("requested")) + "]"
+                        if data.get("fallback") else ""))
+    if result:
+        names = [m.name for m in spec.study.metrics]
+        values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, result["values"]))
+        lines.append(f"Best trial: #{result['trial']} ({values})")
+        lines.append("Best params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(result["params"].items())))
+        lines.append(f"Test split ({result['n_test']} samples, touched once, by this model): "
+                     + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result["metrics"].items())))
+        if result.get("model_version"):
+            lines.append(f"Registered model: {result['registered_model']} version {result['model_version']}")
+    else:
+        lines.append("No trial completed, so there is no best model yet.")
+    if spec.tracking.enabled:
+        lines.append(f"MLflow experiment: {spec.tracking.experiment} at {mask_password(spec.tracking.uri)}")
+    lines.append("Look at it:")
+    lines.append(f"  hpsearch dashboard {spec.path}    # optuna-dashboard on {mask_password(spec.study.storage)}")
+    if spec.tracking.enabled:
+        lines.append(f"  hpsearch ui {spec.path}           # the MLflow UI")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

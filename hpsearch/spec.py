@@ -1,0 +1,792 @@
+"""A study spec (YAML) → typed, frozen objects; every check of user input lives here.
+
+The spec is read once, validated completely, and refused with one message naming the file,
+the key path, the rule and the value before any trial runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpsearch.errors import SpecError
+from hpsearch.knobs import KNOBS, PER_LAYER
+
+DATASETS = ("mnist", "fashion-mnist", "kmnist", "mnist-5k", "digits")
+TASKS = ("classify", "denoise", "inpaint")
+FAMILIES = ("mlp", "cnn", "autoencoder")
+FAMILY_TASKS = {"mlp": ("classify",), "cnn": ("classify",), "autoencoder": ("denoise", "inpaint")}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+NOISE_KINDS = ("gaussian", "salt_pepper")
+MASK_PLACEMENTS = ("center", "random", "top", "bottom", "left", "right")
+DIRECTIONS = ("minimize", "maximize")
+
+# What each task reports per epoch, and which way is better. `n_params` (model size) is known
+# before training and serves multi-objective studies (accuracy vs size).
+METRICS: dict[str, dict[str, str]] = {
+    "classify": {"val_loss": "minimize", "val_accuracy": "maximize", "val_error": "minimize"},
+    "denoise": {"val_mse": "minimize", "val_psnr": "maximize"},
+    "inpaint": {
+        "val_mse": "minimize",
+        "val_mse_hidden": "minimize",
+        "val_psnr": "maximize",
+        "val_inpaint_success": "maximize",
+    },
+}
+STATIC_METRICS = {"n_params": "minimize"}
+
+SAMPLERS = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "cmaes": "CmaEsSampler",
+    "gp": "GPSampler",
+    "qmc": "QMCSampler",
+    "grid": "GridSampler",
+    "nsga2": "NSGAIISampler",
+}
+PRUNERS = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+    "wilcoxon": "WilcoxonPruner",
+    "patient": "PatientPruner",
+    "threshold": "ThresholdPruner",
+    "none": "NopPruner",
+}
+# Options hpsearch sets itself, so a spec may not.
+_RESERVED_SAMPLER_OPTIONS = {"seed", "search_space"}
+_RESERVED_PRUNER_OPTIONS = {"wrapped_pruner"}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+_TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "file", "http", "https")
+
+
+# --------------------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    type: str = "tpe"  # TPE: the best general default for mixed, conditional spaces
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    type: str = "median"  # median: robust, no tuning, prunes from the 2nd epoch of later trials
+    options: Mapping[str, Any] = field(default_factory=dict)
+    wrapped: PrunerSpec | None = None  # for `patient`
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    metrics: tuple[MetricSpec, ...]
+    n_trials: int  # the study's total, however many workers share it
+    storage: str  # an Optuna storage URL, resolved (never printed with its password)
+    timeout: float | None = None  # seconds per worker; None: run until n_trials
+    seed: int = 0  # sampler seed; each trial's training seed derives from it and the trial number
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    enqueue: tuple[Mapping[str, Any], ...] = ()  # known-good configurations, evaluated first
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
+    grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
+    max_retries: int = 2  # how often a trial whose worker died is retried with the same params
+
+    @property
+    def directions(self) -> list[str]:
+        return [m.direction for m in self.metrics]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    kind: str = "gaussian"
+    std: float = 0.3  # gaussian std in [0, 1] pixel units: visibly noisy, still legible
+    amount: float = 0.1  # salt-and-pepper: share of pixels flipped to 0 or 1
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    size: int = 14  # a quarter of a 28x28 digit: enough to hide a stroke
+    placement: str = "center"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    type: str
+    dataset: str
+    fallback: str | None = None  # a dataset to use, loudly, when `dataset` cannot be loaded
+    data_dir: str | None = None
+    val_fraction: float = 0.1  # carved from the training split with the study seed
+    train_limit: int | None = None  # cap on train+val samples, for quick studies
+    epochs: int = 10
+    batch_size: int = 128
+    device: str = "auto"
+    normalize: bool = True  # standardise inputs with the training split's mean and std
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    threads: int | None = None  # CPU threads per trial; None: the machine's cores / workers
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One entry of the search space."""
+
+    name: str
+    type: str  # "int" | "float" | "categorical" | "fixed"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    value: Any = None
+    per_layer: bool = False
+    when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def possible(self, value: Any) -> bool:
+        """Return whether this parameter can take ``value``."""
+        if self.type == "fixed":
+            return value == self.value
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    enabled: bool = True
+    uri: str = ""  # resolved MLflow tracking URI
+    artifact_root: str | None = None  # where a local store keeps artifacts
+    experiment: str = ""
+    log_images_every: int = 1  # epochs between reconstruction grids (and always at the end)
+    register_model: bool = True
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    study: StudySpec
+    task: TaskSpec
+    model: ModelSpec
+    space: tuple[ParamSpec, ...]
+    tracking: TrackingSpec
+    runs_dir: str  # embedded stores, artifacts and caches live here
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the resolved spec as plain data (JSON-safe), the storage password masked."""
+        data = asdict(self)
+        data["study"]["storage"] = mask_password(self.study.storage)
+        data["tracking"]["uri"] = mask_password(self.tracking.uri)
+        return json.loads(json.dumps(data, default=str))
+
+    def space_dict(self) -> dict[str, Any]:
+        """Return what defines the search: task, model and space (used to refuse silent changes)."""
+        data = self.to_dict()
+        task = dict(data["task"])
+        for key in ("data_dir", "device", "threads"):  # where and how fast, not what is searched
+            task.pop(key)
+        return {"task": task, "model": data["model"], "space": data["space"],
+                "metrics": data["study"]["metrics"]}
+
+    def fingerprint(self) -> str:
+        """Return a short hash of :meth:`space_dict`."""
+        text = json.dumps(self.space_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def artifacts_dir(self) -> str:
+        return os.environ.get("HPSEARCH_ARTIFACTS") or str(Path(self.runs_dir) / "artifacts")
+
+    @property
+    def cache_dir(self) -> str:
+        return str(Path(self.runs_dir) / "cache")
+
+
+def mask_password(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]+:)([^@]*)(@)", r"\1***\3", url)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(
+    path: str | os.PathLike[str],
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_dir: str | None = None,
+    runs_dir: str | os.PathLike[str] | None = None,
+) -> Spec:
+    """Return the validated spec in ``path``; keyword arguments override it (CLI flags, env).
+
+    Raises SpecError naming the file, the key, the rule and the value for anything wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file. Expected a YAML study spec, e.g. studies/quickstart.yaml.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the spec file ({exc}).") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}: the file is not valid YAML{where}: {problem}.") from None
+    if raw is None:
+        raise SpecError(f"{path}: the spec is empty. Expected a mapping with keys study, task, model, space.")
+    runs = Path(runs_dir or os.environ.get("HPSEARCH_RUNS_DIR") or "runs").resolve()
+    return parse_spec(raw, source=str(path), storage=storage, tracking_uri=tracking_uri,
+                      data_dir=data_dir, runs_dir=runs)
+
+
+def parse_spec(
+    raw: Any,
+    *,
+    source: str = "<spec>",
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_dir: str | None = None,
+    runs_dir: Path | None = None,
+) -> Spec:
+    """Return the validated spec built from plain data ``raw`` (as loaded from YAML)."""
+    check = _Checker(source)
+    raw = check.interpolate(copy.deepcopy(raw), "")
+    top = check.mapping(raw, "", required=("study", "task", "model"), optional=("space", "tracking"))
+    runs = Path(runs_dir or "runs").resolve()
+
+    task = _parse_task(check, top["task"], data_dir)
+    model = _parse_model(check, top["model"], task)
+    space = _parse_space(check, top.get("space") or {}, model, task)
+    study = _parse_study(check, top["study"], task, space, storage, runs)
+    tracking = _parse_tracking(check, top.get("tracking") or {}, study, tracking_uri, runs)
+    return Spec(path=source, study=study, task=task, model=model, space=space, tracking=tracking,
+                runs_dir=str(runs))
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> Spec:
+    """Return a Spec from :meth:`Spec.to_dict` output (as stored in a study)."""
+    raw = {
+        "study": {k: v for k, v in data["study"].items() if k not in ("metrics",)},
+        "task": data["task"],
+        "model": data["model"],
+        "space": {p["name"]: _param_to_raw(p) for p in data["space"]},
+        "tracking": {k: v for k, v in data["tracking"].items() if k != "artifact_root"},
+    }
+    raw["study"]["metrics"] = data["study"]["metrics"]
+    raw["study"]["sampler"] = {"type": data["study"]["sampler"]["type"], **data["study"]["sampler"]["options"]}
+    raw["study"]["pruner"] = _pruner_to_raw(data["study"]["pruner"])
+    return parse_spec(raw, source=data.get("path", "<stored spec>"), runs_dir=Path(data["runs_dir"]))
+
+
+def _param_to_raw(p: Mapping[str, Any]) -> Any:
+    if p["type"] == "fixed":
+        return p["value"]
+    out: dict[str, Any] = {"type": p["type"]}
+    if p["type"] == "categorical":
+        out["choices"] = list(p["choices"])
+    else:
+        out.update(low=p["low"], high=p["high"], log=p["log"])
+        if p["step"] is not None:
+            out["step"] = p["step"]
+    if p["per_layer"]:
+        out["per_layer"] = True
+    if p["when"]:
+        out["when"] = {k: list(v) for k, v in p["when"].items()}
+    return out
+
+
+def _pruner_to_raw(p: Mapping[str, Any]) -> dict[str, Any]:
+    out = {"type": p["type"], **p["options"]}
+    if p.get("wrapped"):
+        out["wrapped"] = _pruner_to_raw(p["wrapped"])
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
+    keys = ("type", "dataset", "fallback", "data_dir", "val_fraction", "train_limit", "epochs",
+            "batch_size", "device", "normalize", "noise", "mask", "threads")
+    m = check.mapping(raw, "task", required=("type", "dataset"), optional=keys)
+    noise_raw = check.mapping(m.get("noise", {}), "task.noise", optional=("kind", "std", "amount"))
+    mask_raw = check.mapping(m.get("mask", {}), "task.mask", optional=("size", "placement"))
+    noise = NoiseSpec(
+        kind=check.choice(noise_raw.get("kind", "gaussian"), "task.noise.kind", NOISE_KINDS),
+        std=check.number(noise_raw.get("std", 0.3), "task.noise.std", low=0.0, high=1.0),
+        amount=check.number(noise_raw.get("amount", 0.1), "task.noise.amount", low=0.0, high=1.0),
+    )
+    mask = MaskSpec(
+        size=check.integer(mask_raw.get("size", 14), "task.mask.size", low=1),
+        placement=check.choice(mask_raw.get("placement", "center"), "task.mask.placement", MASK_PLACEMENTS),
+    )
+    fallback = m.get("fallback")
+    if fallback is not None:
+        fallback = check.choice(fallback, "task.fallback", DATASETS)
+    val_fraction = check.number(m.get("val_fraction", 0.1), "task.val_fraction")
+    if not 0.0 < val_fraction < 1.0:
+        check.fail("task.val_fraction", "must be between 0 and 1 (exclusive)", val_fraction)
+    limit = m.get("train_limit")
+    threads = m.get("threads")
+    chosen_dir = data_dir or m.get("data_dir")
+    return TaskSpec(
+        type=check.choice(m["type"], "task.type", TASKS),
+        dataset=check.choice(m["dataset"], "task.dataset", DATASETS),
+        fallback=fallback,
+        data_dir=check.string(chosen_dir, "task.data_dir") if chosen_dir is not None else None,
+        val_fraction=float(val_fraction),
+        train_limit=None if limit is None else check.integer(limit, "task.train_limit", low=10),
+        epochs=check.integer(m.get("epochs", 10), "task.epochs", low=1),
+        batch_size=check.integer(m.get("batch_size", 128), "task.batch_size", low=1),
+        device=check.choice(m.get("device", "auto"), "task.device", DEVICES, prefix_ok=("cuda:",)),
+        normalize=check.boolean(m.get("normalize", True), "task.normalize"),
+        noise=noise,
+        mask=mask,
+        threads=None if threads is None else check.integer(threads, "task.threads", low=1),
+    )
+
+
+def _parse_model(check: _Checker, raw: Any, task: TaskSpec) -> ModelSpec:
+    m = check.mapping(raw, "model", required=("family",), optional=("family",))
+    family = check.choice(m["family"], "model.family", FAMILIES)
+    if task.type not in FAMILY_TASKS[family]:
+        check.fail("model.family", f"model family {family!r} cannot do task {task.type!r}; "
+                   f"it does {list(FAMILY_TASKS[family])}", family)
+    return ModelSpec(family=family)
+
+
+def _parse_space(check: _Checker, raw: Any, model: ModelSpec, task: TaskSpec) -> tuple[ParamSpec, ...]:
+    m = check.mapping(raw, "space", optional=tuple(KNOBS))
+    params: dict[str, ParamSpec] = {}
+    for name, value in m.items():
+        knob = KNOBS[name]
+        where = f"space.{name}"
+        if model.family not in knob.families:
+            check.fail(where, f"{name!r} has no effect on model family {model.family!r} "
+                       f"(it applies to {list(knob.families)})", value)
+        if task.type not in knob.tasks:
+            check.fail(where, f"{name!r} has no effect on task {task.type!r} (it applies to {list(knob.tasks)})",
+                       value)
+        params[name] = _parse_param(check, name, value)
+    # Conditions: explicit `when`, else the knob's implicit one when its parent is searched.
+    resolved: list[ParamSpec] = []
+    for name, p in params.items():
+        when = dict(p.when)
+        if not when and p.type != "fixed":
+            for parent, values in KNOBS[name].only_when:
+                parent_spec = params.get(parent)
+                if parent_spec is not None and parent_spec.type != "fixed":
+                    when[parent] = tuple(v for v in values if parent_spec.possible(v))
+        for parent, values in when.items():
+            where = f"space.{name}.when.{parent}"
+            if parent == name:
+                check.fail(where, "a parameter cannot be conditional on itself", parent)
+            parent_spec = params.get(parent)
+            if parent_spec is None:
+                check.fail(where, f"the condition refers to {parent!r}, which is not a parameter of the space "
+                           f"(parameters: {sorted(params)})", parent)
+            if parent_spec.when:
+                check.fail(where, f"conditions may not be nested: {parent!r} is itself conditional", parent)
+            impossible = [v for v in values if not parent_spec.possible(v)]
+            if impossible or not values:
+                check.fail(where, f"the condition's values must be values that {parent!r} can take", list(values))
+        if p.per_layer and "n_layers" not in params:
+            check.fail(f"space.{name}.per_layer", "per-layer values need `n_layers` in the space "
+                       "(fixed or searched)", True)
+        resolved.append(ParamSpec(**{**p.__dict__, "when": when}))
+    return tuple(resolved)
+
+
+def _parse_param(check: _Checker, name: str, raw: Any) -> ParamSpec:
+    knob = KNOBS[name]
+    where = f"space.{name}"
+    if isinstance(raw, list):  # shorthand: a list is a categorical choice
+        raw = {"type": "categorical", "choices": raw}
+    if not isinstance(raw, Mapping):
+        value = check.knob_value(knob, raw, where)
+        return ParamSpec(name=name, type="fixed", value=value)
+    kind = raw.get("type")
+    if kind is None:
+        kind = "categorical" if "choices" in raw else ("fixed" if "value" in raw else knob.kind)
+        kind = {"bool": "categorical", "choice": "categorical"}.get(kind, kind)
+    kind = check.choice(kind, f"{where}.type", ("int", "float", "categorical", "fixed"))
+    common = ("type", "when", "per_layer")
+    when = _parse_when(check, raw.get("when"), f"{where}.when")
+    per_layer = check.boolean(raw.get("per_layer", False), f"{where}.per_layer")
+    if per_layer and name not in PER_LAYER:
+        check.fail(f"{where}.per_layer", f"only {list(PER_LAYER)} can be searched per layer", True)
+    if kind == "fixed":
+        m = check.mapping(raw, where, required=("value",), optional=common + ("value",))
+        return ParamSpec(name=name, type="fixed", value=check.knob_value(knob, m["value"], f"{where}.value"),
+                         when=when, per_layer=per_layer)
+    if kind == "categorical":
+        m = check.mapping(raw, where, required=("choices",), optional=common + ("choices",))
+        choices = m["choices"]
+        if not isinstance(choices, list) or not choices:
+            check.fail(f"{where}.choices", "must be a non-empty list", choices)
+        values = tuple(check.knob_value(knob, c, f"{where}.choices[{i}]") for i, c in enumerate(choices))
+        if len(set(map(repr, values))) != len(values):
+            check.fail(f"{where}.choices", "must not repeat a value", list(values))
+        return ParamSpec(name=name, type="categorical", choices=values, when=when, per_layer=per_layer)
+    # int / float ranges
+    if kind != knob.kind:
+        check.fail(f"{where}.type", f"{name!r} is a {knob.kind} knob; use "
+                   + ("`int` or `categorical`" if knob.kind == "int" else "`categorical` or a fixed value"), kind)
+    m = check.mapping(raw, where, required=("low", "high"), optional=common + ("low", "high", "log", "step"))
+    convert = check.integer if kind == "int" else check.number
+    low, high = convert(m["low"], f"{where}.low"), convert(m["high"], f"{where}.high")
+    log = check.boolean(m.get("log", False), f"{where}.log")
+    step = m.get("step")
+    if step is not None:
+        step = convert(step, f"{where}.step")
+        if step <= 0:
+            check.fail(f"{where}.step", "must be > 0", step)
+    if low > high:
+        check.fail(where, f"`low <= high` must hold, but got low={low!r}, high={high!r}", {"low": low, "high": high})
+    if log and low <= 0:
+        check.fail(f"{where}.low", "a log range must start above 0", low)
+    if log and step is not None and (kind == "float" or step != 1):
+        check.fail(where, "`log` and `step` cannot be combined", {"log": log, "step": step})
+    for bound, value in (("low", low), ("high", high)):
+        problem = knob.problem(value, bounds_only=True)
+        if problem:
+            check.fail(f"{where}.{bound}", f"{name} {problem}", value)
+    return ParamSpec(name=name, type=kind, low=low, high=high, log=log, step=step, when=when, per_layer=per_layer)
+
+
+def _parse_when(check: _Checker, raw: Any, where: str) -> dict[str, tuple[Any, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        check.fail(where, "must map a parameter name to the value(s) under which this one is searched, "
+                   "e.g. {optimizer: [sgd]}", raw)
+    return {str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in raw.items()}
+
+
+def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec, ...],
+                 storage: str | None, runs: Path) -> StudySpec:
+    keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
+            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries")
+    m = check.mapping(raw, "study", required=("name",), optional=keys)
+    name = check.string(m["name"], "study.name")
+    if not _NAME_RE.match(name):
+        check.fail("study.name", "must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit",
+                   name)
+    metrics = _parse_metrics(check, m, task)
+    n_trials = check.integer(m.get("n_trials", 20), "study.n_trials", low=1)
+    timeout = m.get("timeout")
+    if timeout is not None:
+        timeout = check.number(timeout, "study.timeout")
+        if timeout <= 0:
+            check.fail("study.timeout", "must be a positive number of seconds", timeout)
+    sampler = _parse_sampler(check, m.get("sampler", "tpe"), metrics, space)
+    pruner = _parse_pruner(check, m.get("pruner", "median"), "study.pruner")
+    if len(metrics) > 1 and pruner.type != "none" and "pruner" in m:
+        check.fail("study.pruner", "Optuna cannot prune multi-objective studies; use `pruner: none`", pruner.type)
+    if len(metrics) > 1:
+        pruner = PrunerSpec(type="none")
+    url = storage or m.get("storage") or f"sqlite:///{runs / 'optuna.db'}"
+    url = check_storage_url(check.string(url, "study.storage"), where=f"{check.source}: study.storage")
+    enqueue_raw = m.get("enqueue", [])
+    if not isinstance(enqueue_raw, list):
+        check.fail("study.enqueue", "must be a list of parameter mappings", enqueue_raw)
+    enqueue = tuple(_parse_enqueue(check, e, f"study.enqueue[{i}]", space) for i, e in enumerate(enqueue_raw))
+    heartbeat = check.integer(m.get("heartbeat_interval", 10), "study.heartbeat_interval", low=1)
+    grace = check.integer(m.get("grace_period", 60), "study.grace_period", low=1)
+    if grace <= heartbeat:
+        check.fail("study.grace_period", f"must be longer than study.heartbeat_interval ({heartbeat})", grace)
+    return StudySpec(
+        name=name, metrics=metrics, n_trials=n_trials, storage=url,
+        timeout=None if timeout is None else float(timeout),
+        seed=check.integer(m.get("seed", 0), "study.seed", low=0),
+        sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
+        max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
+    )
+
+
+def _parse_metrics(check: _Checker, m: Mapping[str, Any], task: TaskSpec) -> tuple[MetricSpec, ...]:
+    known = {**METRICS[task.type], **STATIC_METRICS}
+    if "metrics" in m and ("metric" in m or "direction" in m):
+        check.fail("study.metrics", "give either `metric` (+ `direction`) or `metrics`, not both", m["metrics"])
+    if "metrics" in m:
+        items = m["metrics"]
+        if not isinstance(items, list) or not items:
+            check.fail("study.metrics", "must be a non-empty list of metric names or {name, direction}", items)
+    else:
+        items = [{"name": m.get("metric", _default_metric(task.type)), "direction": m.get("direction")}]
+    out = []
+    for i, item in enumerate(items):
+        where = "study.metric" if "metrics" not in m else f"study.metrics[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        item = check.mapping(item, where, required=("name",), optional=("name", "direction"))
+        name = check.choice(item["name"], f"{where}.name" if "metrics" in m else where, tuple(known))
+        direction = item.get("direction") or known[name]
+        direction = check.choice(direction, f"{where}.direction" if "metrics" in m else "study.direction",
+                                 DIRECTIONS)
+        out.append(MetricSpec(name=name, direction=direction))
+    if len({x.name for x in out}) != len(out):
+        check.fail("study.metrics", "must not name a metric twice", [x.name for x in out])
+    if out[0].name in STATIC_METRICS:
+        check.fail("study.metrics[0]", "the first objective must be a validation metric (it is reported "
+                   "per epoch); put n_params second", out[0].name)
+    return tuple(out)
+
+
+def _default_metric(task: str) -> str:
+    return {"classify": "val_accuracy", "denoise": "val_mse", "inpaint": "val_mse_hidden"}[task]
+
+
+def _parse_sampler(check: _Checker, raw: Any, metrics: tuple[MetricSpec, ...],
+                   space: tuple[ParamSpec, ...]) -> SamplerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    m = check.mapping(raw, "study.sampler", required=("type",), optional=None)
+    kind = check.choice(m["type"], "study.sampler.type", tuple(SAMPLERS))
+    options = {k: v for k, v in m.items() if k != "type"}
+    _check_options(check, "samplers", SAMPLERS[kind], options, "study.sampler", _RESERVED_SAMPLER_OPTIONS)
+    if kind == "grid":
+        for p in space:
+            if p.type in ("int", "float") and not (p.type == "int" and not p.log and (p.step or 1) >= 1
+                                                 and (p.high - p.low) <= 1000):
+                check.fail(f"space.{p.name}", "a grid sampler needs a finite grid: use `categorical` choices, "
+                           "a fixed value, or an int range without log", p.type)
+            if p.per_layer:
+                check.fail(f"space.{p.name}.per_layer", "a grid sampler cannot search per-layer values", True)
+    if kind == "cmaes" and len(metrics) > 1:
+        check.fail("study.sampler.type", "CMA-ES is single-objective; use nsga2, tpe or random", kind)
+    return SamplerSpec(type=kind, options=options)
+
+
+def _parse_pruner(check: _Checker, raw: Any, where: str) -> PrunerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if raw is None:
+        raw = {"type": "none"}
+    m = check.mapping(raw, where, required=("type",), optional=None)
+    kind = check.choice(m["type"], f"{where}.type", tuple(PRUNERS))
+    options = {k: v for k, v in m.items() if k not in ("type", "wrapped")}
+    wrapped = None
+    if kind == "patient":
+        wrapped = _parse_pruner(check, m.get("wrapped", "median"), f"{where}.wrapped")
+        if "patience" not in options:
+            check.fail(f"{where}.patience", "the patient pruner needs `patience` (epochs without improvement)",
+                       None)
+    elif "wrapped" in m:
+        check.fail(f"{where}.wrapped", "only the `patient` pruner wraps another pruner", m["wrapped"])
+    _check_options(check, "pruners", PRUNERS[kind], options, where, _RESERVED_PRUNER_OPTIONS)
+    return PrunerSpec(type=kind, options=options, wrapped=wrapped)
+
+
+def _check_options(check: _Checker, module: str, class_name: str, options: Mapping[str, Any], where: str,
+                   reserved: set[str]) -> None:
+    import optuna  # only to read the option names of Optuna's own classes
+
+    cls = getattr(getattr(optuna, module), class_name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"] \
+        if cls.__init__ is not object.__init__ else []
+    allowed = [a for a in accepted if a not in reserved]
+    for key in options:
+        if key in reserved:
+            check.fail(f"{where}.{key}", "is set by hpsearch (from study.seed and the space); remove it",
+                       options[key])
+        if key not in accepted:
+            check.fail(f"{where}.{key}", f"unknown option of optuna.{module}.{class_name}; accepted options: "
+                       f"{allowed}", options[key])
+
+
+def _parse_enqueue(check: _Checker, raw: Any, where: str, space: tuple[ParamSpec, ...]) -> dict[str, Any]:
+    names = {p.name: p for p in space if p.type != "fixed"}
+    m = check.mapping(raw, where, optional=None)
+    for key, value in m.items():
+        base = re.sub(r"_\d+$", "", key)
+        spec = names.get(key) or (names.get(base) if names.get(base, None) and names[base].per_layer else None)
+        if spec is None:
+            check.fail(f"{where}.{key}", f"is not a searched parameter (searched: {sorted(names)})", value)
+        problem = KNOBS[spec.name].problem(value)
+        if problem:
+            check.fail(f"{where}.{key}", f"{spec.name} {problem}", value)
+    return dict(m)
+
+
+def _parse_tracking(check: _Checker, raw: Any, study: StudySpec, tracking_uri: str | None,
+                    runs: Path) -> TrackingSpec:
+    keys = ("enabled", "uri", "experiment", "log_images_every", "register_model")
+    m = check.mapping(raw, "tracking", optional=keys)
+    uri = tracking_uri or m.get("uri") or f"sqlite:///{runs / 'mlflow.db'}"
+    uri = check_tracking_uri(check.string(uri, "tracking.uri"), where=f"{check.source}: tracking.uri")
+    local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+    return TrackingSpec(
+        enabled=check.boolean(m.get("enabled", True), "tracking.enabled"),
+        uri=uri,
+        artifact_root=str(runs / "mlartifacts") if local else None,
+        experiment=check.string(m.get("experiment") or study.name, "tracking.experiment"),
+        log_images_every=check.integer(m.get("log_images_every", 1), "tracking.log_images_every", low=1),
+        register_model=check.boolean(m.get("register_model", True), "tracking.register_model"),
+    )
+
+
+def check_storage_url(url: str, *, where: str = "storage") -> str:
+    """Return the Optuna storage URL with relative SQLite paths made absolute; refuse others."""
+    scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in _STORAGE_SCHEMES:
+        raise SpecError(f"{where}: {mask_password(url)!r} is not a storage URL this tool accepts. Expected "
+                        "sqlite:///path/to/file.db, postgresql://user@host:5432/db (password from an "
+                        "environment variable via ${VAR}) or mysql://...")
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path:
+            raise SpecError(f"{where}: {url!r} names no database file. Expected sqlite:///path/to/file.db.")
+        return "sqlite:///" + str(Path(path).resolve())
+    return url
+
+
+def check_tracking_uri(uri: str, *, where: str = "tracking.uri") -> str:
+    """Return the MLflow tracking URI with relative local paths made absolute; refuse others."""
+    if "://" not in uri and ":" not in uri:
+        return Path(uri).resolve().as_uri()
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in _TRACKING_SCHEMES:
+        raise SpecError(f"{where}: {mask_password(uri)!r} is not an MLflow tracking URI. Expected "
+                        "sqlite:///path/mlflow.db, http(s)://host:port of an MLflow server, a directory path, "
+                        "or a database URL.")
+    if scheme == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not path:
+            raise SpecError(f"{where}: {uri!r} names no database file. Expected sqlite:///path/to/mlflow.db.")
+        return "sqlite:///" + str(Path(path).resolve())
+    if scheme in ("http", "https") and not re.match(r"^https?://[^/\s:]+(:\d+)?(/.*)?$", uri):
+        raise SpecError(f"{where}: {uri!r} is not a valid http(s) URL. Expected e.g. http://127.0.0.1:5000.")
+    return uri
+
+
+# --------------------------------------------------------------------------- checking
+
+
+class _Checker:
+    """Type checks that raise SpecError with the file, the key path, the rule and the value."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, rule: str, value: Any) -> None:
+        shown = "" if value is None else f", but got {value!r}"
+        raise SpecError(f"{self.source}: {where or 'the spec'}: {rule}{shown}.")
+
+    def interpolate(self, raw: Any, where: str) -> Any:
+        """Return ``raw`` with ${VAR} and ${VAR:-default} in strings replaced from the environment."""
+        if isinstance(raw, dict):
+            return {k: self.interpolate(v, f"{where}.{k}" if where else str(k)) for k, v in raw.items()}
+        if isinstance(raw, list):
+            return [self.interpolate(v, f"{where}[{i}]") for i, v in enumerate(raw)]
+        if not isinstance(raw, str) or "${" not in raw:
+            return raw
+
+        def replace(match: re.Match[str]) -> str:
+            value = os.environ.get(match.group(1))
+            if value is None:
+                if match.group(2) is None:
+                    raise SpecError(f"{self.source}: {where}: the environment variable {match.group(1)} is not set "
+                                    f"(the value refers to it as ${{{match.group(1)}}}). Set it, or write "
+                                    f"${{{match.group(1)}:-default}}.")
+                return match.group(2)
+            return value
+
+        return _ENV_RE.sub(replace, raw)
+
+    def mapping(self, raw: Any, where: str, *, required: tuple[str, ...] = (),
+                optional: tuple[str, ...] | None = ()) -> dict[str, Any]:
+        """Return ``raw`` as a dict; refuse a non-mapping, missing keys and (unless optional=None) unknown ones."""
+        if not isinstance(raw, Mapping):
+            self.fail(where, "must be a mapping (key: value)", raw)
+        for key in raw:
+            if not isinstance(key, str):
+                self.fail(f"{where}.{key}" if where else str(key), "keys must be strings", key)
+        if optional is not None:
+            allowed = set(required) | set(optional)
+            for key in raw:
+                if key not in allowed:
+                    path = f"{where}.{key}" if where else key
+                    self.fail(path, f"unknown key {key!r}; expected one of {sorted(allowed)}", None)
+        for key in required:
+            if key not in raw or raw[key] is None:
+                self.fail(f"{where}.{key}" if where else key, "is required", None)
+        return dict(raw)
+
+    def string(self, raw: Any, where: str) -> str:
+        if not isinstance(raw, str) or not raw.strip():
+            self.fail(where, "must be a non-empty string", raw)
+        return raw
+
+    def choice(self, raw: Any, where: str, choices: tuple[str, ...], prefix_ok: tuple[str, ...] = ()) -> str:
+        if isinstance(raw, str) and (raw in choices or any(raw.startswith(p) and raw[len(p):].isdigit()
+                                                             for p in prefix_ok)):
+            return raw
+        self.fail(where, f"must be one of {list(choices)}", raw)
+        raise AssertionError  # unreachable
+
+    def boolean(self, raw: Any, where: str) -> bool:
+        if not isinstance(raw, bool):
+            self.fail(where, "must be true or false", raw)
+        return raw
+
+    def integer(self, raw: Any, where: str, low: int | None = None) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            self.fail(where, "must be an integer", raw)
+        if low is not None and raw < low:
+            self.fail(where, f"must be >= {low}", raw)
+        return raw
+
+    def number(self, raw: Any, where: str, low: float | None = None, high: float | None = None) -> float:
+        if isinstance(raw, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                raw = float(raw)
+            except ValueError:
+                self.fail(where, "must be a number", raw)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+            self.fail(where, "must be a finite number", raw)
+        if (low is not None and raw < low) or (high is not None and raw > high):
+            self.fail(where, f"must be between {low} and {high}", raw)
+        return raw
+
+    def knob_value(self, knob: Any, raw: Any, where: str) -> Any:
+        if knob.kind == "float" and isinstance(raw, str):
+            raw = self.number(raw, where)
+        problem = knob.problem(raw)
+        if problem:
+            self.fail(where, f"{knob.name} {problem}", raw)
+        return raw
