@@ -1,0 +1,110 @@
+"""End to end through the CLI: `hpsearch run` on a small spec, then the Optuna storage and the
+MLflow store are read back through their own APIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from hpsearch.cli import cli
+
+SMALL = {
+    "study": {
+        "name": "e2e",
+        "metric": "val_accuracy",
+        "n_trials": 6,
+        "sampler": {"type": "tpe", "n_startup_trials": 2},
+        "pruner": {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        "enqueue": [{"lr": 0.01, "optimizer": "adam"}],
+    },
+    "task": {"type": "classify", "dataset": "digits", "epochs": 3, "batch_size": 64},
+    "model": {"family": "mlp"},
+    "space": {
+        "width": {"type": "int", "low": 8, "high": 64, "log": True},
+        "lr": {"type": "float", "low": 1e-4, "high": 5e-2, "log": True},
+        "optimizer": ["adam", "sgd"],
+        "momentum": {"type": "float", "low": 0.5, "high": 0.95},
+    },
+}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_run_records_study_and_mlflow(tmp_path: Path, _isolated_runs_dir: Path) -> None:
+    path = _write(tmp_path, SMALL)
+    result = CliRunner().invoke(cli, ["run", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Best trial" in result.output and "Registered model: e2e version 1" in result.output
+    assert "hpsearch dashboard" in result.output
+
+    runs = _isolated_runs_dir
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{runs}/optuna.db")
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    # n_trials is the study's total: exactly 6 finished trials.
+    assert len(trials) == 6 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                                     for s in states)
+    assert trials[0].params["lr"] == 0.01  # the enqueued configuration ran first
+    assert study.user_attrs["hpsearch.data"]["name"] == "digits"
+    assert study.user_attrs["hpsearch.spec"]["study"]["name"] == "e2e"
+    test = study.user_attrs["hpsearch.test"]
+    assert test["trial"] == study.best_trial.number and 0.5 < test["metrics"]["test_accuracy"] <= 1.0
+    for t in trials:
+        assert "seed" in t.user_attrs and "mlflow_run_id" in t.user_attrs
+        assert len(t.intermediate_values) >= 1  # reported every epoch
+
+    client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    exp = client.get_experiment_by_name("e2e")
+    all_runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 6
+    parent = parents[0]
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert "test_accuracy" in parent.data.metrics
+    assert parent.data.params["data.name"] == "digits"
+    by_id = {r.info.run_id: r for r in children}
+    for t in trials:
+        run = by_id[t.user_attrs["mlflow_run_id"]]  # trial -> run link
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["trial_number"] == str(t.number)
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == sorted(t.intermediate_values)  # one point per epoch
+        expected = {"COMPLETE": ("FINISHED", "COMPLETE"), "PRUNED": ("FINISHED", "PRUNED")}[t.state.name]
+        assert (run.info.status, run.data.tags["hpsearch.state"]) == expected
+        for key in ("train_loss", "epoch_seconds", "lr"):
+            assert key in run.data.metrics
+    best_run = by_id[study.best_trial.user_attrs["mlflow_run_id"]]
+    artifacts = [a.path for a in client.list_artifacts(best_run.info.run_id, "images")]
+    assert "images/confusion_matrix.png" in artifacts
+    versions = client.search_model_versions("name='e2e'")
+    assert len(versions) == 1 and versions[0].run_id == parent.info.run_id
+
+    # Running again resumes: nothing more to do, the total stays 6, no second parent run.
+    again = CliRunner().invoke(cli, ["run", str(path)], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert len(optuna.load_study(study_name="e2e", storage=f"sqlite:///{runs}/optuna.db").trials) == 6
+    assert len([r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]) == 1
+
+
+@pytest.mark.slow
+def test_changed_space_is_refused_unless_allowed(tmp_path: Path) -> None:
+    small = {**SMALL, "study": {**SMALL["study"], "n_trials": 1, "enqueue": []}, "tracking": {"enabled": False}}
+    path = _write(tmp_path, small)
+    assert CliRunner().invoke(cli, ["run", str(path), "--no-finish"]).exit_code == 0
+    changed = {**small, "space": {**small["space"], "width": {"type": "int", "low": 8, "high": 128}}}
+    path = _write(tmp_path, changed)
+    result = CliRunner().invoke(cli, ["run", str(path), "--no-finish"])
+    assert result.exit_code == 1 and "space.width" in result.output and "--allow-space-change" in result.output
+    result = CliRunner().invoke(cli, ["run", str(path), "--no-finish", "--allow-space-change"])
+    assert result.exit_code == 0, result.output
