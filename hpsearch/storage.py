@@ -42,6 +42,16 @@ def prepare_sqlite(url: str) -> None:
         conn.close()
 
 
+def driver_url(url: str) -> str:
+    """Return ``url`` with a PostgreSQL driver that is installed (psycopg2 ships with hpsearch)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        try:
+            import psycopg  # noqa: F401 - SQLAlchemy's default driver, if the user has it
+        except ImportError:
+            return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
 def make_storage(
     study: StudySpec,
     *,
@@ -49,7 +59,7 @@ def make_storage(
     stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
 ) -> RDBStorage:
     """Return an RDBStorage on the study's URL with heartbeats, or raise StorageError."""
-    url = url or study.storage
+    url = driver_url(url or study.storage)
     try:
         if url.startswith("sqlite"):
             prepare_sqlite(url)
@@ -62,10 +72,19 @@ def make_storage(
         )
     except Exception as exc:  # noqa: BLE001 - any driver error means: cannot use this storage
         raise StorageError(
-            f"cannot open the Optuna storage {mask_password(url)}: {_first_line(exc)}. Check that the database "
+            f"cannot open the Optuna storage {mask_password(url)}: {_safe(_first_line(exc), url)}. Check that the "
+            "database "
             "server is running and reachable, that the user and password (from the environment) are right, "
             "and that the URL has the form sqlite:///path.db or postgresql://user@host:5432/db."
         ) from None
+
+
+def _safe(text: str, url: str) -> str:
+    """Return ``text`` without the URL's password, wherever a driver quoted it."""
+    masked = mask_password(url)
+    password = url.split("://", 1)[-1].split("@", 1)[0].partition(":")[2] if "@" in url else ""
+    text = text.replace(url, masked)
+    return text.replace(password, "***") if password else text
 
 
 def _first_line(exc: BaseException) -> str:

@@ -163,8 +163,9 @@ def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None 
 
 
 def _plain_storage(url: str) -> optuna.storages.RDBStorage:
-    from hpsearch.storage import engine_kwargs
+    from hpsearch.storage import driver_url, engine_kwargs
 
+    url = driver_url(url)
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
     except Exception as exc:  # noqa: BLE001
