@@ -34,8 +34,25 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="hpsearch")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show Optuna's and MLflow's own log lines.")
+def cli(verbose: bool) -> None:
     """Declared hyperparameter searches for PyTorch models (Optuna + MLflow)."""
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep the progress line readable: Optuna's per-trial INFO lines and MLflow's INFO go."""
+    import logging
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    # Heartbeats, grouped TPE and metric names are "experimental" in Optuna: we use them on purpose.
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _load(spec_path: str, **overrides: Any) -> Any:

@@ -54,10 +54,9 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     """Return the trial's objective value(s); raise TrialPruned or TrialFailed."""
     spec = ctx.spec
     params = space.suggest(trial, spec)
-    retried_from = trial.system_attrs.get("failed_trial")
     # A retried trial (its worker died) trains with the seed of the trial it repeats.
-    origin = _origin_number(trial, retried_from)
-    seed = trial_seed(spec.study.seed, origin)
+    retried_from = _retried_from(trial)
+    seed = trial_seed(spec.study.seed, trial.number if retried_from is None else retried_from)
     trial.set_user_attr("seed", seed)
     trial.set_user_attr("device", str(ctx.device))
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,
@@ -68,7 +67,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     n_params = count_params(model)
     trial.set_user_attr("n_params", n_params)
 
-    run_id = _start_run(trial, ctx, params, seed, n_params, origin if retried_from is not None else None)
+    run_id = _start_run(trial, ctx, params, seed, n_params, retried_from)
     primary = spec.study.metrics[0].name
     mean, std = _stats(ctx)
     last_images_epoch = 0
@@ -122,14 +121,13 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def _origin_number(trial: optuna.Trial, retried_from: Any) -> int:
-    if retried_from is None:
-        return trial.number
-    # RetryFailedTrialCallback stores the *trial id* of the first failed trial.
-    try:
-        return trial.study._storage.get_trial_number_from_id(int(retried_from))
-    except Exception:  # noqa: BLE001 - fall back to this trial's own number
-        return trial.number
+def _retried_from(trial: optuna.Trial) -> int | None:
+    """Return the number of the first trial this one retries (its worker died), or None."""
+    # Optuna's retry callback stores the first failed trial's number as the system attr
+    # "failed_trial"; Trial has no public system attrs in Optuna 5, so ask the storage.
+    attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    number = attrs.get("failed_trial")
+    return None if number is None else int(number)
 
 
 def _stats(ctx: TrialContext) -> tuple[float, float]:

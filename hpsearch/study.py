@@ -76,7 +76,7 @@ def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
 
 def _stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Return what runs when a trial's worker died: mark its MLflow run killed, retry its params."""
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=spec.study.max_retries)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.study.max_retries)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         warn(f"trial {trial.number} of study {study.study_name!r} sent no heartbeat for "
