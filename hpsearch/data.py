@@ -183,9 +183,9 @@ def _carve(full: _Full, val_fraction: float, seed: int, train_limit: int | None)
     n_val = max(1, int(round(len(order) * val_fraction)))
     if n_val >= len(order):
         raise DataError(f"a validation fraction of {val_fraction} leaves no training samples out of {len(order)}.")
+    # Kept in shuffled order: packaged sets are sorted by class, and the first validation digits
+    # are the ones pictured in every reconstruction grid, so they must be a mix of classes.
     val_idx, train_idx = order[:n_val].numpy(), order[n_val:].numpy()
-    train_idx.sort()
-    val_idx.sort()
     return (_split(full.train_images[train_idx], full.train_labels[train_idx]),
             _split(full.train_images[val_idx], full.train_labels[val_idx]))
 
