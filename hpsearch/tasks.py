@@ -1,0 +1,427 @@
+"""What classify, denoise and inpaint feed the model, what they minimise, measure and draw.
+
+A :class:`Task` corrupts a batch of clean images (pixels in [0, 1]), gives the training loss,
+and turns a model's outputs into summed statistics that :func:`hpsearch.train.evaluate`
+accumulates over batches and :meth:`Task.summarize` turns into the ``val_*`` metrics.
+
+Validation and test corruption is fixed: :func:`eval_generator` draws it on the CPU from one
+seed, so every epoch of every trial, on any device, is scored on the same noisy or masked digits.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpsearch.errors import SpecError
+from hpsearch.models import build_model
+
+if TYPE_CHECKING:
+    from hpsearch.data import SearchData, Split
+
+TASKS = ("classify", "denoise", "inpaint")
+NOISE_KINDS = ("gaussian", "salt_pepper")
+MASK_PLACEMENTS = ("center", "random", "top", "bottom", "left", "right")
+
+# task -> {metric: direction} of every metric `fit` reports (besides train_loss, epoch_seconds, lr).
+# Inpaint also reports val_inpaint_success_<k> for each class k: for the record, not to optimise.
+METRICS: dict[str, dict[str, str]] = {
+    "classify": {"val_loss": "minimize", "val_accuracy": "maximize", "val_error": "minimize"},
+    "denoise": {"val_mse": "minimize", "val_psnr": "maximize"},
+    "inpaint": {"val_mse": "minimize", "val_mse_hidden": "minimize", "val_psnr": "maximize",
+                "val_inpaint_success": "maximize"},
+}
+EVAL_SEED = 1234  # the one seed of every validation/test corruption: trials compare on the same inputs
+_PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction scores 100 dB, not infinity
+
+
+def eval_generator() -> torch.Generator:
+    """Return a fresh CPU generator that draws the fixed validation/test corruption."""
+    generator = torch.Generator()
+    generator.manual_seed(EVAL_SEED)
+    return generator
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """Return uint8 images (0..255) as float32 pixels in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def normalize(images01: Tensor, mean: float, std: float) -> Tensor:
+    """Return what the model sees: pixels in [0, 1] standardised with the training split's statistics."""
+    return images01.sub(mean).div_(std)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Yield ``model`` in eval mode, then put it back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Return random numbers from ``generator`` (on its own device), placed on ``device``."""
+    if kind == "normal":
+        values = torch.randn(shape, generator=generator, device=generator.device)
+    else:
+        values = torch.rand(shape, generator=generator, device=generator.device)
+    return values.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class Task:
+    """One task: corruption, loss, and the statistics behind its validation metrics."""
+
+    name: ClassVar[str]
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Return {metric: direction} of the validation metrics this task reports."""
+        return METRICS[self.name]
+
+    def corrupt(self, images01: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Return (model input in [0, 1], mask of hidden pixels or None) for clean images."""
+        return images01, None
+
+    def loss(self, output: Tensor, images01: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+        """Return the mean training loss of a batch."""
+        raise NotImplementedError
+
+    def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,
+                   mask: Tensor | None) -> dict[str, Tensor]:
+        """Return the batch's summed statistics (tensors on the device, added up over batches)."""
+        raise NotImplementedError
+
+    def summarize(self, sums: Mapping[str, Tensor], n: int) -> dict[str, float]:
+        """Return the validation metrics from statistics summed over ``n`` samples."""
+        raise NotImplementedError
+
+
+class Classify(Task):
+    """Clean digits in, class logits out; cross-entropy."""
+
+    name = "classify"
+
+    def loss(self, output: Tensor, images01: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+        return F.cross_entropy(output, labels)
+
+    def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,
+                   mask: Tensor | None) -> dict[str, Tensor]:
+        return {"loss": F.cross_entropy(output, labels, reduction="sum"),
+                "correct": (output.argmax(dim=1) == labels).sum()}
+
+    def summarize(self, sums: Mapping[str, Tensor], n: int) -> dict[str, float]:
+        accuracy = sums["correct"].item() / n
+        return {"val_loss": sums["loss"].item() / n, "val_accuracy": accuracy, "val_error": 1.0 - accuracy}
+
+
+class _Reconstruct(Task):
+    """Shared by denoise and inpaint: the model returns clean pixels in [0, 1]."""
+
+    def loss(self, output: Tensor, images01: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+        # Inpaint too is trained on the whole image: the visible pixels teach the model the digit's
+        # style, and a hidden-only loss would leave the visible output unconstrained in the pictures.
+        return F.mse_loss(output, images01)
+
+    def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,
+                   mask: Tensor | None) -> dict[str, Tensor]:
+        per_image = (output - images01).square().flatten(1).mean(dim=1)
+        # Every image has as many pixels, so the mean of per-image MSEs is the MSE over all pixels.
+        return {"mse": per_image.sum(),
+                # PSNR per image, then averaged: one blurry digit cannot hide behind many easy ones.
+                "psnr": (-10.0 * torch.log10(per_image.clamp_min(_PSNR_FLOOR_MSE))).sum()}
+
+    def summarize(self, sums: Mapping[str, Tensor], n: int) -> dict[str, float]:
+        return {"val_mse": sums["mse"].item() / n, "val_psnr": sums["psnr"].item() / n}
+
+
+class Denoise(_Reconstruct):
+    """Noisy digits in, clean digits out."""
+
+    name = "denoise"
+
+    def __init__(self, *, kind: str, std: float, amount: float) -> None:
+        self.kind, self.std, self.amount = kind, std, amount
+
+    def corrupt(self, images01: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        if self.kind == "gaussian":
+            noise = _draw("normal", tuple(images01.shape), generator, images01.device)
+            return (images01 + noise * self.std).clamp_(0.0, 1.0), None
+        # Salt and pepper: a share `amount` of pixels, half set to white and half to black.
+        u = _draw("uniform", tuple(images01.shape), generator, images01.device)
+        noisy = torch.where(u < self.amount / 2, 1.0, images01)
+        return noisy.masked_fill_((u >= self.amount / 2) & (u < self.amount), 0.0), None
+
+
+class Inpaint(_Reconstruct):
+    """Digits with a hidden square in, whole digits out; a reference classifier reads the result."""
+
+    name = "inpaint"
+
+    def __init__(self, *, size: int, placement: str, reference: nn.Module | None) -> None:
+        self.size, self.placement, self.reference = size, placement, reference
+
+    def hidden_mask(self, images01: Tensor, generator: torch.Generator) -> Tensor:
+        """Return a bool mask, broadcastable to ``images01``, True on the hidden square."""
+        n, channels, height, width = images01.shape
+        s = self.size
+        if s > min(height, width):
+            raise SpecError(f"task.mask.size must be at most the image side ({height}x{width}), but got {s}.")
+        device = images01.device
+        if self.placement == "random":
+            tops = (_draw("uniform", (n,), generator, device) * (height - s + 1)).long()
+            lefts = (_draw("uniform", (n,), generator, device) * (width - s + 1)).long()
+        else:
+            top, left = {"center": ((height - s) // 2, (width - s) // 2), "top": (0, (width - s) // 2),
+                         "bottom": (height - s, (width - s) // 2), "left": ((height - s) // 2, 0),
+                         "right": ((height - s) // 2, width - s)}[self.placement]
+            tops = torch.full((1,), top, device=device)
+            lefts = torch.full((1,), left, device=device)
+        rows = torch.arange(height, device=device)[None, :, None]
+        cols = torch.arange(width, device=device)[None, None, :]
+        tops, lefts = tops[:, None, None], lefts[:, None, None]
+        mask = (rows >= tops) & (rows < tops + s) & (cols >= lefts) & (cols < lefts + s)
+        return mask.unsqueeze(1)  # [n or 1, 1, H, W]: the same square in every channel
+
+    def corrupt(self, images01: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        mask = self.hidden_mask(images01, generator).expand_as(images01)
+        return images01.masked_fill(mask, 0.0), mask
+
+    def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,
+                   mask: Tensor | None) -> dict[str, Tensor]:
+        assert mask is not None  # corrupt always gives one
+        sums = super().batch_sums(output, images01, labels, inputs01, mask)
+        sums["se_hidden"] = ((output - images01).square() * mask).sum()
+        sums["hidden"] = mask.sum()
+        if self.reference is not None:
+            # What a user would see: the visible pixels as given, the model's guess in the hole.
+            painted = torch.where(mask, output, inputs01)
+            logits = self.reference(painted)
+            hits = (logits.argmax(dim=1) == labels).long()
+            # scatter_add, not bincount: no device sync per batch.
+            per_class = torch.zeros(logits.shape[1], dtype=torch.long, device=labels.device)
+            sums["per_class"] = per_class.scatter_add(0, labels, torch.ones_like(labels))
+            sums["per_class_success"] = per_class.scatter_add(0, labels, hits)
+        return sums
+
+    def summarize(self, sums: Mapping[str, Tensor], n: int) -> dict[str, float]:
+        metrics = super().summarize(sums, n)
+        metrics["val_mse_hidden"] = sums["se_hidden"].item() / max(1, int(sums["hidden"].item()))
+        if "per_class" in sums:
+            totals, successes = sums["per_class"].tolist(), sums["per_class_success"].tolist()
+            metrics["val_inpaint_success"] = sum(successes) / n
+            for k, (total, success) in enumerate(zip(totals, successes, strict=True)):
+                if total:  # a class absent from the split has no success rate
+                    metrics[f"val_inpaint_success_{k}"] = success / total
+        return metrics
+
+
+def make_task(name: str, params: Mapping[str, Any], *, mask_placement: str = "center",
+              noise_kind: str = "gaussian", reference: nn.Module | None = None) -> Task:
+    """Return the task ``name`` configured from a trial's params.
+
+    ``reference`` (inpaint only) is the classifier from :func:`load_or_train_reference`; without
+    it, inpaint reports no ``val_inpaint_success``.
+    """
+    if name == "classify":
+        return Classify()
+    if name == "denoise":
+        if noise_kind not in NOISE_KINDS:
+            raise SpecError(f"task.noise.kind must be one of {list(NOISE_KINDS)}, but got {noise_kind!r}.")
+        key = "noise_std" if noise_kind == "gaussian" else "noise_amount"
+        value = params.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            raise SpecError(f"task params: `{key}` must be a number in [0, 1], but got {value!r}.")
+        return Denoise(kind=noise_kind, std=float(params.get("noise_std", 0.0)),
+                       amount=float(params.get("noise_amount", 0.0)))
+    if name == "inpaint":
+        size = params.get("mask_size")
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise SpecError(f"task params: `mask_size` must be an integer >= 1, but got {size!r}.")
+        if mask_placement not in MASK_PLACEMENTS:
+            raise SpecError(f"task.mask.placement must be one of {list(MASK_PLACEMENTS)}, "
+                            f"but got {mask_placement!r}.")
+        return Inpaint(size=int(size), placement=mask_placement, reference=reference)
+    raise SpecError(f"task.type must be one of {list(TASKS)}, but got {name!r}.")
+
+
+# --------------------------------------------------------------------------- reference classifier
+
+# Small and quick (about 0.8 MFLOP per 28x28 digit), yet ~98% on MNIST after 3 epochs.
+REFERENCE_PARAMS: dict[str, Any] = {
+    "n_layers": 1, "width": 64, "dropout": 0.0, "batchnorm": False, "activation": "relu",
+    "conv_blocks": 2, "conv_channels": 8, "kernel_size": 3,
+}
+
+REFERENCE_BATCH_SIZE = 128
+REFERENCE_MIN_STEPS = 600  # 3 epochs of 4k digits are ~100 steps: too few for a judge worth trusting
+
+
+class Reference(nn.Module):
+    """A classifier of [0, 1] pixels: it carries the normalisation it was trained with."""
+
+    def __init__(self, net: nn.Module, *, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, images01: Tensor) -> Tensor:
+        return self.net((images01 - self.mean) / self.std)
+
+
+def _reference_net(data: SearchData) -> nn.Module:
+    return build_model("cnn", REFERENCE_PARAMS, image_shape=tuple(data.image_shape), n_classes=data.n_classes)
+
+
+def train_reference_classifier(data: SearchData, *, device: str | torch.device, seed: int = 0,
+                               epochs: int = 3) -> Reference:
+    """Return a small CNN trained on ``data.train`` to judge in-painted digits (eval mode, frozen).
+
+    Small datasets get more epochs than ``epochs``: at least ``REFERENCE_MIN_STEPS`` batches.
+    """
+    from hpsearch.train import TrainConfig, fit  # train builds on tasks; import here to keep one direction
+
+    torch.manual_seed(seed)
+    net = _reference_net(data)
+    epochs = max(epochs, math.ceil(REFERENCE_MIN_STEPS * REFERENCE_BATCH_SIZE / len(data.train)))
+    config = TrainConfig(epochs=epochs, batch_size=REFERENCE_BATCH_SIZE, optimizer="adam", lr=2e-3, seed=seed,
+                         device=str(device))
+    fit(net, data, Classify(), config, lambda step, metrics: None)
+    return _frozen(Reference(net, mean=data.mean, std=data.std), device)
+
+
+def reference_path(data: SearchData, cache_dir: Path) -> Path:
+    """Return where the reference classifier of ``data`` is cached."""
+    return Path(cache_dir) / f"reference-{data.provenance.sha256}-{len(data.train)}.pt"
+
+
+def load_or_train_reference(data: SearchData, cache_dir: Path, *, device: str | torch.device) -> Reference:
+    """Return the cached reference classifier of ``data``, training (and caching) it the first time."""
+    path = reference_path(data, cache_dir)
+    if path.exists():
+        model = Reference(_reference_net(data), mean=data.mean, std=data.std)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return _frozen(model, device)
+    model = train_reference_classifier(data, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: workers starting together must never read a half-written file.
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return model
+
+
+def _frozen(model: Reference, device: str | torch.device) -> Reference:
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------- pictures
+
+_HIDDEN_RGB = (40, 90, 200)  # the hidden square in the corrupted row: blue, so it shows on black
+_GAP_GRAY = 128
+
+
+def reconstruction_grid(model: nn.Module, split: Split, task: Task, *, mean: float, std: float,
+                        device: str | torch.device, n: int = 10) -> np.ndarray:
+    """Return an RGB uint8 picture: rows clean | corrupted | reconstruction of the split's first n digits.
+
+    The digits and their corruption are the same in every trial and epoch, so runs compare side by side.
+    """
+    if isinstance(task, Classify):
+        raise SpecError("reconstruction_grid needs a denoise or inpaint task, but got 'classify'.")
+    images01 = to_unit(split.images[:n].to(device))
+    inputs01, mask = task.corrupt(images01, eval_generator())
+    with evaluating(model), torch.inference_mode():
+        output = model(normalize(inputs01, mean, std)).clamp(0.0, 1.0)
+    rows = [_gray_rgb(images01), _gray_rgb(inputs01), _gray_rgb(output)]
+    if mask is not None:
+        hidden = mask[:, 0].cpu().numpy()
+        rows[1][hidden] = _HIDDEN_RGB
+    height, width = images01.shape[-2:]
+    scale = max(1, math.ceil(28 / min(height, width)))  # 8x8 digits drawn 4x: big enough to see
+    return _tile(rows, scale)
+
+
+def _gray_rgb(images01: Tensor) -> np.ndarray:
+    """Return [N, H, W, 3] uint8 from [N, C, H, W] pixels in [0, 1] (channels averaged)."""
+    gray = (images01.mean(dim=1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _tile(rows: list[np.ndarray], scale: int, gap: int = 2) -> np.ndarray:
+    n, height, width, _ = rows[0].shape
+    cell_h, cell_w = height * scale, width * scale
+    grid = np.full((len(rows) * (cell_h + gap) + gap, n * (cell_w + gap) + gap, 3), _GAP_GRAY, np.uint8)
+    for r, row in enumerate(rows):
+        big = row.repeat(scale, axis=1).repeat(scale, axis=2)
+        for i in range(n):
+            top, left = gap + r * (cell_h + gap), gap + i * (cell_w + gap)
+            grid[top:top + cell_h, left:left + cell_w] = big[i]
+    return grid
+
+
+def confusion_matrix(model: nn.Module, split: Split, *, mean: float, std: float, device: str | torch.device,
+                     n_classes: int, batch_size: int = 1024) -> np.ndarray:
+    """Return the [true, predicted] counts of ``model`` on ``split`` (int64, n_classes x n_classes)."""
+    counts = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
+    with evaluating(model), torch.inference_mode():
+        for start in range(0, len(split), batch_size):
+            images = split.images[start:start + batch_size].to(device)
+            labels = split.labels[start:start + batch_size].to(device)
+            predicted = model(normalize(to_unit(images), mean, std)).argmax(dim=1)
+            counts += torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
+    return counts.view(n_classes, n_classes).cpu().numpy()
+
+
+def confusion_matrix_image(counts: np.ndarray) -> np.ndarray:
+    """Return the confusion matrix drawn as an RGB uint8 picture (matplotlib, Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    n_classes = counts.shape[0]
+    total = int(counts.sum())
+    accuracy = np.trace(counts) / total if total else float("nan")
+    # A Figure with its own Agg canvas: no pyplot global state, safe in worker threads.
+    figure = Figure(figsize=(1.2 + 0.45 * n_classes, 1.0 + 0.45 * n_classes), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.imshow(counts, cmap="Blues", interpolation="nearest")
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(f"accuracy {accuracy:.2%} of {total}")
+    axes.set_xticks(range(n_classes))
+    axes.set_yticks(range(n_classes))
+    if n_classes <= 20:  # beyond that the numbers would not fit their cells
+        threshold = counts.max() / 2 if counts.size else 0
+        for (true, predicted), count in np.ndenumerate(counts):
+            axes.text(predicted, true, str(int(count)), ha="center", va="center", fontsize=7,
+                      color="white" if count > threshold else "black")
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+

@@ -1,0 +1,288 @@
+"""The training and evaluation loop. It knows nothing of Optuna or MLflow: only ``report(step, metrics)``.
+
+Speed is the point of this module: a search trains hundreds of small models, and for those the
+usual ``DataLoader`` of PIL images costs far more than the arithmetic. So the data stay on the
+device as uint8 tensors, each epoch draws one permutation there, and every batch is gathered by
+index, scaled, corrupted and normalised as whole tensors: no per-sample Python, no worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from hpsearch.errors import DataError, SpecError
+from hpsearch.tasks import Task, eval_generator, evaluating, normalize, to_unit
+
+if TYPE_CHECKING:
+    from hpsearch.data import SearchData, Split
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+LR_SCHEDULES = ("none", "cosine", "step", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DIVERGENCE_CHECK_EVERY = 64  # batches between NaN checks: a blown-up trial stops early, without a sync per batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one trial trains: optimizer, schedule, batches, seed and device."""
+
+    epochs: int
+    batch_size: int = 128  # small enough for many steps per epoch, large enough for fast matmuls
+    optimizer: str = "adam"  # forgiving of the learning rate: the safest default for a search
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd and rmsprop only
+    nesterov: bool = False  # sgd only
+    beta1: float = 0.9  # adam and adamw only: PyTorch's defaults
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, low=1)
+        _check_int("batch_size", self.batch_size, low=1)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        for name in ("momentum", "beta1", "beta2"):
+            _check_number(name, getattr(self, name), low=0.0, high=1.0)
+        if not isinstance(self.nesterov, bool):
+            raise SpecError(f"training params: `nesterov` must be true or false, but got {self.nesterov!r}.")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, seed: int, device: str) -> TrainConfig:
+        """Return the training config held in a trial's flat params."""
+        names = [f.name for f in fields(cls) if f.name not in ("seed", "device")]
+        missing = [name for name in names if name not in params]
+        if missing:
+            raise SpecError(f"training params: {missing} must be given, but they are missing.")
+        return cls(**{name: params[name] for name in names}, seed=seed, device=device)
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite: the trial is lost, the study goes on."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(epoch, step, value)  # as args, so the exception pickles across processes
+        self.epoch, self.step, self.value = epoch, step, value
+
+    def __str__(self) -> str:
+        return (f"training diverged: the training loss became {self.value} in epoch {self.epoch} "
+                f"(found by step {self.step}); try a lower learning rate")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run gives back."""
+
+    metrics: dict[str, float]  # the last epoch's report: train_loss, val metrics, epoch_seconds, lr
+    history: tuple[dict[str, float], ...]  # every epoch's report, in order
+    epochs_run: int
+    seconds: float  # wall time of the whole fit, evaluation included
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for ``name``: "auto" picks cuda, then mps, then the cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SpecError(f"task.device must be one of {list(DEVICES)}, but got {name!r}.") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(f"task.device asks for {name!r}, but PyTorch sees no CUDA GPU on this machine; "
+                            "use 'cpu' or 'auto'.")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise SpecError(f"task.device {name!r} names GPU {index}, but this machine has "
+                            f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not _mps_available():
+            raise SpecError(f"task.device asks for {name!r}, but Apple's MPS is not available here; use 'cpu' "
+                            "or 'auto'.")
+        return device
+    raise SpecError(f"task.device must be one of {list(DEVICES)}, but got {name!r}.")
+
+
+def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
+        report: Callable[[int, dict[str, float]], None]) -> TrainResult:
+    """Return the metrics of ``model`` after training it in place on ``data.train`` for ``config.epochs``.
+
+    After each epoch, ``report(epoch, metrics)`` gets train_loss, the task's validation metrics,
+    epoch_seconds and lr. Whatever ``report`` raises (a prune signal) ends the fit and propagates.
+    Raises :class:`Diverged` when the training loss becomes NaN or infinite.
+
+    Threads: fit leaves torch's intra-op thread count as the caller set it
+    (``torch.set_num_threads``): the worker decides once how many cores each trial gets, so that
+    parallel workers share the machine without oversubscribing it.
+    """
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    train, val = data.train.to(device), data.val.to(device)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"fit needs training and validation samples, but got {len(train)} and {len(val)}.")
+    model.to(device)
+    if config.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise SpecError(f"training params: batchnorm needs `batch_size` >= 2, but got {config.batch_size}.")
+
+    # 1. Seeds: dropout draws from torch's global generator, shuffling and noise from our own.
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+
+    # 2. Batches: (start, stop) into each epoch's permutation. A lone last sample is dropped: it
+    #    would break batchnorm and take a step on one sample's gradient.
+    n = len(train)
+    bounds = [(start, min(start + config.batch_size, n)) for start in range(0, n, config.batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds.pop()
+    n_seen = bounds[-1][1]
+
+    optimizer = make_optimizer(model.parameters(), config, device)
+    scheduler, per_batch = make_scheduler(optimizer, config, steps_per_epoch=len(bounds))
+    group = optimizer.param_groups[0]
+    mean, std = data.mean, data.std
+
+    # 3. Epochs: train, check, evaluate, report.
+    history: list[dict[str, float]] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=generator, device=device)
+        loss_sum = torch.zeros((), device=device)
+        lr = group["lr"]
+        for start, stop in bounds:
+            index = order[start:stop]
+            # index_select, not images[index]: advanced indexing of uint8 rows is ~10x slower on the CPU.
+            images01 = to_unit(train.images.index_select(0, index))
+            labels = train.labels.index_select(0, index)
+            inputs01, mask = task.corrupt(images01, generator)
+            loss = task.loss(model(normalize(inputs01, mean, std)), images01, labels, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = group["lr"]
+            optimizer.step()
+            if per_batch:
+                scheduler.step()
+            # Summed on the device: reading the loss every batch would wait for the GPU every batch.
+            loss_sum.add_(loss.detach(), alpha=stop - start)
+            step += 1
+            if step % _DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+                raise Diverged(epoch, step, loss_sum.item())
+        train_loss = loss_sum.item() / n_seen
+        if not math.isfinite(train_loss):
+            raise Diverged(epoch, step, train_loss)
+        if scheduler is not None and not per_batch:
+            scheduler.step()
+        metrics = {"train_loss": train_loss,
+                   **evaluate(model, val, task, mean=mean, std=std, device=device),
+                   "epoch_seconds": time.perf_counter() - epoch_started,
+                   "lr": lr}
+        history.append(metrics)
+        report(epoch, dict(metrics))  # a copy: whatever the reporter does, the history stays as measured
+    return TrainResult(metrics=dict(history[-1]), history=tuple(history), epochs_run=len(history),
+                       seconds=time.perf_counter() - started)
+
+
+def evaluate(model: nn.Module, split: Split, task: Task, *, mean: float, std: float,
+             device: str | torch.device, batch_size: int = 1024) -> dict[str, float]:
+    """Return the task's ``val_*`` metrics of ``model`` (already on ``device``) on ``split``.
+
+    The corruption is the fixed one of :func:`hpsearch.tasks.eval_generator`, so every call scores
+    the same inputs (for a given ``batch_size``).
+    """
+    n = len(split)
+    if n == 0:
+        raise DataError("evaluate needs samples, but the split is empty.")
+    generator = eval_generator()
+    sums: dict[str, Tensor] = {}
+    with evaluating(model), torch.inference_mode():
+        for start in range(0, n, batch_size):
+            images01 = to_unit(split.images[start:start + batch_size].to(device))
+            labels = split.labels[start:start + batch_size].to(device)
+            inputs01, mask = task.corrupt(images01, generator)
+            output = model(normalize(inputs01, mean, std))
+            for name, value in task.batch_sums(output, images01, labels, inputs01, mask).items():
+                sums[name] = sums[name] + value if name in sums else value
+    return task.summarize(sums, n)
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """Return the optimizer of ``config``, using the fused or multi-tensor kernels of ``device``."""
+    # Fused kernels update all parameters in one pass; where there is none, foreach batches the
+    # per-parameter ops. Either beats the per-parameter loop by far for small models.
+    fast: dict[str, bool] = {"foreach": True}
+    if config.optimizer != "rmsprop" and device.type in ("cpu", "cuda"):
+        fast = {"fused": True}
+    common = {"lr": config.lr, "weight_decay": config.weight_decay, **fast}
+    if config.optimizer == "sgd":
+        # Nesterov with zero momentum is plain SGD (and PyTorch refuses the combination).
+        return torch.optim.SGD(parameters, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0, **common)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(parameters, momentum=config.momentum, **common)
+    adam = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return adam(parameters, betas=(config.beta1, config.beta2), **common)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   *, steps_per_epoch: int) -> tuple[Any, bool]:
+    """Return (the lr scheduler or None, whether it steps per batch rather than per epoch)."""
+    schedule = config.lr_schedule
+    if schedule == "none":
+        return None, False
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs), False
+    if schedule == "step":
+        # Three drops by 10x over the run, wherever it ends.
+        step_size = max(1, config.epochs // 3)
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1), False
+    # One-cycle peaks at `lr`; momentum is not cycled, so the searched momentum/beta1 keep their meaning.
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
+                                               steps_per_epoch=steps_per_epoch, cycle_momentum=False), True
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_int(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise SpecError(f"training params: `{name}` must be an integer >= {low}, but got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SpecError(f"training params: `{name}` must be one of {list(choices)}, but got {value!r}.")
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        rule = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        raise SpecError(f"training params: `{name}` must be a finite number {rule}, but got {value!r}.")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())

@@ -1,0 +1,249 @@
+"""The training loop: learning, reporting, pruning, divergence, reproducibility, every task end to end."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hpsearch.data import SearchData, load_search_data
+from hpsearch.errors import SpecError
+from hpsearch.knobs import defaults
+from hpsearch.models import build_model
+from hpsearch.tasks import METRICS, load_or_train_reference, make_task
+from hpsearch.train import Diverged, TrainConfig, TrainResult, evaluate, fit, resolve_device
+
+REPORTED = {"train_loss", "epoch_seconds", "lr"}  # besides the task's val metrics
+
+
+@pytest.fixture(scope="module")
+def digits() -> SearchData:
+    return load_search_data("digits", download=False)
+
+
+@pytest.fixture(scope="module")
+def mnist() -> SearchData:
+    return load_search_data("mnist-5k", train_limit=2000, download=False)
+
+
+def params(**overrides: Any) -> dict[str, Any]:
+    return {**defaults(), "epochs": 3, **overrides}
+
+
+def train(data: SearchData, *, family: str = "mlp", task: str = "classify", seed: int = 0,
+          report: Any = None, reference: torch.nn.Module | None = None, **overrides: Any) -> TrainResult:
+    p = params(**overrides)
+    torch.manual_seed(seed)
+    model = build_model(family, p, image_shape=data.image_shape, n_classes=data.n_classes)
+    config = TrainConfig.from_params(p, seed=seed, device="cpu")
+    return fit(model, data, make_task(task, p, reference=reference), config, report or (lambda step, metrics: None))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+def test_digits_are_learned(digits: SearchData, family: str) -> None:
+    result = train(digits, family=family, epochs=8, conv_channels=8, lr=3e-3)
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"] / 2
+    assert last["val_accuracy"] > 0.85  # chance is 0.1
+    assert result.metrics == last and result.epochs_run == 8
+
+
+def test_mnist_slice_is_learned(mnist: SearchData) -> None:
+    result = train(mnist, epochs=3, width=64)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.metrics["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("schedule", ["none", "cosine", "step", "onecycle"])
+def test_every_optimizer_and_schedule_trains(digits: SearchData, optimizer: str, schedule: str) -> None:
+    lr = {"sgd": 0.05, "rmsprop": 1e-3}.get(optimizer, 3e-3)
+    result = train(digits, optimizer=optimizer, lr_schedule=schedule, lr=lr, epochs=4, nesterov=True,
+                   batchnorm=True, weight_decay=1e-4)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    lrs = [m["lr"] for m in result.history]
+    if schedule == "none":
+        assert lrs == [lr] * 4
+    elif schedule == "onecycle":
+        assert max(lrs) <= lr and lrs[-1] < lr / 10  # warms up to lr, anneals far below it
+    else:
+        assert lrs[0] == lr and lrs[-1] < lr  # cosine and step decay from lr
+
+
+@pytest.mark.parametrize(("encoder", "task"), [("dense", "denoise"), ("conv", "denoise"), ("dense", "inpaint"),
+                                               ("conv", "inpaint")])
+def test_autoencoders_train_end_to_end(digits: SearchData, encoder: str, task: str, tmp_path: Path) -> None:
+    reference = load_or_train_reference(digits, tmp_path, device="cpu") if task == "inpaint" else None
+    seen: list[dict[str, float]] = []
+    result = train(digits, family="autoencoder", task=task, encoder=encoder, epochs=6, mask_size=3, lr=3e-3,
+                   conv_channels=8, report=lambda step, metrics: seen.append(metrics), reference=reference)
+    assert result.history[-1]["val_mse"] < result.history[0]["val_mse"]
+    assert all(set(METRICS[task]) | REPORTED <= set(m) for m in seen)
+    if task == "inpaint":
+        assert 0.0 <= result.metrics["val_inpaint_success"] <= 1.0
+        assert "val_inpaint_success_0" in result.metrics  # per class, for the record
+
+
+# --------------------------------------------------------------------------- the reporter
+
+
+def test_report_is_called_once_per_epoch_with_the_promised_keys(digits: SearchData) -> None:
+    calls: list[tuple[int, dict[str, float]]] = []
+    result = train(digits, epochs=3, report=lambda step, metrics: calls.append((step, metrics)))
+    assert [step for step, _ in calls] == [1, 2, 3]  # 1-based epochs
+    for _, metrics in calls:
+        assert set(metrics) == REPORTED | set(METRICS["classify"])
+        assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    assert [m for _, m in calls] == list(result.history)
+
+
+def test_an_exception_from_report_ends_the_fit(digits: SearchData) -> None:
+    class Pruned(Exception):
+        pass
+
+    steps: list[int] = []
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        steps.append(step)
+        if step == 2:
+            raise Pruned(f"pruned at {step}")
+
+    with pytest.raises(Pruned):
+        train(digits, epochs=5, report=report)
+    assert steps == [1, 2]  # no epoch after the prune
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def test_a_huge_learning_rate_raises_diverged(digits: SearchData) -> None:
+    calls: list[int] = []
+    with pytest.raises(Diverged) as caught:
+        train(digits, optimizer="sgd", lr=1e6, momentum=0.9, epochs=3, report=lambda s, m: calls.append(s))
+    error = caught.value
+    assert error.epoch == 1 and error.step >= 1 and not math.isfinite(error.value)
+    assert "diverged" in str(error) and "epoch 1" in str(error)
+    assert calls == []  # a NaN never reaches the reporter
+
+
+def test_diverged_survives_pickling() -> None:
+    # Worker processes send exceptions back pickled.
+    error = pickle.loads(pickle.dumps(Diverged(2, 130, float("nan"))))
+    assert (error.epoch, error.step) == (2, 130) and "epoch 2" in str(error)
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_fits_are_reproducible_on_the_cpu(digits: SearchData) -> None:
+    # Dropout, batchnorm and salt-and-pepper noise: every source of randomness in one run.
+    def run(seed: int) -> list[dict[str, float]]:
+        result = train(digits, seed=seed, dropout=0.3, batchnorm=True, epochs=2)
+        return [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in result.history]
+
+    assert run(seed=3) == run(seed=3)
+    assert run(seed=3) != run(seed=4)
+
+
+def test_denoise_fit_is_reproducible(digits: SearchData) -> None:
+    def run() -> dict[str, float]:
+        p = params(epochs=2, noise_amount=0.2)
+        torch.manual_seed(0)
+        model = build_model("autoencoder", p, image_shape=digits.image_shape, n_classes=10)
+        task = make_task("denoise", p, noise_kind="salt_pepper")
+        metrics = fit(model, digits, task, TrainConfig.from_params(p, seed=1, device="cpu"), lambda s, m: None).metrics
+        return {k: v for k, v in metrics.items() if k != "epoch_seconds"}
+
+    assert run() == run()
+
+
+def test_evaluate_is_the_same_every_time_and_restores_the_mode(digits: SearchData) -> None:
+    model = build_model("autoencoder", params(dropout=0.5), image_shape=digits.image_shape, n_classes=10)
+    task = make_task("denoise", params())
+    model.train()
+    first = evaluate(model, digits.val, task, mean=digits.mean, std=digits.std, device="cpu")
+    assert first == evaluate(model, digits.val, task, mean=digits.mean, std=digits.std, device="cpu")
+    assert model.training
+
+
+# --------------------------------------------------------------------------- edges
+
+
+def test_fit_leaves_the_thread_count_alone(digits: SearchData) -> None:
+    before = torch.get_num_threads()
+    train(digits, epochs=1)
+    assert torch.get_num_threads() == before
+
+
+def test_a_lone_last_sample_is_dropped_for_batchnorm(digits: SearchData) -> None:
+    n = len(digits.train)
+    batch_size = next(b for b in range(16, n) if n % b == 1)  # leaves exactly one sample over
+    result = train(digits, batchnorm=True, batch_size=batch_size, epochs=1)
+    assert math.isfinite(result.metrics["train_loss"])
+
+
+def test_a_batch_larger_than_the_data_is_one_batch(digits: SearchData) -> None:
+    result = train(digits, batch_size=100_000, epochs=2)
+    assert math.isfinite(result.metrics["train_loss"])
+
+
+def test_batchnorm_with_batches_of_one_is_refused(digits: SearchData) -> None:
+    with pytest.raises(SpecError, match="batch_size"):
+        train(digits, batchnorm=True, batch_size=1, epochs=1)
+
+
+def test_config_from_params_reads_every_training_knob() -> None:
+    config = TrainConfig.from_params(params(optimizer="sgd", lr=0.1, momentum=0.5, nesterov=True, batch_size=64),
+                                     seed=7, device="cpu")
+    assert (config.optimizer, config.lr, config.momentum, config.nesterov, config.batch_size) == (
+        "sgd", 0.1, 0.5, True, 64)
+    assert (config.seed, config.device, config.epochs) == (7, "cpu", 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"beta2": -0.1}, "beta2"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"nesterov": "yes"}, "nesterov"),
+    ],
+)
+def test_bad_training_values_raise_spec_error(overrides: dict[str, Any], named: str) -> None:
+    with pytest.raises(SpecError, match=named):
+        TrainConfig.from_params(params(**overrides), seed=0, device="cpu")
+
+
+def test_missing_training_params_are_named() -> None:
+    p = params()
+    del p["epochs"]
+    with pytest.raises(SpecError, match="epochs"):
+        TrainConfig.from_params(p, seed=0, device="cpu")
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(SpecError, match="tpu"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_asking_for_cuda_without_cuda_is_a_spec_error(name: str) -> None:
+    with pytest.raises(SpecError, match="CUDA"):
+        resolve_device(name)
+    assert resolve_device("auto") != torch.device("cuda")
