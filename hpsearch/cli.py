@@ -195,6 +195,61 @@ def worker(spec_path: str | None, study_name: str | None, storage: str | None, t
         click.echo(f"worker done: ran {ran} trial(s) of study {spec.study.name!r}.")
 
 
+HOST = click.option("--host", default="127.0.0.1", show_default=True,
+                    help="Address to bind. Neither UI has a login: bind beyond 127.0.0.1 only on a trusted network.")
+
+
+@cli.command()
+@SPEC
+@STORAGE
+@RUNS_DIR
+@HOST
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def dashboard(spec_path: str, storage: str | None, runs_dir: str | None, host: str, port: int) -> None:
+    """Serve optuna-dashboard on SPEC's study (trials, notes, images) until Ctrl-C."""
+    from hpsearch import servers
+
+    spec = _load(spec_path, storage=storage, runs_dir=runs_dir)
+    sys.exit(servers.serve(servers.dashboard_command(spec, host, port), servers.browser_url(host, port),
+                           click.echo, ready_path="/api/studies"))
+
+
+@cli.command()
+@SPEC
+@TRACKING
+@RUNS_DIR
+@HOST
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+def ui(spec_path: str, tracking_uri: str | None, runs_dir: str | None, host: str, port: int) -> None:
+    """Serve the MLflow UI on SPEC's tracking store until Ctrl-C (or print the server's URL)."""
+    from hpsearch import servers
+
+    spec = _load(spec_path, tracking_uri=tracking_uri, runs_dir=runs_dir)
+    if remote := servers.remote_ui_url(spec):
+        click.echo(f"{spec.path} tracks to the MLflow server at {remote}: open it there.")
+        return
+    sys.exit(servers.serve(servers.ui_command(spec, host, port), servers.browser_url(host, port), click.echo,
+                           ready_path="/health"))
+
+
+@cli.command("report")
+@SPEC
+@STORAGE
+@TRACKING
+@RUNS_DIR
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder to write into. [default: reports/<study name>/]")
+def report_command(spec_path: str, storage: str | None, tracking_uri: str | None, runs_dir: str | None,
+                   out_dir: str | None) -> None:
+    """Write SPEC's study report: one self-contained HTML file and a markdown summary."""
+    from hpsearch import insights, report
+
+    spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, runs_dir=runs_dir)
+    study = insights.open_existing(spec)
+    html_path, md_path = report.write_report(spec, study, out_dir or report.default_out_dir(spec))
+    click.echo(f"wrote {html_path}\nwrote {md_path}")
+
+
 def main() -> None:
     """Entry point of the console script."""
     cli(prog_name="hpsearch")

@@ -21,13 +21,14 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import space
+from hpsearch import insights, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import make_storage
 from hpsearch.tracking import Tracker
+from hpsearch.trials import Counts, count
 
 SPEC_ATTR = "hpsearch.spec"
 FINGERPRINT_ATTR = "hpsearch.fingerprint"
@@ -176,36 +177,9 @@ def _plain_storage(url: str) -> optuna.storages.RDBStorage:
 # --------------------------------------------------------------------------- counting
 
 
-@dataclass(frozen=True)
-class Counts:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0  # failed for a reason of their own (diverged...): they count towards n_trials
-    lost: int = 0  # failed through no fault of their own (worker died, Ctrl-C): they do not count
-    running: int = 0
-    waiting: int = 0
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned + self.failed
-
-
 def count_trials(study: optuna.Study) -> Counts:
-    """Return the study's trials per state, telling trials that failed apart from dead workers'."""
-    c: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE:
-            key = "complete"
-        elif t.state == TrialState.PRUNED:
-            key = "pruned"
-        elif t.state == TrialState.FAIL:
-            key = "failed" if "fail_reason" in t.user_attrs else "lost"
-        elif t.state == TrialState.RUNNING:
-            key = "running"
-        else:
-            key = "waiting"
-        c[key] = c.get(key, 0) + 1
-    return Counts(**c)
+    """Return the study's trials per state (see :func:`hpsearch.trials.count`)."""
+    return count(study.get_trials(deepcopy=False))
 
 
 # --------------------------------------------------------------------------- working
@@ -300,6 +274,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
         if c.waiting > 0 or c.finished + c.running < n_trials:
             study.optimize(lambda trial: run_trial(trial, ctx), n_trials=1, catch=(TrialFailed,))
             ran += 1
+            insights.refresh(spec, study, setup.tracker, setup.parent_run_id, warn=warn)
         elif c.running > 0 and c.finished < n_trials:
             # Other workers hold the last trials. If one of them died, its trial goes stale and is
             # retried: stay to pick the retry up, so the study reaches its total.
@@ -320,17 +295,10 @@ def _artifacts_dir(spec: Spec) -> str:
 
 
 def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
-    """Return the best complete trial (first objective decides among multi-objective Pareto trials)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if "model_artifact_id" in t.user_attrs]
-    if not complete:
-        return None
-    pool = complete
-    if spec.study.multi_objective:
-        pareto = {t.number for t in study.best_trials}
-        pool = [t for t in complete if t.number in pareto] or complete
-    sign = 1.0 if spec.study.metrics[0].direction == "minimize" else -1.0
-    return min(pool, key=lambda t: (sign * t.values[0], t.number))
+    """Return the best complete trial whose model was kept (first objective decides on a Pareto front)."""
+    from hpsearch.trials import best_trial as best
+
+    return best(spec, [t for t in study.get_trials(deepcopy=False) if "model_artifact_id" in t.user_attrs])
 
 
 def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: Warn = _stderr) -> dict[str, Any]:
@@ -390,6 +358,8 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: 
             result["experiment_id"] = tracker.experiment_id
             result["parent_run_id"] = parent
     study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
+    insights.refresh(spec, study, tracker if spec.tracking.enabled else None, study.user_attrs.get(PARENT_RUN_ATTR),
+                     force=True, warn=warn)
     return result
 
 

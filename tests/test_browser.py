@@ -1,0 +1,261 @@
+"""What a person sees: optuna-dashboard, the MLflow UI and the report, in a real headless Chromium.
+
+The servers are started with the command lines `hpsearch dashboard` / `hpsearch ui` use
+(`hpsearch.servers`); the browser is Debian's /usr/bin/chromium driven by Playwright. Screenshots
+land in test-output/screenshots/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpsearch import insights, report, servers
+from hpsearch.errors import HPSearchError
+from hpsearch.spec import parse_spec
+
+from .servers import free_port, port_is_open, wait_http
+from .test_figures import Built, _tracker, build_study, make_spec
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "test-output" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"  # Debian's; never a downloaded browser
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+UI_TIMEOUT_MS = 30_000  # the MLflow UI's first render pulls megabytes of JavaScript: slow on 2 cores
+_IMAGE_LOADED = """sel => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth > 0; }"""
+_QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # no phoning home from a test
+
+
+# --------------------------------------------------------------------------- command lines (fast)
+
+
+def test_dashboard_command(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, "denoise")
+    cmd = servers.dashboard_command(spec, port=8123)
+    assert Path(cmd[0]).name == "optuna-dashboard"
+    assert cmd[1:] == [spec.study.storage, "--host", "127.0.0.1", "--port", "8123",
+                       "--artifact-dir", spec.artifacts_dir]
+
+
+def test_ui_command_serves_the_local_store_and_its_artifacts(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, "denoise")
+    cmd = servers.ui_command(spec, host="0.0.0.0", port=5123)
+    assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
+    options = dict(zip(cmd[4::2], cmd[5::2]))
+    assert options == {
+        "--backend-store-uri": spec.tracking.uri, "--host": "0.0.0.0", "--port": "5123", "--workers": "1",
+        "--default-artifact-root": Path(spec.tracking.artifact_root).as_uri(),
+        "--artifacts-destination": spec.tracking.artifact_root}
+    assert servers.remote_ui_url(spec) is None
+
+
+@pytest.mark.parametrize("tracking, message", [
+    ({"uri": "http://mlflow.example:5000/"}, "open it there"),
+    ({"enabled": False}, "tracking.enabled is false"),
+])
+def test_ui_command_refuses_what_it_cannot_start(tmp_path: Path, tracking: dict[str, Any], message: str) -> None:
+    raw = {"study": {"name": "s", "storage": f"sqlite:///{tmp_path / 'o.db'}"},
+           "task": {"type": "classify", "dataset": "digits"}, "model": {"family": "mlp"}, "tracking": tracking}
+    spec = parse_spec(raw, source="s.yaml", runs_dir=tmp_path)
+    with pytest.raises(HPSearchError, match=message):
+        servers.ui_command(spec)
+    if "uri" in tracking:
+        assert servers.remote_ui_url(spec) == "http://mlflow.example:5000"
+
+
+@pytest.mark.parametrize("tracking, exit_code, output", [
+    ({"uri": "http://mlflow.example:5000"}, 0, "s.yaml tracks to the MLflow server at http://mlflow.example:5000: "
+                                                "open it there.\n"),
+    ({"enabled": False}, 1, "Error: s.yaml: tracking.enabled is false, so there is no MLflow store to show.\n"),
+])
+def test_ui_command_line_without_a_server_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   tracking: dict[str, Any], exit_code: int, output: str) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from hpsearch.cli import cli
+
+    if "ui" not in cli.commands:
+        pytest.skip("`hpsearch ui` is not wired into cli.py yet")
+    monkeypatch.chdir(tmp_path)
+    Path("s.yaml").write_text(yaml.safe_dump({
+        "study": {"name": "s"}, "task": {"type": "classify", "dataset": "digits"}, "model": {"family": "mlp"},
+        "tracking": tracking}))
+    result = CliRunner().invoke(cli, ["ui", "s.yaml"])
+    assert (result.exit_code, result.output) == (exit_code, output)
+
+
+@pytest.mark.parametrize("host, expected", [("127.0.0.1", "http://127.0.0.1:80"), ("0.0.0.0", "http://127.0.0.1:80"),
+                                            ("myhost", "http://myhost:80")])
+def test_browser_url(host: str, expected: str) -> None:
+    assert servers.browser_url(host, 80) == expected
+
+
+# --------------------------------------------------------------------------- real servers, real browser
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """A finished denoise study, tracked in MLflow, with its notes, published plots and report."""
+    built = build_study(tmp_path_factory.mktemp("seen"), "denoise")
+    assert insights.refresh(built.spec, built.study, _tracker(built.spec), built.parent_run_id, force=True)
+    report.write_report(built.spec, built.study, Path(built.spec.runs_dir) / "report")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return built
+
+
+@pytest.fixture(scope="module")
+def page(seen: Built) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], ready_url: str, log: Path) -> Iterator[None]:
+    """Run a server command line until the block exits (stopped as `hpsearch dashboard/ui` stop it)."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **_QUIET}, start_new_session=True)
+    try:
+        try:
+            wait_http(ready_url, process=process)
+        except Exception as exc:
+            raise AssertionError(f"{cmd[0]} did not start: {exc}\n{log.read_text()[-3000:]}") from None
+        yield
+    finally:
+        servers.stop(process)
+
+
+def _wait_image(page: Any, selector: str) -> None:
+    page.wait_for_function(_IMAGE_LOADED, arg=selector, timeout=UI_TIMEOUT_MS)
+
+
+@pytest.mark.slow
+def test_dashboard_shows_the_study_its_trials_notes_and_images(seen: Built, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    spec, study_id = seen.spec, seen.study._study_id
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(servers.dashboard_command(spec, port=port), f"{url}/api/studies",
+                 Path(spec.runs_dir) / "dashboard.log"):
+        # The study list names the study.
+        page.goto(f"{url}/dashboard")
+        expect(page.get_by_role("heading", name=f"{study_id}. bottleneck")).to_be_visible(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=SHOTS / "dashboard-studies.png")
+
+        # The study page: plots of its own, and hpsearch's comparison plots as study artifacts.
+        page.goto(f"{url}/dashboard/studies/{study_id}")
+        _wait_image(page, 'img[alt="reconstructions_by_bottleneck.png"]')
+        _wait_image(page, 'img[alt="learning_curves.png"]')
+        page.screenshot(path=SHOTS / "dashboard-study.png", full_page=True)
+
+        # The trial list: all 9 trials, the selected trial's note and its reconstruction image.
+        page.goto(f"{url}/dashboard/studies/{study_id}/trials")
+        expect(page.get_by_text("9 Trials")).to_be_visible(timeout=UI_TIMEOUT_MS)
+        expect(page.get_by_text("Trial #0: complete")).to_be_visible()
+        expect(page.get_by_role("link", name="MLflow run")).to_have_attribute(
+            "href", f"http://127.0.0.1:5000/#/experiments/{seen.experiment_id}/runs/{seen.mlflow_run_ids[0]}"
+                    "?workflowType=machine_learning")
+        _wait_image(page, 'img[alt="reconstruction.png"]')
+        page.get_by_role("heading", name="Artifacts").evaluate("e => e.scrollIntoView()")
+        page.screenshot(path=SHOTS / "dashboard-trial.png")
+
+        # The study note, loud about the fallback dataset.
+        page.goto(f"{url}/dashboard/studies/{study_id}/note")
+        expect(page.get_by_text("FALLBACK DATA", exact=False).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=SHOTS / "dashboard-note.png")
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_experiment_runs_and_images(seen: Built, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    spec = seen.spec
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(servers.ui_command(spec, port=port), f"{url}/health", Path(spec.runs_dir) / "mlflow-ui.log"):
+        # MLflow 3 opens experiments in its GenAI view; the query picks the model-training view.
+        page.goto(f"{url}/#/experiments/{seen.experiment_id}/runs?workflowType=machine_learning")
+        expect(page.get_by_text(spec.tracking.experiment).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+        expect(page.get_by_role("link", name=spec.study.name, exact=True)).to_be_visible(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=SHOTS / "mlflow-experiment.png")
+
+        # A trial's run: its reconstruction grid, served from the local artifact root.
+        run_id = seen.mlflow_run_ids[2]
+        page.goto(f"{url}/#/experiments/{seen.experiment_id}/runs/{run_id}/artifacts?workflowType=machine_learning")
+        page.get_by_text("images", exact=True).click(timeout=UI_TIMEOUT_MS)
+        page.get_by_text("reconstruction.png", exact=True).click()
+        _wait_image(page, 'img[src^="blob:"]')
+        page.screenshot(path=SHOTS / "mlflow-trial-image.png")
+
+        # The parent run: hpsearch's study plots under study/.
+        page.goto(f"{url}/#/experiments/{seen.experiment_id}/runs/{seen.parent_run_id}?workflowType=machine_learning")
+        expect(page.get_by_role("heading", name=spec.study.name)).to_be_visible(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=SHOTS / "mlflow-parent-run.png")
+        page.goto(f"{url}/#/experiments/{seen.experiment_id}/runs/{seen.parent_run_id}/artifacts")
+        page.get_by_text("study", exact=True).click(timeout=UI_TIMEOUT_MS)
+        page.get_by_text("reconstructions_by_bottleneck.png", exact=True).click()
+        _wait_image(page, 'img[src^="blob:"]')
+        page.screenshot(path=SHOTS / "mlflow-study-plot.png")
+
+
+@pytest.mark.slow
+def test_report_images_all_load_from_the_file_alone(seen: Built, page: Any) -> None:
+    html = Path(seen.spec.runs_dir) / "report" / report.HTML_FILE
+    page.goto(html.as_uri())
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth > 0])")
+    assert len(images) == 7, images  # 6 study plots + the best trial's reconstruction grid
+    assert all(ok for _, ok in images), [alt for alt, ok in images if not ok]
+    page.screenshot(path=SHOTS / "report.png", full_page=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `kill`, `docker stop`
+def test_serve_answers_then_stops_with_its_server(seen: Built, signum: int) -> None:
+    port = free_port()
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from tests.test_figures import make_spec; from hpsearch import servers;"
+        "spec = make_spec(Path(sys.argv[2]), 'denoise'); port = int(sys.argv[3]);"
+        "sys.exit(servers.serve(servers.dashboard_command(spec, port=port),"
+        " servers.browser_url('127.0.0.1', port), lambda m: print(m, flush=True), ready_path='/api/studies'))"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(REPO), str(Path(seen.spec.runs_dir).parent),
+                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **_QUIET})
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            lines.append(line)
+            if line.startswith("open "):
+                break
+        assert lines[-1].strip() == f"open http://127.0.0.1:{port}  (Ctrl-C stops it)", lines
+        assert port_is_open(port)
+        process.send_signal(signum)  # the server, in a session of its own, gets nothing from the terminal
+        assert process.wait(timeout=30) == 0
+        assert "stopping..." in process.stdout.read()
+        assert not port_is_open(port), "the dashboard stopped with it"
+    finally:
+        if process.poll() is None:
+            process.kill()
