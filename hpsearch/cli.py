@@ -44,6 +44,7 @@ def cli(verbose: bool) -> None:
 def _quiet_libraries() -> None:
     """Keep the progress line readable: Optuna's per-trial INFO lines and MLflow's INFO go."""
     import logging
+    import os
     import warnings
 
     from optuna.exceptions import ExperimentalWarning
@@ -52,6 +53,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow resets its logger on import
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
