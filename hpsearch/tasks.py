@@ -10,6 +10,8 @@ seed, so every epoch of every trial, on any device, is scored on the same noisy 
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import numbers
 import os
@@ -309,8 +311,15 @@ def train_reference_classifier(data: SearchData, *, device: str | torch.device, 
 
 
 def reference_path(data: SearchData, cache_dir: Path) -> Path:
-    """Return where the reference classifier of ``data`` is cached."""
-    return Path(cache_dir) / f"reference-{data.provenance.sha256}-{len(data.train)}.pt"
+    """Return where the reference classifier of ``data`` is cached.
+
+    Keyed by the exact training images and labels: a study with another seed, validation fraction
+    or train limit gets its own judge, which never saw that study's validation digits.
+    """
+    digest = hashlib.sha256()
+    digest.update(data.train.images.cpu().numpy().tobytes())
+    digest.update(data.train.labels.cpu().numpy().tobytes())
+    return Path(cache_dir) / f"reference-{data.provenance.sha256}-{digest.hexdigest()[:12]}.pt"
 
 
 def load_or_train_reference(data: SearchData, cache_dir: Path, *, device: str | torch.device) -> Reference:

@@ -198,7 +198,11 @@ def test_reference_is_trained_once_then_loaded(digits: SearchData, tmp_path: Pat
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     first = tasks.load_or_train_reference(digits, tmp_path, device="cpu")
     path = tasks.reference_path(digits, tmp_path)
-    assert path.exists() and path.name == f"reference-{digits.provenance.sha256}-{len(digits.train)}.pt"
+    assert path.exists() and path.name.startswith(f"reference-{digits.provenance.sha256}-")
+    # Another validation split (seed) of the same dataset gets its own judge: it must never have
+    # trained on the digits it will judge.
+    other = load_search_data("digits", seed=12345)
+    assert tasks.reference_path(other, tmp_path) != path
     assert not first.training and not any(p.requires_grad for p in first.parameters())
 
     def no_training(*args: Any, **kwargs: Any) -> None:
