@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from hpsearch.data import Provenance, SearchData, load_search_data, load_test_sp
 from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
-from hpsearch.storage import make_storage
+from hpsearch.storage import fail_stale_trials, make_storage
 from hpsearch.tracking import Tracker
 from hpsearch.trials import Counts, count
 
@@ -35,6 +39,9 @@ FINGERPRINT_ATTR = "hpsearch.fingerprint"
 DATA_ATTR = "hpsearch.data"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TEST_ATTR = "hpsearch.test"
+WORKER_ATTR = "worker"  # host:pid of the worker that ran a trial
+# A trial started after the study's total was reached (racing workers); FAIL, counted as lost.
+SURPLUS_ATTR = "surplus"
 
 Warn = Callable[[str], None]
 
@@ -75,7 +82,7 @@ def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
     return cls(**p.options)
 
 
-def _stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, FrozenTrial], None]:
+def stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Return what runs when a trial's worker died: mark its MLflow run killed, retry its params."""
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.study.max_retries)
 
@@ -96,7 +103,7 @@ def _stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, Fro
 
 def open_study(spec: Spec, *, allow_space_change: bool = False, warn: Warn = _stderr) -> optuna.Study:
     """Return the spec's study, created on first use and resumed after; refuse a changed search space."""
-    storage = make_storage(spec.study, stale_trial_callback=_stale_trial_callback(spec, warn))
+    storage = make_storage(spec.study, stale_trial_callback=stale_trial_callback(spec, warn), warn=warn)
     try:
         study = optuna.create_study(
             storage=storage, study_name=spec.study.name, sampler=make_sampler(spec),
@@ -139,8 +146,13 @@ def _describe_change(stored: dict[str, Any], spec: Spec) -> str:
     return "changed: " + ", ".join(diffs)
 
 
-def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None = None) -> Spec:
-    """Return the spec stored in an existing study (for workers that join from anywhere)."""
+def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None = None,
+                     tracking_uri: str | None = None, data_dir: str | None = None) -> Spec:
+    """Return the spec stored in an existing study (for workers that join from anywhere).
+
+    ``tracking_uri`` and ``data_dir`` override the stored ones: another machine may reach the
+    MLflow server by another name and keep its datasets elsewhere.
+    """
     try:
         summaries = optuna.get_all_study_summaries(storage=_plain_storage(storage_url))
     except StorageError:
@@ -158,6 +170,13 @@ def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None 
                         "(it has no stored spec).")
     data = dict(stored)
     data["study"] = {**data["study"], "storage": storage_url}
+    if tracking_uri:
+        data["tracking"] = {**data["tracking"], "uri": tracking_uri}
+    elif data["tracking"].get("enabled") and "***" in data["tracking"].get("uri", ""):
+        raise SpecError(f"study {study_name!r} records its MLflow tracking URI without the password "
+                        f"({data['tracking']['uri']}); pass --tracking-uri (or HPSEARCH_TRACKING_URI) with it.")
+    if data_dir:
+        data["task"] = {**data["task"], "data_dir": data_dir}
     if runs_dir:
         data["runs_dir"] = str(Path(runs_dir).resolve())
     return spec_from_dict(data)
@@ -209,6 +228,7 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
     data = load_search_data(spec.task.dataset, data_dir=spec.task.data_dir, val_fraction=spec.task.val_fraction,
                             seed=spec.study.seed, fallback=spec.task.fallback, train_limit=spec.task.train_limit,
                             warn=warn)
+    _check_fits_images(spec, data)
     provenance = {**data.provenance.__dict__, "mean": data.mean, "std": data.std, "n_classes": data.n_classes,
                   "image_shape": list(data.image_shape)}
     stored = study.user_attrs.get(DATA_ATTR)
@@ -242,6 +262,21 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
                        reference=reference)
 
 
+def _check_fits_images(spec: Spec, data: SearchData) -> None:
+    """Refuse, once and up front, a hidden square that would not fit the dataset's images."""
+    if spec.task.type != "inpaint":
+        return
+    sizes = [spec.task.mask.size]
+    for p in spec.space:
+        if p.name == "mask_size":
+            sizes.append(p.value if p.type == "fixed" else max(p.choices) if p.choices else p.high)
+    side = min(data.image_shape[1:])
+    if max(sizes) >= side:
+        raise SpecError(f"{spec.path}: the in-painting mask (size up to {max(sizes)}) must be smaller than the "
+                        f"images of {data.provenance.name!r} ({side}x{side} pixels); set task.mask.size or "
+                        "space.mask_size below that.")
+
+
 def _flat_spec_params(spec: Spec, data: SearchData) -> dict[str, Any]:
     d = spec.to_dict()
     out: dict[str, Any] = {
@@ -261,7 +296,11 @@ def _flat_spec_params(spec: Spec, data: SearchData) -> dict[str, Any]:
 
 def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
          warn: Warn = _stderr) -> int:
-    """Run trials until the study's total is reached (or the timeout); return how many this worker ran."""
+    """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
+
+    Ctrl-C (SIGINT) or SIGTERM ends the running trial as interrupted, never leaving it RUNNING,
+    then raises KeyboardInterrupt.
+    """
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id,
                        artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
@@ -269,20 +308,106 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
     n_trials = spec.study.n_trials
-    while deadline is None or time.monotonic() < deadline:
-        c = count_trials(study)
-        if c.waiting > 0 or c.finished + c.running < n_trials:
-            study.optimize(lambda trial: run_trial(trial, ctx), n_trials=1, catch=(TrialFailed,))
-            ran += 1
-            insights.refresh(spec, study, setup.tracker, setup.parent_run_id, warn=warn)
-        elif c.running > 0 and c.finished < n_trials:
-            # Other workers hold the last trials. If one of them died, its trial goes stale and is
-            # retried: stay to pick the retry up, so the study reaches its total.
-            optuna.storages.fail_stale_trials(study)
-            time.sleep(min(2.0, spec.study.heartbeat_interval))
-        else:
-            break
+    signals = _StopSignals()
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        with signals.trial(trial):
+            trial.set_user_attr(WORKER_ATTR, worker_id())
+            if _surplus(study, trial, n_trials):
+                trial.set_user_attr(SURPLUS_ATTR, f"other workers had already started the study's {n_trials} "
+                                                  "trials when this one was created")
+                raise _Surplus()
+            if setup.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(setup.device)  # this trial's peak, not the worker's
+            return run_trial(trial, ctx)
+
+    with signals:
+        while deadline is None or time.monotonic() < deadline:
+            signals.check()
+            c = count_trials(study)
+            if c.waiting > 0 or c.finished + c.running < n_trials:
+                study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
+                ran += 1
+                insights.refresh(spec, study, setup.tracker, setup.parent_run_id, warn=warn)
+            elif c.running > 0 and c.finished < n_trials:
+                # Other workers hold the last trials. If one of them died, its trial goes stale and is
+                # retried: stay to pick the retry up, so the study reaches its total.
+                fail_stale_trials(study, grace_period=spec.study.grace_period)
+                signals.sleep(min(2.0, spec.study.heartbeat_interval))
+            else:
+                break
+        signals.check()
+    if count_trials(study).finished >= n_trials and setup.tracker and setup.parent_run_id:
+        setup.tracker.end_run(setup.parent_run_id, "FINISHED")  # each worker may say so: idempotent
     return ran
+
+
+def worker_id() -> str:
+    """Return this worker's name in trial attributes: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Surplus(Exception):
+    """The study's total was reached by other workers while this trial was being created."""
+
+
+def _surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """Return whether ``n_trials`` trials that count were created before this one."""
+    # Counting and creating a trial are two steps, so racing workers may create one too many;
+    # trial numbers are assigned in order under a lock, so the later trial can tell.
+    before = count([t for t in study.get_trials(deepcopy=False) if t.number < trial.number])
+    return before.finished + before.running + before.waiting >= n_trials
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM as one KeyboardInterrupt inside a trial's own code, a stop elsewhere.
+
+    A signal that lands while Optuna creates or closes a trial would leave it RUNNING; so it
+    interrupts only the trial's code (which closes the trial as interrupted), once, and
+    otherwise stops the worker loop at its next check.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._in_trial = False
+        self._raised = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        if self._in_trial and not self._raised:
+            self._raised = True  # a second Ctrl-C must not break the interrupted trial's clean-up
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def trial(self, trial: optuna.Trial) -> Iterator[None]:
+        if self.requested:
+            trial.set_user_attr("interrupted", "stopped before the trial began")
+            raise KeyboardInterrupt
+        self._in_trial = True
+        try:
+            yield
+        finally:
+            self._in_trial = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < end:
+            time.sleep(0.1)
 
 
 def _artifacts_dir(spec: Spec) -> str:
