@@ -1,257 +1,573 @@
 """MLflow at the edge: one parent run per study, one child run per trial, never a stopped study.
 
-The only module that imports mlflow. Every call goes through :class:`Tracker`, which talks to
-the store with explicit run ids (no global active run, so several processes and threads are
-safe) and turns any MLflow failure into a warning: an unreachable tracking server or a locked
-database costs a message, never a trial.
+The only module that imports mlflow (lazily: commands that track nothing stay fast). Every call
+goes through :class:`Tracker`, which talks to the store through an ``MlflowClient`` with explicit
+run ids (no global active run, so several processes and threads are safe) and turns any MLflow
+failure into a warning: an unreachable tracking server or a busy database costs a message,
+never a trial.
+
+Several workers, on one machine or several, may share one store, so every step that creates
+something is race-safe: a new SQLite store's tables are created under a file lock, the experiment
+is created or else fetched by name, and the study's parent run is agreed on (see
+:meth:`Tracker.study_run`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import random
+import re
+import sqlite3
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpsearch.errors import StorageError
+from hpsearch.spec import mask_password
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a new SQLite store there must not be started by two at once
+    fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+__all__ = ["Tracker", "check_uri"]
 
 T = TypeVar("T")
 
-_PARAM_LIMIT = 6000  # MLflow's longest param value (MLFLOW_PARAM_VALUE_MAX_LENGTH default)
-_BATCH = 100  # log_batch takes at most 100 params per call
-_RETRIES = 5  # tries for a busy SQLite store ("database is locked") before giving up with a warning
-_WARN_EVERY_S = 60.0
-_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
+STUDY_TAG = "hpsearch.study"  # the study's name, on its parent run (and, from the caller, on trial runs)
+ROLE_TAG = "hpsearch.role"  # "study" or "trial": tells the parent run apart from trial runs with the same study tag
+TRIAL_TAG = "hpsearch.trial"  # the Optuna trial number of a child run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows trial runs under the study's run
+NONFINITE_TAG = "hpsearch.nonfinite_"  # + metric name: the last NaN/inf value that was not logged, and its step
+
+_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql")
+_URI_RULE = ("an MLflow tracking URI must be sqlite:///path/mlflow.db, file:///dir, http(s)://host[:port], "
+             "postgresql://..., mysql://... or a directory path")
+_TRIES = 5  # attempts at a call that finds a SQLite store busy ("database is locked")...
+_BUSY_BUDGET_S = 30.0  # ...within this long: MLflow already waits up to 20 s for a lock inside each attempt
+_BUSY = ("database is locked", "database table is locked")
+_SETTLE_S = 1.0  # how long racing creators of a parent run wait, at least, for each other's inserts
+_WARN_EVERY_S = 60.0  # the same warning at most once a minute: a dead server must not flood the log
+_PAGE = 1000  # runs per search page
+_HTTP_LIMITS = {
+    # MLflow retries an HTTP call 7 times with a backoff factor of 2 and waits 120 s for an answer:
+    # minutes per call against a dead server. One immediate retry (urllib3 waits only before the
+    # second) and a 15 s timeout make it milliseconds when refused, 30 s at most when silent.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def check_uri(uri: str) -> None:
-    """Raise StorageError unless ``uri`` is a tracking URI MLflow can use."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise StorageError(f"the MLflow tracking URI must be a non-empty string, but got {uri!r}.")
+    """Raise StorageError unless ``uri`` is a tracking URI hpsearch can record to."""
+    shown = mask_password(uri) if isinstance(uri, str) else uri
+    bad = StorageError(f"MLflow tracking URI: {_URI_RULE}, but got {shown!r}.")
+    if not isinstance(uri, str) or not uri.strip() or uri != uri.strip() or any(ord(c) < 32 for c in uri):
+        raise bad
     if "://" not in uri:
-        if uri.startswith("/") or uri.startswith("."):
-            return  # a local directory path
-        raise StorageError(f"{uri!r} is not an MLflow tracking URI; expected sqlite:///path/mlflow.db, "
-                           "http(s)://host:port, file:///dir or a directory path.")
-    scheme = uri.split("://", 1)[0].split("+", 1)[0]
-    if scheme not in _SCHEMES:
-        raise StorageError(f"{uri!r} has the scheme {scheme!r}; MLflow tracking URIs use one of {list(_SCHEMES)}.")
+        if ":" in uri:  # "localhost:5000", "sqlite:x.db": a scheme or a host without the "//" of a URI
+            raise bad
+        return  # a directory path: MLflow's file store
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.split("+", 1)[0].lower()  # postgresql+psycopg2 -> postgresql
+    if scheme not in _SCHEMES or not rest.strip("/"):
+        raise bad
+    if scheme == "sqlite" and not rest.startswith("/"):  # sqlite://x is an in-memory database or a typo
+        raise bad
+    if scheme in ("http", "https") and not re.match(r"^([^/@\s]+@)?[^/:@\s]+(:\d+)?(/\S*)?$", rest):
+        raise bad
 
 
 class Tracker:
-    """Records a study and its trials in MLflow; failures become warnings, never exceptions."""
+    """Records a study and its trials in MLflow; store failures become warnings, never exceptions.
+
+    Every public method catches what MLflow raises, warns (the same message at most once a
+    minute) with the store and the failure, and returns None ([] from child_runs). Later calls
+    try again: a tracking server may come back. Only a malformed URI is refused, when the
+    Tracker is built; the store itself is first opened by the first call that needs it.
+    """
 
     def __init__(self, uri: str, experiment: str, *, artifact_root: str | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
         check_uri(uri)
         self.uri = uri
         self.experiment_name = experiment
-        self.artifact_root = artifact_root if not uri.startswith("http") else None
-        self._warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+        self._remote = scheme in ("http", "https")
+        self._env = _http_limits if self._remote else _file_store if scheme == "file" else contextlib.nullcontext
+        # A tracking server decides where artifacts go; a local store puts them under the caller's root.
+        self.artifact_root = None if self._remote else artifact_root
+        self._shown = mask_password(uri)
+        self._warn = warn or _stderr
         self._warned: dict[str, float] = {}
+        self._warn_lock = threading.Lock()
+        self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
-        if uri.startswith("http"):
-            # An unreachable server must cost seconds, not MLflow's default minutes of retries.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T | None:
-        """Return fn(), retrying a busy SQLite store; on failure warn (rate-limited) and return None."""
-        for attempt in range(_RETRIES):
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - MLflow must never stop a study
-                text = str(exc)
-                if "locked" in text.lower() and attempt < _RETRIES - 1:
-                    time.sleep(0.2 * 2**attempt)
-                    continue
-                first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-                self._warn_once(f"warning: MLflow ({self.uri}) could not {what}: {first}. The study goes on.")
-                return None
+    def _call(self, what: str, fn: Callable[[MlflowClient], T]) -> T | None:
+        """Return fn(client), retrying a busy SQLite store; on any failure warn and return None."""
+        deadline = time.monotonic() + _BUSY_BUDGET_S
+        with self._env():
+            for attempt in range(1, _TRIES + 1):
+                try:
+                    return fn(self._mlflow())
+                except Exception as exc:  # noqa: BLE001 - tracking must never stop a study
+                    if attempt < _TRIES and time.monotonic() < deadline and any(b in str(exc) for b in _BUSY):
+                        # Jittered, so processes that collided do not collide again.
+                        time.sleep(0.1 * 2**attempt * (1 + random.random()))
+                        continue
+                    self._warn_once(f"warning: MLflow store {self._shown} could not {what}: {_reason(exc)}. "
+                                    "The study goes on without it.")
+                    return None
         return None
+
+    def _mlflow(self) -> MlflowClient:
+        """Return the client, built on first use (which creates a new SQLite store's tables)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            with _schema_lock(self.uri):
+                self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
 
     def _warn_once(self, message: str) -> None:
         now = time.monotonic()
-        key = message[:200]
-        if now - self._warned.get(key, -_WARN_EVERY_S) >= _WARN_EVERY_S:
-            self._warned[key] = now
-            self._warn(message)
+        with self._warn_lock:
+            last = self._warned.get(message)
+            if last is not None and now - last < _WARN_EVERY_S:
+                return
+            self._warned[message] = now
+        self._warn(message)
 
     @property
     def experiment_id(self) -> str | None:
-        """The experiment's id, created once; a race with another process ends in the same one."""
+        """The experiment's id, created on first use; processes racing to create it get the same one."""
         if self._experiment_id is None:
-            self._experiment_id = self._call("create the experiment", self._get_or_create_experiment)
+            self._experiment_id = self._call(f"create or find the experiment {self.experiment_name!r}",
+                                             self._get_or_create_experiment)
         return self._experiment_id
 
-    def _get_or_create_experiment(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment_name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        location = Path(self.artifact_root).resolve().as_uri() if self.artifact_root else None
-        try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=location)
-        except Exception:  # noqa: BLE001 - another process created it first
-            found = self.client.get_experiment_by_name(self.experiment_name)
-            if found is None:
-                raise
-            return found.experiment_id
+    def _get_or_create_experiment(self, client: MlflowClient) -> str:
+        found = client.get_experiment_by_name(self.experiment_name)
+        if found is None:
+            location = Path(self.artifact_root).resolve().as_uri() if self.artifact_root else None
+            try:
+                return str(client.create_experiment(self.experiment_name, artifact_location=location))
+            except Exception:
+                # Another process created it between our look and our create: use theirs.
+                found = client.get_experiment_by_name(self.experiment_name)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+            self._warn_once(f"warning: the MLflow experiment {self.experiment_name!r} in {self._shown} had been "
+                            "deleted; restored it to record this study.")
+        return str(found.experiment_id)
+
+    def _search(self, client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+        """Return every active run of the experiment that matches, oldest first (start time, then id)."""
+        runs: list[Run] = []
+        token = None
+        while True:
+            page = client.search_runs([experiment_id], filter_string, max_results=_PAGE, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
     # ------------------------------------------------------------------ runs
 
     def study_run(self, study_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
-        """Return the study's one parent run: found again on resume, created once under races."""
+        """Return the id of the study's one parent run: found again on resume, created once under races.
+
+        Workers that start together may each create one. After creating, each waits for the
+        others' inserts to land (1 s, or twice its own look-and-create on a slow store), then
+        all choose the earliest (start time, then run id); the others delete their own, so every
+        caller returns the same id. MLflow has no atomic create-if-absent for runs, so two could
+        survive only if one worker's look-and-create took longer than another's wait; all later
+        calls still agree on the earliest.
+        """
         exp = self.experiment_id
         if exp is None:
             return None
 
-        def find() -> list[Any]:
-            runs = self.client.search_runs(
-                [exp], filter_string=f"tags.`hpsearch.study` = '{study_name}' and tags.`hpsearch.role` = 'study'",
-                max_results=50)
-            return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+        def find_or_create(client: MlflowClient) -> str:
+            started = time.monotonic()
+            runs = self._study_runs(client, exp, study_name)
+            if not runs:
+                mine = client.create_run(exp, run_name=study_name, tags={
+                    **_strings(tags), STUDY_TAG: study_name, ROLE_TAG: "study"}).info.run_id
+                # A slow store is slow for the others too: wait longer there.
+                time.sleep(max(_SETTLE_S, 2 * (time.monotonic() - started)))
+                runs = self._study_runs(client, exp, study_name)
+                if runs and runs[0].info.run_id != mine:
+                    client.delete_run(mine)
+                    return runs[0].info.run_id  # its creator logs its params
+            winner = runs[0]
+            _log_missing_params(client, winner, params)  # all of them if new; on resume, only new keys
+            return winner.info.run_id
 
-        def get_or_create() -> str:
-            existing = find()
-            if existing:
-                return existing[0].info.run_id
-            run = self.client.create_run(exp, run_name=study_name,
-                                         tags={**tags, "hpsearch.study": study_name, "hpsearch.role": "study"})
-            # Several processes may have created one at the same moment: the earliest wins, the
-            # others delete their own, so exactly one parent run stays.
-            time.sleep(0.2)
-            winner = find()[0].info.run_id
-            if winner != run.info.run_id:
-                self.client.delete_run(run.info.run_id)
-                return winner
-            self._log_params_now(run.info.run_id, params)
-            return run.info.run_id
+        return self._call(f"find or create the parent run of study {study_name!r}", find_or_create)
 
-        return self._call("find or create the study's parent run", get_or_create)
+    def _study_runs(self, client: MlflowClient, experiment_id: str, study_name: str) -> list[Run]:
+        return self._search(client, experiment_id,
+                            f"tags.`{STUDY_TAG}` = {_quote(study_name)} and tags.`{ROLE_TAG}` = 'study'")
 
     def start_trial(self, parent_run_id: str, trial_number: int, *, params: Mapping[str, Any],
                     tags: Mapping[str, str]) -> str | None:
-        """Return a new child run for the trial, nested under the study's parent run."""
+        """Return the id of a new child run for the trial, nested under the study's parent run.
+
+        If the trial already has a RUNNING run under that parent (the call is repeated in the
+        same process), that run is returned, with any params it still lacks. A retried trial has
+        a new trial number, so it gets a new run; the caller tags it ``hpsearch.retried_from``.
+        """
         exp = self.experiment_id
         if exp is None:
             return None
 
-        def create() -> str:
-            run = self.client.create_run(exp, run_name=f"trial-{trial_number}", tags={
-                **tags, "mlflow.parentRunId": parent_run_id, "hpsearch.trial": str(trial_number),
-                "hpsearch.role": "trial"})
-            self._log_params_now(run.info.run_id, {"trial_number": trial_number, **params})
+        def start(client: MlflowClient) -> str:
+            running = [r for r in self._trial_runs(client, exp, parent_run_id, trial_number)
+                       if r.info.status == "RUNNING"]
+            run = running[-1] if running else client.create_run(exp, run_name=f"trial-{trial_number}", tags={
+                **_strings(tags), PARENT_TAG: parent_run_id, TRIAL_TAG: str(trial_number), ROLE_TAG: "trial"})
+            _log_missing_params(client, run, {"trial_number": trial_number, **params})
             return run.info.run_id
 
-        return self._call(f"start the run of trial {trial_number}", create)
+        return self._call(f"start the run of trial {trial_number}", start)
 
-    def _log_params_now(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+    def _trial_runs(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
+                    trial_number: int | None = None) -> list[Run]:
+        where = f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)}"
+        if trial_number is not None:
+            where += f" and tags.`{TRIAL_TAG}` = '{int(trial_number)}'"
+        return self._search(client, experiment_id, where)
 
-        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, params=items[i:i + _BATCH])
-
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        self._call("log params", lambda: self._log_params_now(run_id, params))
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Log finite metrics at ``step`` in one call; non-finite ones become a tag saying so."""
-        from mlflow.entities import Metric, RunTag
-
-        now = int(time.time() * 1000)
-        finite = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        bad = [RunTag(f"hpsearch.nonfinite.{k}", f"{v} at step {step}") for k, v in metrics.items()
-               if not math.isfinite(float(v))]
-        self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=finite, tags=bad))
-
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        self._call("set tags", lambda: self.client.log_batch(run_id, tags=items))
-
-    def log_image(self, run_id: str, image: Any, artifact_file: str) -> None:
-        self._call(f"log the image {artifact_file}", lambda: self.client.log_image(run_id, image, artifact_file))
-
-    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
-        self._call(f"log the figure {artifact_file}", lambda: self.client.log_figure(run_id, figure, artifact_file))
-
-    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._call(f"log the artifact {local_path}",
-                   lambda: self.client.log_artifact(run_id, str(local_path), artifact_path))
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self._call(f"log the text {artifact_file}", lambda: self.client.log_text(run_id, text, artifact_file))
-
-    def end_run(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None) -> None:
-        """Close a run as FINISHED, FAILED or KILLED, with tags saying why."""
-        if tags:
-            self.set_tags(run_id, tags)
-        self._call(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status))
-
-    def run_status(self, run_id: str) -> str | None:
-        return self._call("read a run", lambda: self.client.get_run(run_id).info.status)
-
-    def run_url(self, run_id: str) -> str | None:
-        """Return the run's page on an MLflow server (http URIs only)."""
-        if not self.uri.startswith("http") or self.experiment_id is None:
+    def find_trial_run(self, parent_run_id: str, trial_number: int) -> str | None:
+        """Return the id of the trial's latest run under the parent, or None if it has none."""
+        exp = self.experiment_id
+        if exp is None:
             return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+        def find(client: MlflowClient) -> str | None:
+            runs = self._trial_runs(client, exp, parent_run_id, trial_number)
+            return runs[-1].info.run_id if runs else None
+
+        return self._call(f"find the run of trial {trial_number}", find)
 
     def child_runs(self, parent_run_id: str) -> list[dict[str, Any]]:
-        """Return the parent's child runs: run id, trial number, status and tags."""
+        """Return the parent's trial runs as dicts of run_id, trial (number), status and tags, by trial."""
         exp = self.experiment_id
         if exp is None:
             return []
 
-        def search() -> list[dict[str, Any]]:
-            runs = self.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                           max_results=5000)
-            return [{"run_id": r.info.run_id, "trial": int(r.data.tags.get("hpsearch.trial", -1)),
-                     "status": r.info.status, "tags": dict(r.data.tags)} for r in runs]
+        def search(client: MlflowClient) -> list[dict[str, Any]]:
+            runs = [{"run_id": r.info.run_id, "trial": _int(r.data.tags.get(TRIAL_TAG)), "status": r.info.status,
+                     "tags": dict(r.data.tags)} for r in self._trial_runs(client, exp, parent_run_id)]
+            return sorted(runs, key=lambda r: -1 if r["trial"] is None else r["trial"])  # stable: by start
 
         return self._call("list the trial runs", search) or []
 
-    # ------------------------------------------------------------------ models
+    def run_status(self, run_id: str) -> str | None:
+        """Return the run's status (RUNNING, FINISHED, FAILED, KILLED, ...), or None."""
+        return self._call("read a run's status", lambda client: str(client.get_run(run_id).info.status))
 
-    def log_model(self, run_id: str, model: Any, *, input_example: Any, registered_name: str | None) -> str | None:
-        """Log a PyTorch model with its signature on ``run_id``; register it; return the version."""
+    def run_url(self, run_id: str) -> str | None:
+        """Return the run's page on the MLflow server for an http(s) URI, else None."""
+        if not self._remote or self.experiment_id is None:
+            return None
+        return f"{self._shown.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
-        def log() -> str | None:
-            import mlflow
-            import mlflow.pytorch
-            import torch
-            from mlflow.models import infer_signature
+    def end_run(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None) -> None:
+        """Close a run as FINISHED, FAILED or KILLED, first setting tags that say why (hpsearch.state=...)."""
+        if tags:
+            self.set_tags(run_id, tags)
+        self._call(f"end a run as {status}", lambda client: client.set_terminated(run_id, status))
 
-            cpu = model.to("cpu").eval()
-            with torch.inference_mode():
-                output = cpu(torch.as_tensor(input_example)).numpy()
-            signature = infer_signature(input_example, output)
-            mlflow.set_tracking_uri(self.uri)  # mlflow.pytorch logs through the fluent API only
-            mlflow.set_registry_uri(self.uri)
-            with mlflow.start_run(run_id=run_id):
+    # ------------------------------------------------------------------ values
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Log the metrics at ``step`` in one batch.
+
+        MLflow's charts break on NaN and inf, so a non-finite value is not logged as a metric
+        point; the tag ``hpsearch.nonfinite_<name>`` records it and its step instead (the last one).
+        """
+        from mlflow.entities import Metric, RunTag
+
+        def log(client: MlflowClient) -> None:
+            now = int(time.time() * 1000)
+            points, flags = [], []
+            for name, value in metrics.items():
+                number = float(value)
+                if math.isfinite(number):
+                    points.append(Metric(str(name), number, now, int(step)))
+                else:
+                    flags.append(RunTag(f"{NONFINITE_TAG}{name}", f"{number} at step {step}"))
+            _log_batch(client, run_id, metrics=points, tags=flags)
+
+        self._call("log metrics", log)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params as strings, each cut to MLflow's length limit, 100 to a batch."""
+        from mlflow.entities import Param
+
+        self._call("log params", lambda client: _log_batch(
+            client, run_id, params=[Param(str(k), _param_value(v)) for k, v in params.items()]))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags (values as strings, cut to MLflow's length limit), replacing earlier values."""
+        from mlflow.entities import RunTag
+
+        self._call("set tags", lambda client: _log_batch(
+            client, run_id, tags=[RunTag(k, v) for k, v in _strings(tags).items()]))
+
+    # ------------------------------------------------------------------ artifacts
+
+    def log_image(self, run_id: str, image: np.ndarray, artifact_file: str) -> None:
+        """Save an image array (HxW or HxWxC; uint8, or floats in [0, 1]) as a PNG artifact."""
+        self._call("log an image", lambda client: client.log_image(run_id, image, artifact_file=artifact_file))
+
+    def log_figure(self, run_id: str, figure: Figure, artifact_file: str) -> None:
+        """Save a matplotlib figure as an artifact (its format from the file's extension)."""
+        self._call("log a figure", lambda client: client.log_figure(run_id, figure, artifact_file))
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local file, or a directory's files, into the run's artifacts under ``artifact_path``."""
+        def log(client: MlflowClient) -> None:
+            if Path(local_path).is_dir():
+                client.log_artifacts(run_id, str(local_path), artifact_path)
+            else:
+                client.log_artifact(run_id, str(local_path), artifact_path)
+
+        self._call(f"log the artifact {Path(local_path).name}", log)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Save ``text`` as the artifact ``artifact_file``."""
+        self._call("log a text artifact", lambda client: client.log_text(run_id, text, artifact_file))
+
+    def log_model(self, run_id: str, model: torch.nn.Module, *, input_example: np.ndarray,
+                  registered_name: str | None) -> str | None:
+        """Log a PyTorch model on ``run_id``; return its Model Registry version, or None.
+
+        The signature comes from ``input_example`` and the model's output on it. With a
+        ``registered_name`` each call registers a new version under that name; without one, or
+        on failure, the answer is None. The model is logged from the CPU (it loads anywhere) and
+        put back on its device and in its train/eval mode afterwards. MLflow saves it with
+        ``torch.export``, traced on the example: an example of one row is doubled, since a batch
+        of one would fix the saved model's batch size to 1.
+        """
+        return self._call("log and register the model" if registered_name else "log the model",
+                          lambda client: self._log_model(client, run_id, model, input_example, registered_name))
+
+    def _log_model(self, client: MlflowClient, run_id: str, model: torch.nn.Module, input_example: np.ndarray,
+                   registered_name: str | None) -> str | None:
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        example = np.asarray(input_example)
+        if example.ndim > 0 and example.shape[0] == 1:
+            example = np.concatenate([example, example])
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        training = model.training
+        model.to("cpu").eval()
+        try:
+            with torch.no_grad():
+                output = model(torch.as_tensor(example)).numpy()
+            signature = infer_signature(example, output)
+            # mlflow.pytorch.log_model takes no client: it finds the run's experiment, the store and
+            # the registry through process-wide state. Creating the logged model here names the
+            # experiment; the URIs are set for the call only (see _process_uris).
+            experiment_id = client.get_run(run_id).info.experiment_id
+            logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+            with _process_uris(self.uri):
                 info = mlflow.pytorch.log_model(
-                    cpu, name="model", signature=signature, input_example=input_example,
-                    registered_model_name=registered_name,
-                    # Stated, not inferred: inference imports the model in a subprocess (slow).
+                    model, name="model", model_id=logged.model_id, run_id=run_id, signature=signature,
+                    input_example=example, registered_model_name=registered_name,
+                    # Stated, not inferred: inferring them imports the model in a subprocess (seconds).
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            return None if info.registered_model_version is None else str(info.registered_model_version)
+        finally:
+            model.to(device).train(training)
+        version = info.registered_model_version
+        return None if version is None else str(version)
 
-        return self._call("log and register the best model", log)
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """Return a one-line, stable account of a failure (object addresses would defeat the rate limit)."""
+    text = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split())) or type(exc).__name__
+    # A failed HTTP call buries its cause deep in urllib3's text: lift it out, without the query.
+    request = re.match(r"API request to ([^?\s]+)\S* failed", text)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted|Remote end closed", text)
+    if request and cause:
+        text = f"API request to {request.group(1)} failed: {cause.group(0).strip()}"
+    return mask_password(text)[:300]
+
+
+def _quote(value: str) -> str:
+    """Return ``value`` quoted for an MLflow search filter."""
+    return f"'{value}'" if "'" not in value else f'"{value}"'
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
+def _strings(tags: Mapping[str, Any]) -> dict[str, str]:
+    """Return tag values as strings cut to MLflow's limit (8,000 characters)."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    return {str(k): _cut(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
 
 
 def _param_value(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= _PARAM_LIMIT else text[: _PARAM_LIMIT - 3] + "..."
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    return _cut(str(value), MAX_PARAM_VAL_LENGTH)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _log_missing_params(client: MlflowClient, run: Run, params: Mapping[str, Any]) -> None:
+    """Log the params the run lacks: params cannot change once logged, and the others are there."""
+    from mlflow.entities import Param
+
+    have = run.data.params
+    _log_batch(client, run.info.run_id,
+               params=[Param(str(k), _param_value(v)) for k, v in params.items() if str(k) not in have])
+
+
+def _log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
+               tags: Sequence[Any] = ()) -> None:
+    """Log in as few log_batch calls as MLflow's limits allow (1,000 metrics, 100 params, 100 tags)."""
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+    m, p, t = list(metrics), list(params), list(tags)
+    while m or p or t:
+        client.log_batch(run_id, metrics=m[:MAX_METRICS_PER_BATCH], params=p[:MAX_PARAMS_TAGS_PER_BATCH],
+                         tags=t[:MAX_PARAMS_TAGS_PER_BATCH])
+        m, p, t = m[MAX_METRICS_PER_BATCH:], p[MAX_PARAMS_TAGS_PER_BATCH:], t[MAX_PARAMS_TAGS_PER_BATCH:]
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a new SQLite store's file while MLflow opens it.
+
+    Opening a new store creates its tables and runs its migrations, and MLflow's tracking store
+    does that unguarded: workers opening one new store together break it ("table already
+    exists", a half-migrated schema). A file beside the database serializes them, also across
+    machines that share the file system. A store already at MLflow's schema needs no lock.
+    """
+    match = re.match(r"^sqlite(\+\w+)?:///([^?]+)", uri)
+    if match is None or fcntl is None or _schema_ready(Path(match.group(2))):
+        yield
+        return
+    try:
+        Path(match.group(2)).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(match.group(2) + ".lock", "a")  # noqa: SIM115 - closed below, which unlocks it
+    except OSError:  # a read-only directory: no store will be created there either
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _schema_ready(db: Path) -> bool:
+    """Return whether the SQLite file ``db`` holds MLflow's latest schema."""
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row is not None and row[0] == _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - no file, no table, another layout: take the lock
+        return False
+
+
+class _ScopedEnv:
+    """Environment variables set while any caller is inside, removed when the last one leaves.
+
+    MLflow reads some settings (HTTP retries, whether a directory store may be used) from the
+    environment when it needs them and has no per-client knob, so they are set around the
+    tracker's own calls only, never left behind. Variables the user has set are left alone.
+    (Other threads' MLflow calls made meanwhile see them too.)
+    """
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = dict(values)
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._added: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._added = [k for k in self._values if k not in os.environ]
+                os.environ.update({k: self._values[k] for k in self._added})
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for key in self._added:
+                        os.environ.pop(key, None)
+
+
+_http_limits = _ScopedEnv(_HTTP_LIMITS)
+# MLflow 3 refuses a directory store unless this is set, to steer people off an accidental
+# ./mlruns; a user who names a directory store has chosen it.
+_file_store = _ScopedEnv({"MLFLOW_ALLOW_FILE_STORE": "true"})
+_URIS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _process_uris(uri: str) -> Iterator[None]:
+    """Point mlflow's process-wide tracking and registry URIs at ``uri``; put back what was there."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _URIS_LOCK:
+        # mlflow.set_*_uri(None) would also delete the variables a user set, so restore by hand.
+        saved = tracking_utils._tracking_uri, registry_utils._registry_uri, {k: os.environ.get(k) for k in _URI_VARS}
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+            for key, value in saved[2].items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -1,0 +1,500 @@
+"""Tests of hpsearch.tracking against real MLflow stores in tmp_path, real processes and a real server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hpsearch.errors import StorageError
+from hpsearch.tracking import Tracker, check_uri
+
+from .servers import free_port, mlflow_server
+
+HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def _schema_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file with MLflow's tables (creating them takes seconds, copying it milliseconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("schema") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, _schema_db: Path) -> tuple[str, str]:
+    """Return (uri, artifact_root) of an empty store laid out as hpsearch's default: <runs>/mlflow.db."""
+    runs = tmp_path / "runs"
+    runs.mkdir(exist_ok=True)
+    shutil.copy(_schema_db, runs / "mlflow.db")
+    return f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
+
+
+@pytest.fixture
+def warnings() -> list[str]:
+    return []
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _image() -> np.ndarray:
+    return (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
+
+
+def _figure() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    return fig
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+@pytest.mark.parametrize("uri", [
+    "sqlite:////tmp/runs/mlflow.db",
+    "sqlite:///runs/mlflow.db",  # relative to the working directory
+    "file:///tmp/mlruns",
+    "http://127.0.0.1:5000",
+    "https://mlflow.example.org/base",
+    "http://user:secret@tracking:8080",
+    "postgresql://hp@db:5432/mlflow",
+    "postgresql+psycopg2://hp:pw@db/mlflow",
+    "mysql+pymysql://hp@db/mlflow",
+    "/tmp/mlruns",
+    "mlruns",
+    "./runs/mlruns",
+])
+def test_check_uri_accepts_stores_mlflow_can_use(uri: str) -> None:
+    check_uri(uri)
+    Tracker(uri, "e")  # builds without touching the store
+
+
+@pytest.mark.parametrize("uri", [
+    "",
+    "   ",
+    " mlruns",  # stray blanks are a typo, not a directory name
+    "mlruns\n",
+    "localhost:5000",  # no scheme
+    "sqlite:mlflow.db",
+    "sqlite://",  # in-memory: nothing other workers could share
+    "sqlite:///",
+    "sqlite://relative.db",
+    "http://",
+    "http:// host:5000",
+    "https://host:port",
+    "ftp://host/mlruns",
+    "s3://bucket/mlruns",
+    "databricks://profile",
+    ":::",
+])
+def test_check_uri_refuses_with_the_rule_and_the_value(uri: str) -> None:
+    with pytest.raises(StorageError) as caught:
+        check_uri(uri)
+    # The message states the rule and shows the value it got.
+    assert "must be sqlite:///path/mlflow.db" in str(caught.value)
+    assert f"but got {uri!r}" in str(caught.value)
+    with pytest.raises(StorageError):
+        Tracker(uri, "e")
+
+
+def test_check_uri_hides_a_password() -> None:
+    with pytest.raises(StorageError) as caught:
+        check_uri("ftp://user:hunter2@host/x")
+    assert "hunter2" not in str(caught.value) and "user:***@host" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_parent_run_is_created_once_and_found_again_on_resume(store: tuple[str, str], warnings: list[str]) -> None:
+    uri, artifacts = store
+    first = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    parent = first.study_run("study-a", params={"model.family": "mlp", "n_trials": 5}, tags={"owner": "me"})
+    assert parent is not None
+
+    # A second worker (or a resumed study) finds the same run; a param it adds is logged, while a
+    # changed value is kept as first logged (MLflow params never change).
+    again = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    assert again.experiment_id == first.experiment_id
+    assert again.study_run("study-a", params={"n_trials": 9, "seed": 3}, tags={}) == parent
+    # Another study in the same experiment gets its own parent run.
+    other = again.study_run("study-b", params={}, tags={})
+    assert other not in (None, parent)
+
+    client = _client(uri)
+    run = client.get_run(parent)
+    assert run.data.params == {"model.family": "mlp", "n_trials": "5", "seed": "3"}
+    assert run.data.tags["hpsearch.study"] == "study-a" and run.data.tags["owner"] == "me"
+    assert run.info.run_name == "study-a"
+    # Artifacts of a local store go under the caller's artifact root.
+    assert run.info.artifact_uri.startswith(Path(artifacts).resolve().as_uri())
+    assert warnings == []
+
+
+def test_trial_runs_are_nested_and_hold_params_metrics_and_artifacts(
+        store: tuple[str, str], warnings: list[str], tmp_path: Path) -> None:
+    uri, artifacts = store
+    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    parent = tracker.study_run("s", params={}, tags={})
+    assert parent is not None
+    # Trial runs carry the caller's tags too, including the study's name: they must not be
+    # mistaken for the parent run.
+    run_id = tracker.start_trial(parent, 3, params={"lr": 0.01, "layers": [64, 32]}, tags={"hpsearch.study": "s"})
+    assert run_id is not None
+    assert tracker.study_run("s", params={}, tags={}) == parent
+
+    for step, loss in enumerate([0.9, 0.5, float("nan"), 0.2], start=1):
+        tracker.log_metrics(run_id, {"val_loss": loss, "val_accuracy": step / 10}, step)
+    tracker.log_params(run_id, {"extra": {"a": 1}})
+    tracker.set_tags(run_id, {"note": "x" * 9000})
+    tracker.log_image(run_id, _image(), "images/reconstruction_epoch_003.png")
+    tracker.log_figure(run_id, _figure(), "plots/curve.png")
+    tracker.log_text(run_id, "hello", "notes/readme.txt")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "a.json").write_text("{}")
+    tracker.log_artifact(run_id, tmp_path / "bundle", "bundle")
+    tracker.log_artifact(run_id, tmp_path / "bundle" / "a.json")
+    tracker.end_run(run_id, "FINISHED", tags={"hpsearch.state": "PRUNED"})
+
+    client = _client(uri)
+    run = client.get_run(run_id)
+    # Nested under the parent, named for the trial, found by trial number.
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["hpsearch.trial"] == "3" and run.info.run_name == "trial-3"
+    assert run.data.params == {"trial_number": "3", "lr": "0.01", "layers": "[64, 32]", "extra": "{'a': 1}"}
+    # Every step's value is kept; the NaN is a tag, not a point.
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [
+        (1, 0.9), (2, 0.5), (4, 0.2)]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3, 4]
+    assert run.data.tags["hpsearch.nonfinite_val_loss"] == "nan at step 3"
+    assert len(run.data.tags["note"]) == 8000  # cut to MLflow's limit instead of failing
+    assert run.info.status == "FINISHED" and run.data.tags["hpsearch.state"] == "PRUNED"
+
+    listed = {a.path for d in ("images", "plots", "notes", "bundle") for a in client.list_artifacts(run_id, d)}
+    listed |= {a.path for a in client.list_artifacts(run_id)}
+    assert {"images/reconstruction_epoch_003.png", "plots/curve.png", "notes/readme.txt", "bundle/a.json",
+            "a.json"} <= listed
+    png = Path(client.download_artifacts(run_id, "images/reconstruction_epoch_003.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert tracker.run_status(run_id) == "FINISHED"
+    assert tracker.find_trial_run(parent, 3) == run_id
+    assert tracker.find_trial_run(parent, 4) is None
+    assert tracker.run_url(run_id) is None  # no UI address for a local store
+    assert warnings == []
+
+
+def test_start_trial_reuses_a_running_run_and_retries_get_new_ones(store: tuple[str, str],
+                                                                   warnings: list[str]) -> None:
+    uri, artifacts = store
+    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    parent = tracker.study_run("s", params={}, tags={})
+    assert parent is not None
+    first = tracker.start_trial(parent, 0, params={"lr": 0.1}, tags={})
+    # The same trial started again while its run is RUNNING: the same run, with the params it lacked.
+    assert tracker.start_trial(parent, 0, params={"lr": 0.1, "seed": 7}, tags={}) == first
+    assert first is not None
+    tracker.end_run(first, "KILLED", tags={"hpsearch.state": "FAIL", "hpsearch.fail_reason": "worker died"})
+    # Optuna retries a dead worker's trial under a new number: a new run, tagged by the caller.
+    retry = tracker.start_trial(parent, 1, params={"lr": 0.1}, tags={"hpsearch.retried_from": "0"})
+    # A closed run is never reopened: starting trial 0 now makes a new run.
+    rerun = tracker.start_trial(parent, 0, params={}, tags={})
+    assert len({first, retry, rerun}) == 3
+
+    children = tracker.child_runs(parent)
+    assert [(c["trial"], c["status"]) for c in children] == [(0, "KILLED"), (0, "RUNNING"), (1, "RUNNING")]
+    assert children[0]["tags"]["hpsearch.fail_reason"] == "worker died"
+    assert children[2]["tags"]["hpsearch.retried_from"] == "0"
+    assert _client(uri).get_run(first).data.params == {"trial_number": "0", "lr": "0.1", "seed": "7"}
+    assert tracker.find_trial_run(parent, 0) == rerun  # the latest
+    assert warnings == []
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_a_directory_store_works_though_mlflow_3_refuses_it_by_default(
+        tmp_path: Path, warnings: list[str], monkeypatch: pytest.MonkeyPatch, as_uri: bool) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri() if as_uri else str(tmp_path / "mlruns")
+    tracker = Tracker(uri, "exp", artifact_root=str(tmp_path / "artifacts"), warn=warnings.append)
+    parent = tracker.study_run("s", params={"a": 1}, tags={})
+    run_id = tracker.start_trial(parent or "", 0, params={}, tags={})
+    assert run_id is not None
+    tracker.log_metrics(run_id, {"val_loss": 0.5}, 1)
+    tracker.log_image(run_id, _image(), "images/x.png")
+    tracker.end_run(run_id, "FINISHED")
+    assert [c["status"] for c in tracker.child_runs(parent or "")] == ["FINISHED"]
+    assert warnings == []
+    # MLflow's opt-in was set for the tracker's calls only.
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+
+
+def test_log_params_cuts_long_values_and_batches_by_100(store: tuple[str, str], warnings: list[str]) -> None:
+    uri, artifacts = store
+    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    run_id = tracker.start_trial(tracker.study_run("s", params={}, tags={}) or "", 0, params={}, tags={})
+    assert run_id is not None
+    params: dict[str, Any] = {f"p{i:03d}": i for i in range(250)}
+    params["long"] = "y" * 7000
+    tracker.log_params(run_id, params)
+
+    logged = _client(uri).get_run(run_id).data.params
+    assert len(logged) == 252  # 250 + long + trial_number, over three batches
+    assert logged["p249"] == "249"
+    assert len(logged["long"]) == 6000 and logged["long"].endswith("...")
+    assert warnings == []
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _worker(uri: str, artifact_root: str, index: int, barrier: Any, results: Any) -> None:
+    """One of several workers starting a study together: parent run, one trial, 5 epochs."""
+    import mlflow  # noqa: F401 - imported before the barrier, so that the race starts together
+
+    warnings: list[str] = []
+    tracker = Tracker(uri, "race", artifact_root=artifact_root, warn=warnings.append)
+    barrier.wait(timeout=120)
+    parent = tracker.study_run("s", params={"workers": 4}, tags={})
+    run_id = tracker.start_trial(parent or "", index, params={"worker": index}, tags={})
+    for step in range(5):
+        tracker.log_metrics(run_id or "", {"val_loss": 1 / (step + 1), "val_accuracy": step / 5}, step)
+    tracker.end_run(run_id or "", "FINISHED")
+    results.put((tracker.experiment_id, parent, run_id, warnings))
+
+
+@pytest.mark.parametrize("new_store", [True, False], ids=["new-store", "existing-store"])
+def test_workers_starting_together_share_one_experiment_and_one_parent_run(tmp_path: Path, _schema_db: Path,
+                                                                          new_store: bool) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if not new_store:
+        shutil.copy(_schema_db, runs / "mlflow.db")
+    # A new store's tables are created by the first worker while the others wait for it.
+    uri, artifacts = f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(uri, artifacts, i, barrier, results)) for i in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        answers = [results.get(timeout=240) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+
+    experiment_ids, parents, run_ids, warnings = zip(*answers)
+    assert len(set(experiment_ids)) == 1 and None not in experiment_ids
+    assert len(set(parents)) == 1 and None not in parents  # every worker got the winner's id
+    assert all(w == [] for w in warnings), warnings
+
+    client = _client(uri)
+    assert [e.name for e in client.search_experiments()].count("race") == 1
+    survivors = client.search_runs(list(set(experiment_ids)), "tags.`hpsearch.role` = 'study'")
+    assert [r.info.run_id for r in survivors] == [parents[0]]  # the losers deleted theirs
+    assert client.get_run(parents[0]).data.params == {"workers": "4"}
+    # Each worker's trial run sits under the one parent with all its epochs.
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parents[0] and run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run_id, "val_loss")) == 5
+
+
+@pytest.mark.slow
+def test_a_locked_store_is_waited_for_not_given_up(store: tuple[str, str], warnings: list[str]) -> None:
+    uri, artifacts = store
+    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    run_id = tracker.start_trial(tracker.study_run("s", params={}, tags={}) or "", 0, params={}, tags={})
+    assert run_id is not None
+    # Another process holds the database longer than MLflow's own 20 s busy timeout: the first
+    # attempt fails with "database is locked", a retry gets through once the lock is gone.
+    holder = sqlite3.connect(uri.removeprefix("sqlite:///"), check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(23, holder.rollback)
+    release.start()
+    started = time.monotonic()
+    try:
+        tracker.log_metrics(run_id, {"val_loss": 0.5}, 1)
+    finally:
+        release.join()
+        holder.close()
+    assert time.monotonic() - started > 20
+    assert [m.value for m in _client(uri).get_metric_history(run_id, "val_loss")] == [0.5]
+    assert warnings == []
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _model() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 16), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.5), torch.nn.Linear(16, 10))
+
+
+def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    parent = tracker.study_run("s", params={}, tags={})
+    assert parent is not None
+    model = _model().train()
+    example = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+              {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
+
+    assert tracker.log_model(parent, model, input_example=example, registered_name="s") == "1"
+    # Each call adds a version. (A one-row example must not tie the saved model to batches of one.)
+    assert tracker.log_model(parent, model, input_example=example[:1], registered_name="s") == "2"
+    assert tracker.log_model(parent, model, input_example=example, registered_name=None) is None  # not registered
+    # MLflow's process-wide URIs and variables are as they were; the model too (mode, device).
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+            {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}) == before
+    assert model.training
+
+    client = _client(uri)
+    versions = client.search_model_versions("name = 's'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert {v.run_id for v in versions} == {parent}
+    # It loads back, through the registry, and computes the same outputs.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    batch = torch.from_numpy(np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32))
+    with torch.no_grad():
+        expected = model.eval()(batch)
+        for version in ("1", "2"):
+            assert torch.allclose(mlflow.pytorch.load_model(f"models:/s/{version}")(batch), expected, atol=1e-6)
+    # The signature was inferred from the example and the model's output.
+    info = mlflow.models.get_model_info("models:/s/2")
+    assert info.signature is not None
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
+
+
+def test_log_model_registers_versions_that_load_back(store: tuple[str, str], warnings: list[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, artifacts = store
+    _check_log_model(Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append), uri, monkeypatch)
+    assert warnings == []
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_an_unreachable_server_costs_warnings_and_seconds_never_an_exception(
+        warnings: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in HTTP_VARS:
+        monkeypatch.delenv(name, raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    tracker = Tracker(uri, "exp", warn=warnings.append)
+    (tmp_path / "f.txt").write_text("x")
+    run = "0" * 32
+    started = time.monotonic()
+    assert tracker.experiment_id is None
+    assert tracker.study_run("s", params={"a": 1}, tags={}) is None
+    assert tracker.start_trial(run, 0, params={}, tags={}) is None
+    assert tracker.find_trial_run(run, 0) is None
+    assert tracker.child_runs(run) == []
+    assert tracker.run_status(run) is None
+    assert tracker.run_url(run) is None
+    for _ in range(2):  # the same failure twice: one warning
+        assert tracker.log_metrics(run, {"val_loss": 0.1}, 1) is None
+    assert tracker.log_params(run, {"a": 1}) is None
+    assert tracker.set_tags(run, {"a": "b"}) is None
+    assert tracker.log_image(run, _image(), "images/x.png") is None
+    assert tracker.log_figure(run, _figure(), "plots/x.png") is None
+    assert tracker.log_text(run, "x", "notes/x.txt") is None
+    assert tracker.log_artifact(run, tmp_path / "f.txt") is None
+    assert tracker.end_run(run, "FAILED", tags={"hpsearch.state": "FAIL"}) is None
+    assert tracker.log_model(run, _model(), input_example=np.zeros((1, 1, 28, 28), np.float32),
+                             registered_name="s") is None
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, f"an unreachable server cost {elapsed:.0f} s"
+
+    # One line each, naming the store and what failed; no message twice within the minute.
+    assert len(warnings) == len(set(warnings)) >= 10
+    assert all("\n" not in w and uri in w and "could not" in w for w in warnings)
+    assert sum("could not log metrics" in w for w in warnings) == 1
+    assert sum("create or find the experiment" in w for w in warnings) == 1
+    # MLflow's HTTP settings were lowered for the tracker's calls only.
+    assert not [name for name in HTTP_VARS if name in os.environ]
+
+
+def test_a_broken_store_warns_and_the_tracker_tries_again_later(tmp_path: Path, warnings: list[str],
+                                                                _schema_db: Path) -> None:
+    # The store's directory cannot be created yet (a file stands in its way): calls warn and fail...
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a directory")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    tracker = Tracker(uri, "exp", artifact_root=str(tmp_path / "art"), warn=warnings.append)
+    assert tracker.study_run("s", params={}, tags={}) is None
+    assert len(warnings) == 1 and uri in warnings[0]
+    # ...and once the store is there, the same tracker gets through.
+    blocker.unlink()
+    blocker.mkdir()
+    shutil.copy(_schema_db, blocker / "mlflow.db")
+    assert tracker.study_run("s", params={}, tags={}) is not None
+    assert len(warnings) == 1
+
+
+# --------------------------------------------------------------------------- a real server
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    """Yield the URL of an MLflow server on 127.0.0.1 (SQLite backend in tmp_path), stopped afterwards."""
+    with mlflow_server(tmp_path / "server") as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_a_tracking_server_gets_the_same_runs_images_and_models(server: str, warnings: list[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = Tracker(server, "exp", artifact_root="/ignored/for/a/server", warn=warnings.append)
+    parent = tracker.study_run("s", params={"a": 1}, tags={})
+    assert parent is not None and Tracker(server, "exp").study_run("s", params={}, tags={}) == parent
+    run_id = tracker.start_trial(parent, 0, params={"lr": 0.1}, tags={})
+    assert run_id is not None
+    for step in (1, 2):
+        tracker.log_metrics(run_id, {"val_loss": 1 / step}, step)
+    tracker.log_image(run_id, _image(), "images/reconstruction_epoch_001.png")
+    tracker.end_run(run_id, "FINISHED", tags={"hpsearch.state": "COMPLETE"})
+
+    client = _client(server)
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [1.0, 0.5]
+    assert [a.path for a in client.list_artifacts(run_id, "images")] == ["images/reconstruction_epoch_001.png"]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # the server decides where artifacts go
+    assert tracker.run_url(run_id) == f"{server}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+    assert [c["run_id"] for c in tracker.child_runs(parent)] == [run_id]
+
+    _check_log_model(tracker, server, monkeypatch)
+    assert warnings == []
