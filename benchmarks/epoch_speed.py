@@ -1,17 +1,19 @@
 """One training epoch: hpsearch's `fit` loop against the usual DataLoader pipeline and the FLOP floor.
 
-All three see the same data (Fashion-MNIST's 60,000 training images, split 54,000 train /
-6,000 validation by hpsearch.data), the same model (MLP 784-128-64-10, dropout 0.2), the same
-optimizer (Adam, lr 1e-3) and batch size (128). An "epoch" is one pass over the training
-split plus one over the validation split, in both pipelines.
+For each model (the MLP, the CNN, the denoising autoencoder) both pipelines see the same data
+(Fashion-MNIST's training images, split train / validation by hpsearch.data, optionally capped
+with --train-limit), the same model, the same optimizer (Adam, lr 1e-3) and batch size (128).
+An "epoch" is one pass over the training split plus one over the validation split, in both.
 
     (a) hpsearch  `hpsearch.train.fit`: uint8 tensors on the device, batches by index.
     (b) DataLoader the pipeline of Optuna's PyTorch example: a torchvision-style Dataset of PIL
-                   images, ToTensor + Normalize, DataLoader(batch_size=128, shuffle=True).
-    (c) floor      the model's FLOPs per epoch (forward + backward ~ 3x forward) divided by the
-                   machine's measured peak float32 matmul throughput.
+                   images, ToTensor + Normalize, DataLoader(batch_size=128, shuffle=True); the
+                   autoencoder's noise is added per batch in the loop, as people write it.
+    (c) floor      the epoch's FLOPs (forward and backward, counted by torch's FlopCounterMode)
+                   divided by the machine's measured peak float32 matmul throughput.
 
-Usage: python benchmarks/epoch_speed.py [--epochs 5] [--threads 2] [--batch-size 128] [--data-dir DIR]
+Usage: python benchmarks/epoch_speed.py [--models mlp,cnn,autoencoder] [--epochs 3] [--train-limit N]
+                                        [--threads 2] [--batch-size 128] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
@@ -40,63 +46,107 @@ from hpsearch.train import TrainConfig, fit  # noqa: E402
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 LR = 1e-3
-# MLP 784-128-64-10 with dropout 0.2, in hpsearch's flat params.
-PARAMS = {**defaults(), "n_layers": 2, "width_0": 128, "width_1": 64, "dropout": 0.2, "activation": "relu"}
+NOISE_STD = 0.3  # the denoising autoencoder's gaussian noise, as in studies/bottleneck.yaml
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model of the comparison: its family, its task and its params."""
+
+    family: str
+    task: str
+    params: dict[str, Any]
+    label: str
+
+
+CASES: dict[str, Case] = {
+    "mlp": Case("mlp", "classify", {**defaults(), "n_layers": 2, "width_0": 128, "width_1": 64, "dropout": 0.2},
+                "MLP 784-128-64-10, dropout 0.2"),
+    # Channels 16 -> 32: LeNet-sized, so that an epoch stays a few seconds on 2 cores.
+    "cnn": Case("cnn", "classify", {**defaults(), "conv_blocks": 2, "conv_channels": 16, "kernel_size": 3,
+                                    "n_layers": 1, "width": 128},
+                "CNN conv16-conv32-128-10"),
+    "autoencoder": Case("autoencoder", "denoise", {**defaults(), "encoder": "dense", "n_layers": 1, "width": 256,
+                                                  "bottleneck_dim": 32, "noise_std": NOISE_STD},
+                        "denoising AE 784-256-32-256-784"),
+}
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """Seconds per epoch of each pipeline for one model, and the FLOP floor."""
+
+    case: Case
+    hpsearch: list[float]
+    dataloader: list[float]
+    loader_only: list[float]
+    gflop: float
+    floor: float  # seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per pipeline (best and median shown)")
+    parser.add_argument("--models", default="mlp,cnn,autoencoder", help="comma-separated, from " + ",".join(CASES))
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per pipeline (best and median shown)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--data-dir", default=FASHION_DIR, help="Fashion-MNIST IDX files")
+    parser.add_argument("--train-limit", type=int, default=None, help="cap on train+validation images")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of both pipelines")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    data = load_search_data("fashion-mnist", data_dir=args.data_dir, val_fraction=0.1, seed=0, download=False)
+    data = load_data(args.data_dir, args.train_limit)
     print(f"Fashion-MNIST: {len(data.train)} train + {len(data.val)} validation images; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}; CPU; batch size {args.batch_size}; "
-          f"{args.epochs} epochs each\n",
-          flush=True)
+          f"{args.epochs} epochs each\n", flush=True)
+    peak = peak_matmul_flops()
+    print("| model | pipeline | best s/epoch | median s/epoch | best, relative to hpsearch |")
+    print("|---|---|---:|---:|---:|")
+    for name in args.models.split(","):
+        r = measure_case(CASES[name], data, epochs=args.epochs, batch_size=args.batch_size, peak=peak)
+        ours = min(r.hpsearch)
+        for label, times in (("(a) hpsearch `fit`", r.hpsearch),
+                             ("(b) DataLoader + PIL + ToTensor/Normalize", r.dataloader),
+                             ("(b') the same DataLoader, no model", r.loader_only)):
+            print(f"| {r.case.label} | {label} | {min(times):.3f} | {statistics.median(times):.3f} | "
+                  f"{min(times) / ours:.1f}x |")
+        print(f"| {r.case.label} | (c) FLOP floor: {r.gflop:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s | "
+              f"{r.floor:.3f} | | {r.floor / ours:.2f}x |", flush=True)
 
+
+def load_data(data_dir: str = FASHION_DIR, train_limit: int | None = None) -> SearchData:
+    """Return Fashion-MNIST's training images split 90/10 (capped at ``train_limit`` images)."""
+    return load_search_data("fashion-mnist", data_dir=data_dir, val_fraction=0.1, seed=0, download=False,
+                            train_limit=train_limit)
+
+
+def measure_case(case: Case, data: SearchData, *, epochs: int, batch_size: int = 128,
+                 peak: float | None = None) -> EpochResult:
+    """Return the seconds per epoch of both pipelines for ``case``, their epochs interleaved."""
     # The pipelines take turns, an epoch each: a busy neighbour slows them alike, not one of them.
-    hpsearch, loader = HpsearchLoop(data, args.batch_size), DataLoaderLoop(data, args.batch_size)
-    seconds: dict[str, list[float]] = {"hpsearch": [], "dataloader": [], "loader_only": []}
-    for _ in range(args.epochs):
-        seconds["hpsearch"].append(hpsearch.epoch())
-        seconds["dataloader"].append(loader.epoch(with_model=True))
-        seconds["loader_only"].append(loader.epoch(with_model=False))
-    # Best of the epochs: on a shared machine, the least disturbed one is the truest.
-    best = {k: min(v) for k, v in seconds.items()}
-    median = {k: statistics.median(v) for k, v in seconds.items()}
-    flops, peak = epoch_flops(data), peak_matmul_flops()
-    floor = flops / peak
-
-    ours = best["hpsearch"]
-    rows = [("(a) hpsearch `fit`", "hpsearch"),
-            ("(b) DataLoader + PIL + ToTensor/Normalize", "dataloader"),
-            ("(b') the same DataLoader, no model", "loader_only")]
-    print("| pipeline | best s/epoch | median s/epoch | best, relative to hpsearch |")
-    print("|---|---:|---:|---:|")
-    for label, key in rows:
-        print(f"| {label} | {best[key]:.3f} | {median[key]:.3f} | {best[key] / ours:.1f}x |")
-    print(f"| (c) FLOP floor: {flops / 1e9:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s | {floor:.3f} | | "
-          f"{floor / ours:.2f}x |")
-    print(f"\nDataLoader / hpsearch = {best['dataloader'] / ours:.1f}x (medians: "
-          f"{median['dataloader'] / median['hpsearch']:.1f}x); hpsearch / floor = {ours / floor:.1f}x")
+    ours, loader = HpsearchLoop(case, data, batch_size), DataLoaderLoop(case, data, batch_size)
+    ours.epoch(), loader.epoch(with_model=True)  # warm-up: first-touch allocations, thread pools
+    hpsearch, dataloader, loader_only = [], [], []
+    for _ in range(epochs):
+        hpsearch.append(ours.epoch())
+        dataloader.append(loader.epoch(with_model=True))
+        loader_only.append(loader.epoch(with_model=False))
+    flops = epoch_flops(case, data, batch_size)
+    peak = peak or peak_matmul_flops()
+    return EpochResult(case=case, hpsearch=hpsearch, dataloader=dataloader, loader_only=loader_only,
+                       gflop=flops / 1e9, floor=flops / peak)
 
 
-def fresh_model(data: SearchData) -> nn.Module:
+def fresh_model(case: Case, data: SearchData) -> nn.Module:
     torch.manual_seed(0)
-    return build_model("mlp", PARAMS, image_shape=data.image_shape, n_classes=data.n_classes)
+    return build_model(case.family, case.params, image_shape=data.image_shape, n_classes=data.n_classes)
 
 
 class HpsearchLoop:
     """(a): one `fit` call per epoch, on one model that keeps training."""
 
-    def __init__(self, data: SearchData, batch_size: int) -> None:
-        self.data, self.batch_size, self.model, self.seed = data, batch_size, fresh_model(data), 0
-        self.task = make_task("classify", PARAMS)
+    def __init__(self, case: Case, data: SearchData, batch_size: int) -> None:
+        self.data, self.batch_size, self.model, self.seed = data, batch_size, fresh_model(case, data), 0
+        self.task = make_task(case.task, case.params)
 
     def epoch(self) -> float:
         self.seed += 1  # a new shuffle each epoch, as one long fit would draw
@@ -109,13 +159,13 @@ class HpsearchLoop:
 class PILDataset(Dataset):
     """What torchvision.datasets.FashionMNIST does per sample: uint8 tensor → PIL image → transform."""
 
-    def __init__(self, split: Split, transform: transforms.Compose) -> None:
+    def __init__(self, split: Split, transform: Callable[[Image.Image], Tensor]) -> None:
         self.data, self.targets, self.transform = split.images[:, 0].cpu(), split.labels.cpu(), transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
         img, target = self.data[index], int(self.targets[index])
         return self.transform(Image.fromarray(img.numpy(), mode="L")), target
 
@@ -123,37 +173,52 @@ class PILDataset(Dataset):
 class DataLoaderLoop:
     """(b): the loop of Optuna's PyTorch example, over torchvision-style PIL datasets."""
 
-    def __init__(self, data: SearchData, batch_size: int) -> None:
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.mean,), (data.std,))])
+    def __init__(self, case: Case, data: SearchData, batch_size: int) -> None:
+        self.classify = case.task == "classify"
+        self.mean, self.std = data.mean, data.std
+        # A classifier normalises in the transform; a denoiser needs the clean [0, 1] pixels as its
+        # target, so it adds noise and normalises in the loop.
+        steps = [transforms.ToTensor()] + ([transforms.Normalize((data.mean,), (data.std,))] if self.classify else [])
+        transform = transforms.Compose(steps)
         self.train = DataLoader(PILDataset(data.train, transform), batch_size=batch_size, shuffle=True)
         self.val = DataLoader(PILDataset(data.val, transform), batch_size=batch_size)
-        self.model = fresh_model(data)
+        self.model = fresh_model(case, data)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
 
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        if self.classify:
+            return F.cross_entropy(self.model(images), labels)
+        noisy = (images + NOISE_STD * torch.randn_like(images)).clamp(0.0, 1.0)
+        return F.mse_loss(self.model((noisy - self.mean) / self.std), images)
+
     def epoch(self, *, with_model: bool) -> float:
-        """Return the seconds of one epoch: train, then validation accuracy (or only the batches)."""
+        """Return the seconds of one epoch: train, then the validation metric (or only the batches)."""
         started = time.perf_counter()
         self.model.train()
         for images, labels in self.train:
             if with_model:
                 self.optimizer.zero_grad()
-                loss = F.cross_entropy(self.model(images), labels)
-                loss.backward()
+                self.loss(images, labels).backward()
                 self.optimizer.step()
         self.model.eval()
-        correct = 0
+        total = 0.0
         with torch.no_grad():
             for images, labels in self.val:
                 if with_model:
-                    correct += int((self.model(images).argmax(dim=1) == labels).sum())
+                    total += float(self.loss(images, labels)) * len(labels)
         return time.perf_counter() - started
 
 
-def epoch_flops(data: SearchData) -> float:
-    """Return the matmul FLOPs of one epoch: 3x forward on the training split, 1x on validation."""
-    forward = sum(2 * m.in_features * m.out_features for m in fresh_model(data).modules()
-                  if isinstance(m, nn.Linear))
-    return forward * (3 * len(data.train) + len(data.val))
+def epoch_flops(case: Case, data: SearchData, batch_size: int) -> float:
+    """Return the FLOPs of one epoch: a training step per training batch, a forward per validation batch."""
+    model = fresh_model(case, data)
+    images = torch.randn(batch_size, *data.image_shape)
+    with FlopCounterMode(display=False) as train_step:
+        model(images).square().mean().backward()
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(images)
+    return (train_step.get_total_flops() * len(data.train) + forward.get_total_flops() * len(data.val)) / batch_size
 
 
 def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
