@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,7 +320,8 @@ def reconstructions_by_size(spec: Spec, trials: Sequence[FrozenTrial], store: Fi
 
 
 def refresh(spec: Spec, study: optuna.Study, tracker: Any, parent_run_id: str | None, *, every: int = 5,
-            force: bool = False, ui_url: str | None = None, warn: Warn = _stderr) -> bool:
+            min_interval_s: float = 0.0, force: bool = False, ui_url: str | None = None,
+            warn: Warn = _stderr) -> bool:
     """Update the dashboard notes; every ``every`` finished trials (or with ``force``) redraw and publish
     the comparison plots. Return whether plots were published. Never raises: pictures are a bonus.
 
@@ -332,13 +334,16 @@ def refresh(spec: Spec, study: optuna.Study, tracker: Any, parent_run_id: str | 
         trials = study.get_trials(deepcopy=False)
         _annotate(spec, study, trials, ui_url=ui_url or ui_url_for(spec))
         finished = count(trials).finished
-        drawn_at = int((study.user_attrs.get(FIGURES_ATTR) or {}).get("finished", 0))
-        if finished == 0 or not (force or finished - drawn_at >= every):
+        drawn = study.user_attrs.get(FIGURES_ATTR) or {}
+        drawn_at = int(drawn.get("finished", 0))
+        # Drawing costs ~1 s: with short trials, a time floor keeps it a small share of the study.
+        too_soon = time.time() - float(drawn.get("at", 0.0)) < min_interval_s
+        if finished == 0 or not (force or (finished - drawn_at >= every and not too_soon)):
             return False
         store = artifact_store(spec)
         names = publish(study, study_figures(spec, study, store=store), store=store, tracker=tracker,
                         parent_run_id=parent_run_id)
-        study.set_user_attr(FIGURES_ATTR, {"finished": finished, "names": names})
+        study.set_user_attr(FIGURES_ATTR, {"finished": finished, "names": names, "at": time.time()})
         return True
     except Exception as exc:  # noqa: BLE001 - a study must never stop over its pictures
         warn(f"warning: could not refresh the study's plots and notes: {type(exc).__name__}: {exc}")
