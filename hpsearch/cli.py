@@ -197,6 +197,50 @@ def worker(spec_path: str | None, study_name: str | None, storage: str | None, t
         click.echo(f"worker done: ran {ran} trial(s) of study {spec.study.name!r}.")
 
 
+def _spec_or_stored(spec_path: str | None, storage: str | None, study_name: str | None, runs_dir: str | None,
+                    **overrides: Any) -> Any:
+    """Return the spec: from SPEC, or the one stored in study NAME on storage URL."""
+    from hpsearch.study import load_stored_spec
+
+    if spec_path is None:
+        if not (storage and study_name):
+            raise click.UsageError("give a SPEC, or --storage URL and --study NAME.")
+        return load_stored_spec(storage, study_name, runs_dir=runs_dir)
+    return _load(spec_path, storage=storage, runs_dir=runs_dir, **overrides)
+
+
+@cli.command()
+@click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+@click.option("--study", "study_name", default=None, help="With --storage: the study to show.")
+@STORAGE
+@RUNS_DIR
+def status(spec_path: str | None, study_name: str | None, storage: str | None, runs_dir: str | None) -> None:
+    """Show a study's trials per state, best value, live workers and stale trials."""
+    from hpsearch.workers import load_study, study_status
+
+    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir)
+    click.echo(study_status(spec, load_study(spec)).describe())
+
+
+@cli.command()
+@click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+@click.option("--study", "study_name", default=None, help="With --storage: the study to clean up.")
+@STORAGE
+@RUNS_DIR
+def cleanup(spec_path: str | None, study_name: str | None, storage: str | None, runs_dir: str | None) -> None:
+    """Fail trials left RUNNING by dead workers (past the grace period) and retry them."""
+    from hpsearch.workers import cleanup as clean
+    from hpsearch.workers import load_study
+
+    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir)
+    failed = clean(spec, load_study(spec))
+    if failed:
+        click.echo(f"failed {len(failed)} stale trial(s): {', '.join(map(str, failed))}; "
+                   f"each is retried with the same params (up to {spec.study.max_retries} times).")
+    else:
+        click.echo(f"no stale trials: every RUNNING trial sent a heartbeat within {spec.study.grace_period} s.")
+
+
 HOST = click.option("--host", default="127.0.0.1", show_default=True,
                     help="Address to bind. Neither UI has a login: bind beyond 127.0.0.1 only on a trusted network.")
 

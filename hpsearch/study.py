@@ -8,6 +8,7 @@ the test split and registers it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,19 +55,20 @@ def _stderr(message: str) -> None:
 # --------------------------------------------------------------------------- building
 
 
-def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    """Return the spec's sampler, seeded with the study seed."""
+def make_sampler(spec: Spec, *, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """Return the spec's sampler, seeded with ``seed`` (default: the study seed)."""
     s = spec.study.sampler
+    seed = spec.study.seed if seed is None else seed
     options = dict(s.options)
     if s.type == "grid":
-        return optuna.samplers.GridSampler(space.grid(spec), seed=spec.study.seed, **options)
+        return optuna.samplers.GridSampler(space.grid(spec), seed=seed, **options)
     cls = getattr(optuna.samplers, {
         "tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler",
         "qmc": "QMCSampler", "nsga2": "NSGAIISampler"}[s.type])
     if s.type == "tpe" and "multivariate" not in options and not spec.study.multi_objective:
         # Conditional spaces (optimizer-specific params) are modelled jointly, not per parameter.
         options.update(multivariate=True, group=True)
-    return cls(seed=spec.study.seed, **options)
+    return cls(seed=seed, **options)
 
 
 def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
@@ -295,9 +298,12 @@ def _flat_spec_params(spec: Spec, data: SearchData) -> dict[str, Any]:
 
 
 def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
-         warn: Warn = _stderr) -> int:
+         shared: bool = True, warn: Warn = _stderr) -> int:
     """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
 
+    ``shared``: other workers may run trials of the study at the same time. Each worker's sampler
+    then draws from its own random stream (the study seed mixed with the worker's name): seeded
+    alike, racing workers would propose the same parameters. Without it, the study seed as is.
     Ctrl-C (SIGINT) or SIGTERM ends the running trial as interrupted, never leaving it RUNNING,
     then raises KeyboardInterrupt.
     """
@@ -309,6 +315,8 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     ran = 0
     n_trials = spec.study.n_trials
     signals = _StopSignals()
+    if shared and spec.study.sampler.type != "qmc":  # QMC workers share one sequence through the storage
+        study.sampler = make_sampler(spec, seed=worker_seed(spec.study.seed))
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         with signals.trial(trial):
@@ -328,12 +336,12 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
             if c.waiting > 0 or c.finished + c.running < n_trials:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
                 ran += 1
-                insights.refresh(spec, study, setup.tracker, setup.parent_run_id, warn=warn)
+                insights.refresh(spec, study, setup.tracker, setup.parent_run_id, min_interval_s=30.0, warn=warn)
             elif c.running > 0 and c.finished < n_trials:
                 # Other workers hold the last trials. If one of them died, its trial goes stale and is
                 # retried: stay to pick the retry up, so the study reaches its total.
                 fail_stale_trials(study, grace_period=spec.study.grace_period)
-                signals.sleep(min(2.0, spec.study.heartbeat_interval))
+                signals.sleep(min(0.5, spec.study.heartbeat_interval))  # the total may be reached any moment
             else:
                 break
         signals.check()
@@ -345,6 +353,11 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
 def worker_id() -> str:
     """Return this worker's name in trial attributes: host and process id."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_seed(study_seed: int) -> int:
+    """Return this worker's sampler seed: the study seed mixed with the worker's name."""
+    return (study_seed * 1_000_003 + zlib.crc32(worker_id().encode())) % (2**31 - 1)
 
 
 class _Surplus(Exception):
@@ -359,12 +372,31 @@ def _surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
     return before.finished + before.running + before.waiting >= n_trials
 
 
+# Code that must not be cut off in the middle: an interrupted commit can leave a SQLite lock held
+# (stalling every worker on the file) or a half-written record.
+_IO_MODULES = ("sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql", "alembic", "mlflow", "requests",
+               "urllib3", "http.client", "optuna.storages", "optuna.artifacts", "hpsearch.storage",
+               "hpsearch.tracking")
+_IO_RECHECK_S = 0.05
+
+
+def _in_io(frame: Any) -> bool:
+    """Return whether the stack under ``frame`` is inside a database, tracking or HTTP call."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(_IO_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _StopSignals:
     """SIGINT and SIGTERM as one KeyboardInterrupt inside a trial's own code, a stop elsewhere.
 
     A signal that lands while Optuna creates or closes a trial would leave it RUNNING; so it
     interrupts only the trial's code (which closes the trial as interrupted), once, and
-    otherwise stops the worker loop at its next check.
+    otherwise stops the worker loop at its next check. Inside the trial, a database or tracking
+    call is let finish first (the signal is looked at again every 50 ms).
     """
 
     def __init__(self) -> None:
@@ -376,18 +408,31 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. `nohup ... &` ignores Ctrl-C
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        logging.getLogger("optuna.study._optimize").addFilter(self._quiet_once_stopping)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        logging.getLogger("optuna.study._optimize").removeFilter(self._quiet_once_stopping)
+
+    def _quiet_once_stopping(self, record: logging.LogRecord) -> bool:
+        # Optuna reports an interrupted trial as a failure with a traceback; Ctrl-C is no failure.
+        return not self.requested
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        if self._in_trial and not self._raised:
-            self._raised = True  # a second Ctrl-C must not break the interrupted trial's clean-up
-            raise KeyboardInterrupt
+        if not self._in_trial or self._raised:
+            return
+        if _in_io(frame):
+            main = threading.main_thread().ident
+            assert main is not None
+            threading.Timer(_IO_RECHECK_S, signal.pthread_kill, (main, signum)).start()
+            return
+        self._raised = True  # a second Ctrl-C must not break the interrupted trial's clean-up
+        raise KeyboardInterrupt
 
     @contextmanager
     def trial(self, trial: optuna.Trial) -> Iterator[None]:

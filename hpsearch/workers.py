@@ -1,23 +1,45 @@
-"""Local worker processes sharing one study: placement on CPUs and GPUs, start, wait.
+"""Local worker processes sharing one study: placement on CPUs and GPUs, start, stop, and the
+health of a shared study (live workers, stale trials, clean-up).
 
-Each worker is a separate `hpsearch worker` process, the same command that joins a study from
-another machine, so a worker that dies takes nothing with it but its own running trial.
+Besides the first CPU worker, which runs in the `hpsearch run` process, each worker is a separate
+`hpsearch worker` process, the same command that joins a study from another machine, so a worker
+that dies takes nothing with it but its own running trial, and that trial is failed and retried
+once its heartbeat is older than the study's grace period.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import optuna
+from optuna.trial import TrialState
 
-from hpsearch.errors import SpecError
+from hpsearch.errors import HPSearchError, SpecError
 from hpsearch.progress import Progress
-from hpsearch.spec import Spec
-from hpsearch.study import open_study, setup_worker, work
+from hpsearch.spec import Spec, mask_password
+from hpsearch.storage import fail_stale_trials, make_storage, running_trials
+from hpsearch.study import (WORKER_ATTR, Warn, count_trials, open_study, setup_worker, stale_trial_callback,
+                            work)
+from hpsearch.tracking import Tracker
+from hpsearch.trials import Counts, best_trial
+
+STOP_TIMEOUT_S = 30.0  # after Ctrl-C, how long workers get to close their trials before SIGKILL
+STATUS_OUTAGE_S = 10.0  # `status` and `cleanup` report an unreachable database quickly
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- placement
 
 
 @dataclass(frozen=True)
@@ -25,51 +47,100 @@ class Placement:
     """Where one worker runs: its device, visible GPU and CPU threads."""
 
     device: str | None  # None: the spec's task.device
-    cuda_visible_devices: str | None
+    cuda_visible_devices: str | None  # the one GPU this worker sees (as its cuda:0); None: unchanged
     threads: int
 
 
-def plan(workers: int, *, gpus: str | None = None, workers_per_gpu: int = 1, cpus: int | None = None,
-         threads: int | None = None) -> list[Placement]:
-    """Return one placement per worker: GPUs round-robin, CPU threads divided among workers."""
-    cpus = cpus or os.cpu_count() or 1
-    if gpus is None:
-        per = threads or max(1, cpus // workers)
-        return [Placement(device=None, cuda_visible_devices=None, threads=per) for _ in range(workers)]
-    ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids or not all(g.isdigit() for g in ids):
-        raise SpecError(f"--gpus must be a comma-separated list of CUDA device ids such as 0,1, but got {gpus!r}.")
-    import torch
+def plan(workers: int | None = None, *, gpus: str | None = None, workers_per_gpu: int = 1,
+         cpus: int | None = None, threads: int | None = None) -> list[Placement]:
+    """Return one placement per worker: CPU threads divided among workers, or K workers per GPU.
 
-    if not torch.cuda.is_available():
-        raise SpecError(f"--gpus {gpus} asks for CUDA devices, but this machine has no usable CUDA "
+    Raises SpecError for GPU ids that are malformed or not on this machine, or without CUDA.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    if workers is not None and workers < 1:
+        raise SpecError(f"--workers must be at least 1, but got {workers}.")
+    if workers_per_gpu < 1:
+        raise SpecError(f"--workers-per-gpu must be at least 1, but got {workers_per_gpu}.")
+    if gpus is None:
+        n = workers or 1
+        return [Placement(device=None, cuda_visible_devices=None, threads=threads or max(1, cpus // n))
+                for _ in range(n)]
+    ids = parse_gpus(gpus)
+    count = cuda_device_count()
+    if count == 0:
+        raise SpecError(f"--gpus {gpus} asks for CUDA GPUs, but PyTorch sees none on this machine "
                         "(torch.cuda.is_available() is False). Leave out --gpus to run on the CPU.")
-    count = torch.cuda.device_count()
-    missing = [g for g in ids if int(g) >= count]
+    missing = [g for g in ids if g >= count]
     if missing:
         raise SpecError(f"--gpus names CUDA device(s) {missing}, but this machine has {count} "
-                        f"(ids 0..{count - 1}).")
-    total = max(workers, len(ids) * workers_per_gpu)
+                        f"(ids 0 to {count - 1}).")
+    return place_on_gpus(ids, workers=workers, workers_per_gpu=workers_per_gpu, cpus=cpus, threads=threads,
+                         visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def parse_gpus(gpus: str) -> list[int]:
+    """Return the GPU ids in ``gpus`` ("0,1"), or raise SpecError."""
+    parts = [g.strip() for g in gpus.split(",")]
+    if not parts or not all(g.isdigit() for g in parts) or len(set(parts)) != len(parts):
+        raise SpecError(f"--gpus must list distinct CUDA device ids separated by commas, such as 0,1, "
+                        f"but got {gpus!r}.")
+    return [int(g) for g in parts]
+
+
+def place_on_gpus(ids: list[int], *, workers: int | None, workers_per_gpu: int, cpus: int,
+                  threads: int | None = None, visible: str | None = None) -> list[Placement]:
+    """Return ``workers_per_gpu`` workers on each GPU in ``ids`` (GPU-major), each seeing only its GPU.
+
+    ``visible`` is this process's CUDA_VISIBLE_DEVICES: ids count within it, as in PyTorch.
+    """
+    total = len(ids) * workers_per_gpu
+    if workers is not None and workers != total:
+        raise SpecError(f"--workers {workers} does not match --gpus ({len(ids)} GPU(s)) x --workers-per-gpu "
+                        f"{workers_per_gpu} = {total} workers; give --workers-per-gpu alone with --gpus.")
+    physical = [v.strip() for v in visible.split(",")] if visible else None
     per = threads or max(1, cpus // total)
-    return [Placement(device="cuda:0", cuda_visible_devices=ids[i % len(ids)], threads=per)
-            for i in range(total)]
+    return [Placement(device="cuda:0", threads=per,
+                      cuda_visible_devices=physical[g] if physical else str(g))
+            for g in ids for _ in range(workers_per_gpu)]
 
 
-def run_study(spec: Spec, *, workers: int = 1, gpus: str | None = None, workers_per_gpu: int = 1,
-              device: str | None = None, allow_space_change: bool = False) -> optuna.Study:
-    """Create or resume the spec's study and run workers until its total is reached; return the study."""
+def cuda_device_count() -> int:
+    """Return how many CUDA GPUs PyTorch can use here (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_study(spec: Spec, *, workers: int | None = None, gpus: str | None = None, workers_per_gpu: int = 1,
+              device: str | None = None, allow_space_change: bool = False, warn: Warn = _stderr) -> optuna.Study:
+    """Create or resume the spec's study and run workers until its total is reached; return the study.
+
+    The first CPU worker runs in this process, the others as `hpsearch worker` processes; on GPUs
+    every worker is a process of its own, seeing only its GPU. Ctrl-C stops every worker with its
+    running trial closed as interrupted, then raises KeyboardInterrupt.
+    """
     placements = plan(workers, gpus=gpus, workers_per_gpu=workers_per_gpu, threads=spec.task.threads)
-    study = open_study(spec, allow_space_change=allow_space_change)
-    if len(placements) == 1 and gpus is None:
-        setup = setup_worker(spec, study, device=device, threads=placements[0].threads)
-        with Progress(spec, study):
-            work(spec, study, setup, timeout=spec.study.timeout)
-        return study
-    # Prepare once what every worker would otherwise race to do (parent run, reference model).
-    setup_worker(spec, study, device="cpu", threads=placements[0].threads)
-    procs = [_start_worker(spec, p, device) for p in placements]
+    study = open_study(spec, allow_space_change=allow_space_change, warn=warn)
+    # This process sets up first what every worker would otherwise race to do (the study's data
+    # provenance, its MLflow parent run, inpainting's reference classifier) and, on CPUs, goes on
+    # to train as the first worker while the others start.
+    local = gpus is None
+    setup = setup_worker(spec, study, device=device if local else "cpu", threads=placements[0].threads, warn=warn)
+    procs = [_start_worker(spec, p, device) for p in (placements[1:] if local else placements)]
     with Progress(spec, study):
-        _wait(procs)
+        try:
+            if local:
+                work(spec, study, setup, timeout=spec.study.timeout, shared=bool(procs), warn=warn)
+            with _interrupt_on_sigterm():
+                _wait(procs)
+        except BaseException:  # Ctrl-C, or this worker failed: the others stop too, their trials closed
+            _stop(spec, study, procs, warn)
+            raise
+    _report_exits(spec, study, procs, warn)
     return study
 
 
@@ -77,6 +148,8 @@ def _start_worker(spec: Spec, placement: Placement, device: str | None) -> subpr
     env = dict(os.environ)
     if placement.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy/BLAS share the worker's cores too
+        env[var] = str(placement.threads)
     # URLs travel in the environment, not the command line: `ps` would show a password.
     env["HPSEARCH_STORAGE"] = spec.study.storage
     env["HPSEARCH_TRACKING_URI"] = spec.tracking.uri
@@ -86,22 +159,170 @@ def _start_worker(spec: Spec, placement: Placement, device: str | None) -> subpr
         cmd += ["--data-dir", spec.task.data_dir]
     if placement.device or device:
         cmd += ["--device", placement.device or device]  # type: ignore[list-item]
-    return subprocess.Popen(cmd, env=env)
+    # A session of its own: the terminal's Ctrl-C reaches only this process, which passes it on
+    # once (a second signal during a worker's clean-up would cut it short).
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """Treat SIGTERM (`docker stop`, `kill`) like Ctrl-C while the workers run."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait(procs: list[subprocess.Popen[bytes]]) -> None:
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        # The workers got the same Ctrl-C: give them time to close their trials cleanly.
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+
+
+def _stop(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]], warn: Warn) -> None:
+    """Pass Ctrl-C on to the workers, give them time to close their trials, kill the stragglers."""
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not skip the clean-up below
         for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        raise
-    failed = [p for p in procs if p.returncode not in (0, None)]
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    killed = [p for p in procs if p.poll() is None]
+    for p in killed:
+        p.kill()
+        p.wait()
+    if killed:
+        _close_trials_of(spec, study, {p.pid for p in killed}, warn)
+
+
+def _close_trials_of(spec: Spec, study: optuna.Study, pids: set[int], warn: Warn) -> None:
+    """Fail the RUNNING trials of killed local workers (and KILL their MLflow runs)."""
+    from hpsearch.study import worker_id
+
+    host = worker_id().rsplit(":", 1)[0]
+    names = {f"{host}:{pid}" for pid in pids}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(WORKER_ATTR) not in names:
+            continue
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", "worker killed after Ctrl-C")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and spec.tracking.enabled:
+            Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
+                    warn=warn).end_run(run_id, "KILLED", tags={"hpsearch.state": "FAIL"})
+        warn(f"trial {t.number}: its worker did not stop within {STOP_TIMEOUT_S:g} s and was killed; "
+             "the trial is closed as interrupted.")
+
+
+def _report_exits(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]], warn: Warn) -> None:
+    failed = [p for p in procs if p.returncode != 0]
+    if failed and len(failed) == len(procs) and count_trials(study).finished < spec.study.n_trials:
+        codes = ", ".join(str(p.returncode) for p in failed)
+        raise HPSearchError(f"all {len(procs)} workers of study {spec.study.name!r} failed (exit codes {codes}); "
+                            "their messages are above. Finished trials are kept: fix the cause and run again.")
     for p in failed:
-        print(f"warning: worker pid {p.pid} exited with code {p.returncode}; the other workers went on.",
-              file=sys.stderr)
+        warn(f"warning: worker pid {p.pid} exited with code {p.returncode}; the other workers went on.")
+
+
+# --------------------------------------------------------------------------- health
+
+
+@dataclass(frozen=True)
+class TrialLife:
+    """A RUNNING trial as `status` shows it."""
+
+    number: int
+    worker: str  # host:pid, "?" before the worker wrote it
+    device: str
+    running_s: float
+    silent_s: float  # seconds since its last heartbeat
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """A shared study at a glance: counts, best value, live workers, trials whose worker died."""
+
+    name: str
+    storage: str  # masked
+    n_trials: int
+    counts: Counts
+    best: str  # e.g. "val_accuracy 0.9712 (trial 7)", "-" before any complete trial
+    live: tuple[TrialLife, ...]
+    stale: tuple[TrialLife, ...]
+    grace_period: int
+
+    @property
+    def workers(self) -> list[str]:
+        """Return the live workers, each once."""
+        return sorted({t.worker for t in self.live})
+
+    def describe(self) -> str:
+        """Return the status as the lines `hpsearch status` prints."""
+        c = self.counts
+        lines = [f"study {self.name} in {self.storage}",
+                 f"trials   {c.finished} of {self.n_trials} finished: {c.complete} complete, {c.pruned} pruned, "
+                 f"{c.failed} failed; {c.running} running, {c.waiting} waiting"
+                 + (f"; {c.lost} lost (dead worker, Ctrl-C or surplus; not counted)" if c.lost else ""),
+                 f"best     {self.best}",
+                 f"workers  {len(self.workers)} live (a heartbeat within {self.grace_period} s)"]
+        for t in self.live:
+            lines.append(f"  {t.worker}  trial {t.number} on {t.device}, running {_clock(t.running_s)}, "
+                         f"last heartbeat {t.silent_s:.0f} s ago")
+        if self.stale:
+            lines.append(f"stale    {len(self.stale)} trial(s) still RUNNING whose worker stopped sending "
+                         "heartbeats; `hpsearch cleanup` fails and retries them (workers do it too)")
+            for t in self.stale:
+                lines.append(f"  trial {t.number} (worker {t.worker}): silent for {_clock(t.silent_s)}")
+        return "\n".join(lines)
+
+
+def load_study(spec: Spec, *, warn: Warn = _stderr) -> optuna.Study:
+    """Return the spec's existing study (never created here), on a storage that retries dead workers' trials."""
+    storage = make_storage(spec.study, stale_trial_callback=stale_trial_callback(spec, warn),
+                           outage_s=STATUS_OUTAGE_S, warn=warn)
+    try:
+        return optuna.load_study(study_name=spec.study.name, storage=storage)
+    except KeyError:
+        raise SpecError(f"study {spec.study.name!r} does not exist in {mask_password(spec.study.storage)}; "
+                        "start it with `hpsearch run SPEC`.") from None
+
+
+def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:
+    """Return the study's trials per state, best value, live workers and stale trials."""
+    trials = study.get_trials(deepcopy=False)
+    by_id = {t._trial_id: t for t in trials}
+    live, stale = [], []
+    now = datetime.datetime.now()
+    for r in running_trials(study):
+        t = by_id.get(r.trial_id) or study._storage.get_trial(r.trial_id)
+        life = TrialLife(number=r.number, worker=str(t.user_attrs.get(WORKER_ATTR, "?")),
+                         device=str(t.user_attrs.get("device", "?")), silent_s=r.silent_s,
+                         running_s=(now - t.datetime_start).total_seconds() if t.datetime_start else 0.0)
+        (stale if r.silent_s > spec.study.grace_period else live).append(life)
+    best = best_trial(spec, trials)
+    metric = spec.study.metrics[0].name
+    best_text = "-" if best is None else f"{metric} {best.values[0]:.6g} (trial {best.number})"
+    return StudyStatus(name=spec.study.name, storage=mask_password(spec.study.storage), n_trials=spec.study.n_trials,
+                       counts=count_trials(study), best=best_text, live=tuple(live), stale=tuple(stale),
+                       grace_period=spec.study.grace_period)
+
+
+def cleanup(spec: Spec, study: optuna.Study) -> list[int]:
+    """Fail the trials left RUNNING by dead workers (silent past the grace period), retry them with
+    the same params (up to study.max_retries) and mark their MLflow runs KILLED; return their numbers."""
+    return fail_stale_trials(study, grace_period=spec.study.grace_period)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,365 @@
+"""Workers sharing a study: placement on CPUs and GPUs, joining a study, dead workers' trials
+(status, clean-up, retry), Ctrl-C, and MLflow's one parent run under racing processes.
+
+The slow tests run real `hpsearch` processes and send them real signals."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpsearch.cli import cli
+from hpsearch.errors import SpecError
+from hpsearch.spec import load_spec
+from hpsearch.study import SPEC_ATTR, _surplus, load_stored_spec, open_study
+from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
+
+from .servers import mlflow_url  # noqa: F401  (a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = socket.gethostname()
+
+SPEC = {
+    "study": {"name": "shared", "metric": "val_accuracy", "n_trials": 4, "sampler": {"type": "random"},
+              "pruner": "none", "heartbeat_interval": 1, "grace_period": 2},
+    "task": {"type": "classify", "dataset": "digits", "epochs": 2, "batch_size": 64},
+    "model": {"family": "mlp"},
+    "space": {"width": {"type": "int", "low": 8, "high": 32}, "lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
+    "tracking": {"enabled": False},
+}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _with(base: dict, **sections: dict) -> dict:
+    """Return ``base`` with some keys of some sections replaced."""
+    return {**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}}
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@pytest.mark.parametrize(("workers", "cpus", "threads", "expected"), [
+    (None, 8, None, [8]),  # one worker takes every core
+    (2, 8, None, [4, 4]),  # threads divided among workers
+    (3, 8, None, [2, 2, 2]),
+    (4, 2, None, [1, 1, 1, 1]),  # never below one thread
+    (2, 8, 3, [3, 3]),  # task.threads wins
+])
+def test_cpu_threads_are_divided_among_workers(workers: int | None, cpus: int, threads: int | None,
+                                               expected: list[int]) -> None:
+    placements = plan(workers, cpus=cpus, threads=threads)
+    assert [p.threads for p in placements] == expected
+    assert all(p.device is None and p.cuda_visible_devices is None for p in placements)
+
+
+@pytest.mark.parametrize(("ids", "per_gpu", "visible", "expected"), [
+    ([0], 1, None, ["0"]),
+    ([0, 1], 2, None, ["0", "0", "1", "1"]),  # K workers per GPU, GPU-major
+    ([1, 0], 1, None, ["1", "0"]),
+    ([0, 1], 1, "4,6", ["4", "6"]),  # ids count within this process's CUDA_VISIBLE_DEVICES, as in PyTorch
+])
+def test_gpu_workers_each_see_one_gpu(ids: list[int], per_gpu: int, visible: str | None,
+                                      expected: list[str]) -> None:
+    placements = place_on_gpus(ids, workers=None, workers_per_gpu=per_gpu, cpus=8, visible=visible)
+    assert [p.cuda_visible_devices for p in placements] == expected
+    # Each worker's only visible GPU is its cuda:0; the CPU threads are shared by all of them.
+    assert all(p == Placement(device="cuda:0", cuda_visible_devices=p.cuda_visible_devices,
+                              threads=max(1, 8 // len(expected))) for p in placements)
+
+
+def test_a_worker_count_that_contradicts_the_gpus_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"--workers 3 does not match --gpus \(2 GPU\(s\)\) x --workers-per-gpu 2"):
+        place_on_gpus([0, 1], workers=3, workers_per_gpu=2, cpus=8)
+
+
+@pytest.mark.parametrize("gpus", ["", "a", "0,,1", "0,0", "-1", "cuda:0"])
+def test_malformed_gpu_lists_are_refused(gpus: str) -> None:
+    with pytest.raises(SpecError, match="--gpus must list distinct CUDA device ids"):
+        parse_gpus(gpus)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_gpus_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, SPEC)
+    result = CliRunner().invoke(cli, ["run", str(path), "--gpus", "0"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --gpus 0 asks for CUDA GPUs, but PyTorch sees none")
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- joining
+
+
+def test_a_worker_whose_spec_differs_from_the_study_is_refused(tmp_path: Path) -> None:
+    open_study(load_spec(_write(tmp_path, SPEC)))
+    changed = _with(SPEC, space={"width": {"type": "int", "low": 8, "high": 64}})
+    result = CliRunner().invoke(cli, ["worker", str(_write(tmp_path, changed, "changed.yaml"))])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "different search space" in result.output and "space.width" in result.output
+
+
+def test_a_joining_worker_takes_the_stored_spec_with_local_overrides(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with(SPEC, tracking={"enabled": True})))
+    open_study(spec)
+    joined = load_stored_spec(spec.study.storage, "shared", tracking_uri="http://mlflow.example:5000",
+                              data_dir=str(tmp_path / "data"), runs_dir=str(tmp_path / "elsewhere"))
+    assert joined.fingerprint() == spec.fingerprint()  # the same search
+    assert joined.tracking.uri == "http://mlflow.example:5000"
+    assert joined.task.data_dir == str(tmp_path / "data")
+    assert joined.runs_dir == str(tmp_path / "elsewhere")
+    assert joined.study.storage == spec.study.storage
+
+
+def test_a_worker_joining_a_finished_study_by_name_stops_at_once(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with(SPEC, study={"n_trials": 1})))
+    study = open_study(spec)
+    study.add_trial(optuna.create_trial(value=0.9, params={"width": 8, "lr": 0.005}, distributions={
+        "width": optuna.distributions.IntDistribution(8, 32),
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2)}))
+    result = CliRunner().invoke(cli, ["worker", "--storage", spec.study.storage, "--study", "shared"])
+    assert result.exit_code == 0, result.output
+    assert "ran 0 trial(s)" in result.output
+    assert study.user_attrs[SPEC_ATTR]["study"]["n_trials"] == 1
+
+
+# --------------------------------------------------------------------------- dead workers
+
+
+def _leave_running(study: optuna.Study, *, heartbeat: bool) -> optuna.Trial:
+    """Start a trial the way a worker does, then 'die': it stays RUNNING with a last heartbeat."""
+    trial = study.ask()
+    trial.suggest_int("width", 8, 32)
+    trial.suggest_float("lr", 1e-3, 1e-2)
+    trial.set_user_attr("worker", "gone-host:4242")
+    if heartbeat:
+        study._storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+def test_status_and_cleanup_find_and_retry_a_dead_workers_trials(tmp_path: Path) -> None:
+    path = _write(tmp_path, SPEC)
+    spec = load_spec(path)
+    study = open_study(spec)
+    beating = _leave_running(study, heartbeat=True)
+    silent = _leave_running(study, heartbeat=False)  # died between creating the trial and its first beat
+
+    result = CliRunner().invoke(cli, ["status", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "0 of 4 finished" in result.output and "2 running" in result.output
+    assert "1 live" in result.output and "gone-host:4242  trial 0" in result.output
+    result = CliRunner().invoke(cli, ["cleanup", str(path)])
+    assert "no stale trials" in result.output  # within the grace period nothing is touched
+
+    time.sleep(spec.study.grace_period + 1.5)  # SQLite stamps heartbeats to the second
+    result = CliRunner().invoke(cli, ["status", "--storage", spec.study.storage, "--study", "shared"])
+    assert "0 live" in result.output and "stale    2 trial(s)" in result.output
+    result = CliRunner().invoke(cli, ["cleanup", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "failed 2 stale trial(s): 0, 1" in result.output
+
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]
+    # Each retry repeats its dead trial's params, and says which trial it repeats.
+    retries = {t.system_attrs["failed_trial"]: t for t in trials[2:]}
+    assert retries[beating.number].params == trials[beating.number].params
+    assert retries[silent.number].params == trials[silent.number].params
+    result = CliRunner().invoke(cli, ["status", str(path)])
+    assert "2 waiting" in result.output and "2 lost" in result.output and "stale" not in result.output
+
+
+def test_a_trial_created_after_the_total_was_reached_is_surplus(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    study.add_trial(optuna.create_trial(value=1.0))  # 0: counts
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL))  # 1: lost to a dead worker, does not count
+    study.enqueue_trial({})  # 2: waiting, counts
+    assert study.ask().number == 2  # a worker pops the waiting trial
+    late = study.ask()  # 3: created by another worker meanwhile
+    assert not _surplus(study, late, n_trials=3)  # 0 and 2 count: room for a third
+    assert _surplus(study, late, n_trials=2)  # the total was taken before trial 3 existed
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "HPSEARCH_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(REPO), **extra}
+
+
+def _popen(args: list[str], tmp_path: Path, log_name: str, **kwargs) -> subprocess.Popen[bytes]:
+    log = (tmp_path / log_name).open("wb")
+    return subprocess.Popen([sys.executable, "-m", "hpsearch", *args], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, **kwargs)
+
+
+def _wait_for(condition, procs: list[subprocess.Popen[bytes]], what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = condition()
+        except Exception:  # noqa: BLE001 - the study may not exist yet
+            found = None
+        if found:
+            return found
+        if all(p.poll() is not None for p in procs):
+            raise AssertionError(f"every process exited while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _mid_training(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """Return the RUNNING trials past their first epoch."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.intermediate_values]
+
+
+LONG_TRIALS = _with(SPEC, study={"n_trials": 4, "grace_period": 3},
+                    task={"epochs": 40},  # a few seconds per trial on one thread
+                    tracking={"enabled": True})
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_retried_and_its_run_killed(tmp_path: Path) -> None:
+    path = _write(tmp_path, LONG_TRIALS)
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    # Two workers start at once on fresh stores (the table-creation races are part of the test).
+    victim, survivor = (_popen(["worker", str(path), "--quiet", "--threads", "1"], tmp_path, f"w{i}.log",
+                               env=_env(tmp_path)) for i in range(2))
+    try:
+        doomed = _wait_for(lambda: [t for t in _mid_training(storage, "shared")
+                                    if t.user_attrs.get("worker") == f"{HOST}:{victim.pid}"], [victim],
+                           "the victim to be mid-trial")[0]
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        assert survivor.wait(timeout=180) == 0, (tmp_path / "w1.log").read_text()
+    finally:
+        for p in (victim, survivor):
+            if p.poll() is None:
+                p.kill()
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 4 and not [t for t in trials if t.state == TrialState.RUNNING]
+    dead = trials[doomed.number]
+    assert dead.state == TrialState.FAIL and "fail_reason" not in dead.user_attrs
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == doomed.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.user_attrs["seed"] == dead.user_attrs["seed"]  # the same training run, repeated
+    assert retry.user_attrs["worker"] == f"{HOST}:{survivor.pid}"
+    # Detected within grace period + heartbeat + a loop turn of the survivor (it may be mid-trial).
+    waited = retry.datetime_start.timestamp() - killed_at
+    print(f"killed trial {doomed.number} retried as trial {retry.number} after {waited:.1f} s")
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shared")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = Counter((r.data.tags["hpsearch.trial"], r.info.status) for r in runs if r not in parents)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert children[(str(doomed.number), "KILLED")] == 1
+    assert all(children[(str(t.number), "FINISHED")] == 1 for t in finished)
+    assert sum(children.values()) == len(finished) + 1  # exactly one run per trial
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, workers: int) -> None:
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 6}))
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    # As a terminal does: SIGINT to the command's whole process group.
+    run = _popen(["run", str(path), "--workers", str(workers)], tmp_path, "run.log", env=_env(tmp_path),
+                 start_new_session=True)
+    try:
+        _wait_for(lambda: len(_mid_training(storage, "shared")) == workers, [run], "every worker to be mid-trial")
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(timeout=60) == 130, (tmp_path / "run.log").read_text()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    output = (tmp_path / "run.log").read_text()
+    assert "Interrupted" in output and "Traceback" not in output
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if "interrupted" in t.user_attrs]
+    # Each worker's trial was interrupted, or had just finished (its last steps are tracking calls,
+    # which a signal lets finish); no worker started another one after Ctrl-C.
+    assert 1 <= len(interrupted) <= workers and all(t.state == TrialState.FAIL for t in interrupted)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
+    assert len(trials) < 6
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    for t in interrupted:
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_four_workers_on_sqlite_never_hit_a_locked_database(tmp_path: Path) -> None:
+    spec = _with(SPEC, study={"n_trials": 40, "sampler": {"type": "tpe", "n_startup_trials": 5},
+                              "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}},
+                 task={"epochs": 3}, tracking={"enabled": True})
+    path = _write(tmp_path, spec)
+    started = time.monotonic()
+    run = _popen(["run", str(path), "--workers", "4", "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
+    assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()
+    print(f"40 trials, 4 workers: {time.monotonic() - started:.1f} s")
+    output = (tmp_path / "run.log").read_text()
+    assert "locked" not in output.lower() and "warning" not in output.lower() and "Traceback" not in output
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    states = Counter(t.state for t in study.trials if "surplus" not in t.user_attrs)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 40 and sum(states.values()) == 40
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 4  # all four took part
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id], max_results=1000)
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert Counter(r.data.tags.get("hpsearch.trial") for r in runs if "mlflow.parentRunId" in r.data.tags) == \
+        {str(t.number): 1 for t in study.trials if "surplus" not in t.user_attrs}
+
+
+# --------------------------------------------------------------------------- MLflow's parent run
+
+
+def _elect(uri: str, experiment: str, barrier: multiprocessing.synchronize.Barrier,
+           results: multiprocessing.Queue) -> None:
+    from hpsearch.tracking import Tracker
+
+    tracker = Tracker(uri, experiment, artifact_root=str(Path(uri.split(":///")[-1]).parent / "mlartifacts")
+                      if uri.startswith("sqlite") else None)
+    barrier.wait()  # every process asks at the same moment
+    results.put(tracker.study_run(experiment, params={"p": 1}, tags={}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "http"])
+def test_racing_processes_agree_on_one_parent_run(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_url")
+    experiment = f"race-{store}-{os.getpid()}-{time.time_ns()}"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_elect, args=(uri, experiment, barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    elected = [results.get(timeout=120) for _ in procs]  # before join: a process with queued data waits
+    for p in procs:
+        p.join(timeout=60)
+    assert len(set(elected)) == 1 and elected[0] is not None
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == elected[:1]  # the losers deleted their own
