@@ -315,6 +315,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     ran = 0
     n_trials = spec.study.n_trials
     signals = _StopSignals()
+    surplus: set[int] = set()  # trials this worker created past the total (workers raced)
     if shared and spec.study.sampler.type != "qmc":  # QMC workers share one sequence through the storage
         study.sampler = make_sampler(spec, seed=worker_seed(spec.study.seed))
 
@@ -324,12 +325,18 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
             if _surplus(study, trial, n_trials):
                 trial.set_user_attr(SURPLUS_ATTR, f"other workers had already started the study's {n_trials} "
                                                   "trials when this one was created")
+                surplus.add(trial.number)
                 raise _Surplus()
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(setup.device)  # this trial's peak, not the worker's
             return run_trial(trial, ctx)
 
-    with signals:
+    def not_a_failure(record: logging.LogRecord) -> bool:
+        # Optuna reports a surplus trial as failed, with a traceback; it is no failure.
+        return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
+
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    with signals, _log_filters(optuna_log, signals.filter, not_a_failure):
         while deadline is None or time.monotonic() < deadline:
             signals.check()
             c = count_trials(study)
@@ -358,6 +365,17 @@ def worker_id() -> str:
 def worker_seed(study_seed: int) -> int:
     """Return this worker's sampler seed: the study seed mixed with the worker's name."""
     return (study_seed * 1_000_003 + zlib.crc32(worker_id().encode())) % (2**31 - 1)
+
+
+@contextmanager
+def _log_filters(logger: logging.Logger, *filters: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    for f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for f in filters:
+            logger.removeFilter(f)
 
 
 class _Surplus(Exception):
@@ -410,23 +428,21 @@ class _StopSignals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. `nohup ... &` ignores Ctrl-C
                     self._previous[signum] = signal.signal(signum, self._handle)
-        logging.getLogger("optuna.study._optimize").addFilter(self._quiet_once_stopping)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        logging.getLogger("optuna.study._optimize").removeFilter(self._quiet_once_stopping)
 
-    def _quiet_once_stopping(self, record: logging.LogRecord) -> bool:
-        # Optuna reports an interrupted trial as a failure with a traceback; Ctrl-C is no failure.
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop Optuna's failure report (a warning with a traceback) once stopping: Ctrl-C is no failure."""
         return not self.requested
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
         if not self._in_trial or self._raised:
             return
-        if _in_io(frame):
+        if _in_io(frame) and hasattr(signal, "pthread_kill"):  # (not on Windows: interrupt at once there)
             main = threading.main_thread().ident
             assert main is not None
             threading.Timer(_IO_RECHECK_S, signal.pthread_kill, (main, signum)).start()

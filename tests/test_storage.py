@@ -21,7 +21,7 @@ from hpsearch.spec import parse_spec
 from hpsearch.storage import (engine_kwargs, is_connection_error, make_storage,
                               prepare_sqlite)
 
-from .servers import PG_BIN, postgres_server, postgres_url  # noqa: F401  (postgres_url is a fixture)
+from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, postgres_url  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,15 +136,17 @@ def restart_postgres(url: str, down_s: float) -> None:
 
 
 def test_storage_reconnects_after_its_connections_are_killed(postgres_url: str) -> None:
-    storage = make_storage(_study_spec(postgres_url), url=postgres_url, outage_s=30)
-    study = optuna.create_study(storage=storage, study_name=f"drop-{os.getpid()}-{time.time_ns()}")
+    tag = f"hpsearch-test-{os.getpid()}-{time.time_ns()}"  # only this storage's sessions are killed
+    url = f"{postgres_url}?application_name={tag}"
+    storage = make_storage(_study_spec(url), url=url, outage_s=30)
+    study = optuna.create_study(storage=storage, study_name=tag)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
-    # A server-side kill of this role's other sessions: what a restart or a proxy timeout does to a pool.
+    # The server ends the pool's sessions: what a restart or a proxy's idle timeout does to a pool.
     engine = sqlalchemy.create_engine(postgres_url)
     with engine.connect() as conn:
         killed = conn.execute(sqlalchemy.text(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE usename = current_user AND pid <> pg_backend_pid()")).scalar()
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :tag"),
+            {"tag": tag}).scalar()
     engine.dispose()
     assert killed >= 1
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # no error: the pool reconnects
@@ -152,7 +154,9 @@ def test_storage_reconnects_after_its_connections_are_killed(postgres_url: str) 
 
 
 @pytest.mark.slow
-def test_storage_waits_for_a_restarting_server_then_gives_up_on_a_dead_one(tmp_path: Path) -> None:
+def test_storage_waits_for_a_restarting_server_then_gives_up_on_a_dead_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)  # a cluster of its own: this test stops it
     with postgres_server(tmp_path / "pg") as url:
         password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
         messages: list[str] = []
@@ -189,8 +193,9 @@ def test_storage_error_hides_the_password(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_worker_rides_out_a_postgres_restart(tmp_path: Path) -> None:
+def test_worker_rides_out_a_postgres_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real `hpsearch worker` on PostgreSQL; the server restarts mid-trial; the worker goes on."""
+    monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)  # a cluster of its own: this test restarts it
     with postgres_server(tmp_path / "pg") as url:
         spec = {
             "study": {"name": "restart", "n_trials": 4, "storage": "${HPSEARCH_TEST_DB}", "sampler": "random",
