@@ -123,9 +123,11 @@ def _describe(spec: Any) -> str:
 @TRACKING
 @DATA_DIR
 @RUNS_DIR
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes sharing the study (n_trials stays the study's total).")
-@click.option("--gpus", default=None, help="Comma-separated CUDA device ids to place workers on, e.g. 0,1.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes sharing the study; n_trials stays the study's total and the CPU "
+                   "threads are divided among them. [default: 1, or len(--gpus) x --workers-per-gpu]")
+@click.option("--gpus", default=None, help="Comma-separated CUDA device ids to place workers on, e.g. 0,1; "
+                                           "each worker sees only its GPU (CUDA_VISIBLE_DEVICES).")
 @click.option("--workers-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
               help="Workers per GPU listed in --gpus.")
 @click.option("--device", default=None, help="Override task.device (auto, cpu, cuda, cuda:N, mps).")
@@ -133,7 +135,7 @@ def _describe(spec: Any) -> str:
               help="Continue an existing study although its search space changed.")
 @click.option("--no-finish", is_flag=True, help="Skip the final test evaluation and model registration.")
 def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None, runs_dir: str | None,
-        workers: int, gpus: str | None, workers_per_gpu: int, device: str | None, allow_space_change: bool,
+        workers: int | None, gpus: str | None, workers_per_gpu: int, device: str | None, allow_space_change: bool,
         no_finish: bool) -> None:
     """Run (or resume) the study in SPEC until its n_trials, then test and register the best model."""
     spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
@@ -172,16 +174,9 @@ def worker(spec_path: str | None, study_name: str | None, storage: str | None, t
     Either SPEC (refused if the study's stored spec differs) or --storage URL --study NAME.
     """
     from hpsearch.progress import Progress
-    from hpsearch.study import load_stored_spec, open_study, setup_worker, work
+    from hpsearch.study import open_study, setup_worker, work
 
-    if spec_path is None:
-        if not (storage and study_name):
-            raise click.UsageError("give a SPEC, or --storage URL and --study NAME to join an existing study.")
-        spec = load_stored_spec(storage, study_name, runs_dir=runs_dir)
-    else:
-        spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
-        if study_name and study_name != spec.study.name:
-            raise click.UsageError(f"--study {study_name!r} differs from the spec's study.name {spec.study.name!r}.")
+    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir, tracking_uri=tracking_uri, data_dir=data_dir)
     study = open_study(spec)
     setup = setup_worker(spec, study, device=device, threads=threads)
     try:
@@ -191,7 +186,8 @@ def worker(spec_path: str | None, study_name: str | None, storage: str | None, t
             with Progress(spec, study):
                 ran = work(spec, study, setup, timeout=spec.study.timeout)
     except KeyboardInterrupt:
-        click.echo("\nInterrupted: this worker's finished trials are kept.", err=True)
+        if not quiet:  # under `hpsearch run --workers N` the parent says it, once
+            click.echo("\nInterrupted: this worker's finished trials are kept, none is left running.", err=True)
         sys.exit(130)
     if not quiet:
         click.echo(f"worker done: ran {ran} trial(s) of study {spec.study.name!r}.")
@@ -205,20 +201,25 @@ def _spec_or_stored(spec_path: str | None, storage: str | None, study_name: str 
     if spec_path is None:
         if not (storage and study_name):
             raise click.UsageError("give a SPEC, or --storage URL and --study NAME.")
-        return load_stored_spec(storage, study_name, runs_dir=runs_dir)
-    return _load(spec_path, storage=storage, runs_dir=runs_dir, **overrides)
+        return load_stored_spec(storage, study_name, runs_dir=runs_dir, **overrides)
+    spec = _load(spec_path, storage=storage, runs_dir=runs_dir, **overrides)
+    if study_name and study_name != spec.study.name:
+        raise click.UsageError(f"--study {study_name!r} differs from the spec's study.name {spec.study.name!r}.")
+    return spec
 
 
 @cli.command()
 @click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
 @click.option("--study", "study_name", default=None, help="With --storage: the study to show.")
 @STORAGE
+@TRACKING
 @RUNS_DIR
-def status(spec_path: str | None, study_name: str | None, storage: str | None, runs_dir: str | None) -> None:
+def status(spec_path: str | None, study_name: str | None, storage: str | None, tracking_uri: str | None,
+           runs_dir: str | None) -> None:
     """Show a study's trials per state, best value, live workers and stale trials."""
     from hpsearch.workers import load_study, study_status
 
-    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir)
+    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir, tracking_uri=tracking_uri)
     click.echo(study_status(spec, load_study(spec)).describe())
 
 
@@ -226,13 +227,15 @@ def status(spec_path: str | None, study_name: str | None, storage: str | None, r
 @click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
 @click.option("--study", "study_name", default=None, help="With --storage: the study to clean up.")
 @STORAGE
+@TRACKING
 @RUNS_DIR
-def cleanup(spec_path: str | None, study_name: str | None, storage: str | None, runs_dir: str | None) -> None:
+def cleanup(spec_path: str | None, study_name: str | None, storage: str | None, tracking_uri: str | None,
+            runs_dir: str | None) -> None:
     """Fail trials left RUNNING by dead workers (past the grace period) and retry them."""
     from hpsearch.workers import cleanup as clean
     from hpsearch.workers import load_study
 
-    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir)
+    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir, tracking_uri=tracking_uri)
     failed = clean(spec, load_study(spec))
     if failed:
         click.echo(f"failed {len(failed)} stale trial(s): {', '.join(map(str, failed))}; "
