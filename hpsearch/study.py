@@ -414,11 +414,14 @@ class _StopSignals:
     A signal that lands while Optuna creates or closes a trial would leave it RUNNING; so it
     interrupts only the trial's code (which closes the trial as interrupted), once, and
     otherwise stops the worker loop at its next check. Inside the trial, a database or tracking
-    call is let finish first (the signal is looked at again every 50 ms).
+    call is let finish first (the signal is looked at again every 50 ms). A third signal
+    interrupts at once, wherever it lands: the user insists (the trial may then go stale).
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self._count = 0  # signals received (re-checks of a deferred one excluded)
+        self._rechecks = 0
         self._in_trial = False
         self._raised = False
         self._previous: dict[int, Any] = {}
@@ -440,15 +443,23 @@ class _StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        if self._rechecks:
+            self._rechecks -= 1
+        else:
+            self._count += 1
+        if self._count >= 3:
+            raise KeyboardInterrupt
         if not self._in_trial or self._raised:
             return
         if _in_io(frame) and hasattr(signal, "pthread_kill"):  # (not on Windows: interrupt at once there)
-            main = threading.main_thread().ident
-            assert main is not None
-            threading.Timer(_IO_RECHECK_S, signal.pthread_kill, (main, signum)).start()
+            threading.Timer(_IO_RECHECK_S, self._recheck, (signum,)).start()
             return
         self._raised = True  # a second Ctrl-C must not break the interrupted trial's clean-up
         raise KeyboardInterrupt
+
+    def _recheck(self, signum: int) -> None:
+        self._rechecks += 1
+        signal.pthread_kill(threading.main_thread().ident or 0, signum)  # runs _handle in the main thread
 
     @contextmanager
     def trial(self, trial: optuna.Trial) -> Iterator[None]:

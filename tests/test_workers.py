@@ -141,6 +141,21 @@ def test_a_worker_joining_a_finished_study_by_name_stops_at_once(tmp_path: Path)
     assert study.user_attrs[SPEC_ATTR]["study"]["n_trials"] == 1
 
 
+def test_a_worker_joining_by_name_records_to_the_tracking_uri_it_is_given(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with(SPEC, study={"n_trials": 1}, tracking={"enabled": True})))
+    study = open_study(spec)
+    study.add_trial(optuna.create_trial(value=0.9, params={"width": 8, "lr": 0.005}, distributions={
+        "width": optuna.distributions.IntDistribution(8, 32),
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2)}))
+    here = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"  # this machine's name for the MLflow store
+    result = CliRunner().invoke(cli, ["worker", "--storage", spec.study.storage, "--study", "shared",
+                                      "--tracking-uri", here])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(here)
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    assert [r.data.tags["hpsearch.role"] for r in runs] == ["study"]  # its parent run is there, not in the stored URI
+
+
 # --------------------------------------------------------------------------- dead workers
 
 
