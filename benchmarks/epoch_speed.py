@@ -28,15 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+import hpsearch  # noqa: E402,F401  before torch: its OpenMP wait policy holds for both pipelines
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from hpsearch.data import SearchData, Split, load_search_data  # noqa: E402
 from hpsearch.knobs import defaults  # noqa: E402

@@ -8,29 +8,29 @@ Each figure compares two things measured in this run on this machine, their runs
 median / sum (trials) of the repeats. The load average is printed at the start and the end:
 read the numbers with it.
 
-OpenMP threads: unless OMP_WAIT_POLICY is already set, this sets it to PASSIVE before torch is
-imported. With the default (spinning) policy, two torch threads on two cores that other
-processes also use stall each other, and the same fit varies 0.5 s to 20 s; with PASSIVE it
-varies by a few percent. Both sides of every comparison run under the same policy.
+OpenMP threads: hpsearch is imported before torch, so its choice of how idle threads wait
+(hpsearch/__init__.py: brief spinning on a quiet machine, PASSIVE on a busy one, or what
+OMP_WAIT_POLICY / GOMP_SPINCOUNT say when set) holds for both sides of every comparison.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see the docstring
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+import hpsearch  # noqa: E402,F401  before torch: it sets the OpenMP wait policy (see the docstring)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -93,7 +93,8 @@ def main() -> None:
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} cores (nproc), {platform.system()} "
           f"{platform.release()}; Python {platform.python_version()}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}")
     print(f"- load average at start: {_load()}", flush=True)
 
     rows: list[Row] = []

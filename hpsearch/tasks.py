@@ -102,8 +102,15 @@ class Task:
         """Return (model input in [0, 1], mask of hidden pixels or None) for clean images."""
         return images01, None
 
-    def loss(self, output: Tensor, images01: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
-        """Return the mean training loss of a batch."""
+    def training_batch(self, images: Tensor, generator: torch.Generator, mean: float,
+                       std: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Return (what the model sees, the clean images in [0, 1] or None, the mask or None) for uint8 images."""
+        images01 = to_unit(images)
+        inputs01, mask = self.corrupt(images01, generator)
+        return normalize(inputs01, mean, std), images01, mask
+
+    def loss(self, output: Tensor, images01: Tensor | None, labels: Tensor, mask: Tensor | None) -> Tensor:
+        """Return the mean training loss of a batch (``images01`` is None where the task needs none)."""
         raise NotImplementedError
 
     def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,
@@ -121,7 +128,12 @@ class Classify(Task):
 
     name = "classify"
 
-    def loss(self, output: Tensor, images01: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+    def training_batch(self, images: Tensor, generator: torch.Generator, mean: float,
+                       std: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        # Nothing to corrupt and no target image: scale and standardise in two passes, not three.
+        return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std), None, None
+
+    def loss(self, output: Tensor, images01: Tensor | None, labels: Tensor, mask: Tensor | None) -> Tensor:
         return F.cross_entropy(output, labels)
 
     def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,
@@ -137,9 +149,10 @@ class Classify(Task):
 class _Reconstruct(Task):
     """Shared by denoise and inpaint: the model returns clean pixels in [0, 1]."""
 
-    def loss(self, output: Tensor, images01: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, output: Tensor, images01: Tensor | None, labels: Tensor, mask: Tensor | None) -> Tensor:
         # Inpaint too is trained on the whole image: the visible pixels teach the model the digit's
         # style, and a hidden-only loss would leave the visible output unconstrained in the pictures.
+        assert images01 is not None  # training_batch always gives the clean images here
         return F.mse_loss(output, images01)
 
     def batch_sums(self, output: Tensor, images01: Tensor, labels: Tensor, inputs01: Tensor,

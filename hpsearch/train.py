@@ -173,10 +173,9 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
         for start, stop in bounds:
             index = order[start:stop]
             # index_select, not images[index]: advanced indexing of uint8 rows is ~10x slower on the CPU.
-            images01 = to_unit(train.images.index_select(0, index))
+            inputs, images01, mask = task.training_batch(train.images.index_select(0, index), generator, mean, std)
             labels = train.labels.index_select(0, index)
-            inputs01, mask = task.corrupt(images01, generator)
-            loss = task.loss(model(normalize(inputs01, mean, std)), images01, labels, mask)
+            loss = task.loss(model(inputs), images01, labels, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = group["lr"]
