@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup system-deps quickstart test test-fast bench
+.PHONY: setup system-deps quickstart test test-fast test-gpu bench
 
 setup:  ## install hpsearch and its Python dependencies (torch from the local wheel cache where there is one)
 	$(PIP) install -q -e '.[dev]'
@@ -17,7 +17,10 @@ test: setup system-deps  ## the whole suite, slow tests included (what CI runs)
 	$(PYTHON) -m pytest -q
 
 test-fast: setup
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not gpu"
+
+test-gpu: setup  ## the CUDA path (needs an NVIDIA GPU; CI has none)
+	$(PYTHON) -m pytest -q -m gpu tests/test_gpu.py
 
 bench: setup
 	$(PYTHON) benchmarks/run_all.py

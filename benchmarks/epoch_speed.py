@@ -12,8 +12,14 @@ An "epoch" is one pass over the training split plus one over the validation spli
     (c) floor      the epoch's FLOPs (forward and backward, counted by torch's FlopCounterMode)
                    divided by the machine's measured peak float32 matmul throughput.
 
+On a GPU (--device cuda) both pipelines train there: (a) keeps the data on the GPU, (b) copies
+each batch from the DataLoader to it, as Optuna's example does; --precision bf16 adds a row for
+hpsearch under bfloat16 autocast (channels_last for the CNN), whose floor would be lower still.
+--dataset mnist-5k runs it where Fashion-MNIST is not installed (4,500 + 500 images).
+
 Usage: python benchmarks/epoch_speed.py [--models mlp,cnn,autoencoder] [--epochs 3] [--train-limit N]
                                         [--threads 2] [--batch-size 128] [--data-dir DIR]
+                                        [--device cpu|cuda] [--precision fp32|bf16] [--dataset NAME]
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class EpochResult:
 
     case: Case
     hpsearch: list[float]
+    hpsearch_bf16: list[float]  # empty unless asked for
     dataloader: list[float]
     loader_only: list[float]
     gflop: float
@@ -93,48 +100,67 @@ def main() -> None:
     parser.add_argument("--data-dir", default=FASHION_DIR, help="Fashion-MNIST IDX files")
     parser.add_argument("--train-limit", type=int, default=None, help="cap on train+validation images")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of both pipelines")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both pipelines train")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: also time hpsearch under bfloat16 autocast")
+    parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or mnist-5k")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data(args.data_dir, args.train_limit)
-    print(f"Fashion-MNIST: {len(data.train)} train + {len(data.val)} validation images; "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}; CPU; batch size {args.batch_size}; "
+    device = torch.device(args.device)
+    data = load_data(args.data_dir, args.train_limit, dataset=args.dataset)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{args.dataset}: {len(data.train)} train + {len(data.val)} validation images; "
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}; {where}; batch size {args.batch_size}; "
           f"{args.epochs} epochs each\n", flush=True)
-    peak = peak_matmul_flops()
+    peak = peak_matmul_flops(device=device)
     print("| model | pipeline | best s/epoch | median s/epoch | best, relative to hpsearch |")
     print("|---|---|---:|---:|---:|")
     for name in args.models.split(","):
-        r = measure_case(CASES[name], data, epochs=args.epochs, batch_size=args.batch_size, peak=peak)
+        r = measure_case(CASES[name], data, epochs=args.epochs, batch_size=args.batch_size, peak=peak,
+                         device=device, bf16=args.precision == "bf16")
         ours = min(r.hpsearch)
-        for label, times in (("(a) hpsearch `fit`", r.hpsearch),
-                             ("(b) DataLoader + PIL + ToTensor/Normalize", r.dataloader),
-                             ("(b') the same DataLoader, no model", r.loader_only)):
+        rows = [("(a) hpsearch `fit`", r.hpsearch)]
+        if r.hpsearch_bf16:
+            rows.append(("(a') hpsearch `fit`, bf16 autocast" + (", channels_last" if name == "cnn" and device.type == "cuda" else ""),
+                         r.hpsearch_bf16))
+        rows += [("(b) DataLoader + PIL + ToTensor/Normalize", r.dataloader),
+                 ("(b') the same DataLoader, no model", r.loader_only)]
+        for label, times in rows:
             print(f"| {r.case.label} | {label} | {min(times):.3f} | {statistics.median(times):.3f} | "
-                  f"{min(times) / ours:.1f}x |")
-        print(f"| {r.case.label} | (c) FLOP floor: {r.gflop:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s | "
+                  f"{min(times) / ours:.2f}x |")
+        print(f"| {r.case.label} | (c) FLOP floor: {r.gflop:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s (fp32) | "
               f"{r.floor:.3f} | | {r.floor / ours:.2f}x |", flush=True)
 
 
-def load_data(data_dir: str = FASHION_DIR, train_limit: int | None = None) -> SearchData:
-    """Return Fashion-MNIST's training images split 90/10 (capped at ``train_limit`` images)."""
-    return load_search_data("fashion-mnist", data_dir=data_dir, val_fraction=0.1, seed=0, download=False,
+def load_data(data_dir: str = FASHION_DIR, train_limit: int | None = None, *,
+              dataset: str = "fashion-mnist") -> SearchData:
+    """Return the dataset's training images split 90/10 (capped at ``train_limit`` images)."""
+    return load_search_data(dataset, data_dir=data_dir, val_fraction=0.1, seed=0, download=False,
                             train_limit=train_limit)
 
 
 def measure_case(case: Case, data: SearchData, *, epochs: int, batch_size: int = 128,
-                 peak: float | None = None) -> EpochResult:
+                 peak: float | None = None, device: torch.device = torch.device("cpu"),
+                 bf16: bool = False) -> EpochResult:
     """Return the seconds per epoch of both pipelines for ``case``, their epochs interleaved."""
     # The pipelines take turns, an epoch each: a busy neighbour slows them alike, not one of them.
-    ours, loader = HpsearchLoop(case, data, batch_size), DataLoaderLoop(case, data, batch_size)
+    ours = HpsearchLoop(case, data, batch_size, device=str(device))
+    ours_bf16 = HpsearchLoop(case, data, batch_size, device=str(device), precision="bf16") if bf16 else None
+    loader = DataLoaderLoop(case, data, batch_size, device=device)
     ours.epoch(), loader.epoch(with_model=True)  # warm-up: first-touch allocations, thread pools
-    hpsearch, dataloader, loader_only = [], [], []
+    if ours_bf16:
+        ours_bf16.epoch()
+    hpsearch, hpsearch_bf16, dataloader, loader_only = [], [], [], []
     for _ in range(epochs):
         hpsearch.append(ours.epoch())
+        if ours_bf16:
+            hpsearch_bf16.append(ours_bf16.epoch())
         dataloader.append(loader.epoch(with_model=True))
         loader_only.append(loader.epoch(with_model=False))
     flops = epoch_flops(case, data, batch_size)
-    peak = peak or peak_matmul_flops()
-    return EpochResult(case=case, hpsearch=hpsearch, dataloader=dataloader, loader_only=loader_only,
-                       gflop=flops / 1e9, floor=flops / peak)
+    peak = peak or peak_matmul_flops(device=device)
+    return EpochResult(case=case, hpsearch=hpsearch, hpsearch_bf16=hpsearch_bf16, dataloader=dataloader,
+                       loader_only=loader_only, gflop=flops / 1e9, floor=flops / peak)
 
 
 def fresh_model(case: Case, data: SearchData) -> nn.Module:
@@ -145,14 +171,16 @@ def fresh_model(case: Case, data: SearchData) -> nn.Module:
 class HpsearchLoop:
     """(a): one `fit` call per epoch, on one model that keeps training."""
 
-    def __init__(self, case: Case, data: SearchData, batch_size: int) -> None:
+    def __init__(self, case: Case, data: SearchData, batch_size: int, *, device: str = "cpu",
+                 precision: str = "fp32") -> None:
         self.data, self.batch_size, self.model, self.seed = data, batch_size, fresh_model(case, data), 0
         self.task = make_task(case.task, case.params)
+        self.device, self.precision = device, precision
 
     def epoch(self) -> float:
         self.seed += 1  # a new shuffle each epoch, as one long fit would draw
         config = TrainConfig(epochs=1, batch_size=self.batch_size, optimizer="adam", lr=LR, seed=self.seed,
-                             device="cpu")
+                             device=self.device, precision=self.precision)
         result = fit(self.model, self.data, self.task, config, lambda step, metrics: None)
         return result.history[0]["epoch_seconds"]
 
@@ -174,8 +202,9 @@ class PILDataset(Dataset):
 class DataLoaderLoop:
     """(b): the loop of Optuna's PyTorch example, over torchvision-style PIL datasets."""
 
-    def __init__(self, case: Case, data: SearchData, batch_size: int) -> None:
-        self.classify = case.task == "classify"
+    def __init__(self, case: Case, data: SearchData, batch_size: int, *,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.classify, self.device = case.task == "classify", device
         self.mean, self.std = data.mean, data.std
         # A classifier normalises in the transform; a denoiser needs the clean [0, 1] pixels as its
         # target, so it adds noise and normalises in the loop.
@@ -183,7 +212,7 @@ class DataLoaderLoop:
         transform = transforms.Compose(steps)
         self.train = DataLoader(PILDataset(data.train, transform), batch_size=batch_size, shuffle=True)
         self.val = DataLoader(PILDataset(data.val, transform), batch_size=batch_size)
-        self.model = fresh_model(case, data)
+        self.model = fresh_model(case, data).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -198,6 +227,7 @@ class DataLoaderLoop:
         self.model.train()
         for images, labels in self.train:
             if with_model:
+                images, labels = images.to(self.device), labels.to(self.device)
                 self.optimizer.zero_grad()
                 self.loss(images, labels).backward()
                 self.optimizer.step()
@@ -206,6 +236,7 @@ class DataLoaderLoop:
         with torch.no_grad():
             for images, labels in self.val:
                 if with_model:
+                    images, labels = images.to(self.device), labels.to(self.device)
                     total += float(self.loss(images, labels)) * len(labels)
         return time.perf_counter() - started
 
@@ -222,16 +253,25 @@ def epoch_flops(case: Case, data: SearchData, batch_size: int) -> float:
     return (train_step.get_total_flops() * len(data.train) + forward.get_total_flops() * len(data.val)) / batch_size
 
 
-def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Return the best float32 FLOP/s of a big square matmul on this machine's CPU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def peak_matmul_flops(size: int = 2048, repeats: int = 5, *, device: torch.device = torch.device("cpu")) -> float:
+    """Return the best float32 FLOP/s of a big square matmul on ``device`` (the CPU by default)."""
+    if device.type == "cuda":
+        size, repeats = 8192, 10
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b  # warm up the BLAS threads
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         started = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

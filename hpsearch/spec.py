@@ -28,6 +28,7 @@ TASKS = ("classify", "denoise", "inpaint")
 FAMILIES = ("mlp", "cnn", "autoencoder")
 FAMILY_TASKS = {"mlp": ("classify",), "cnn": ("classify",), "autoencoder": ("denoise", "inpaint")}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
 NOISE_KINDS = ("gaussian", "salt_pepper")
 MASK_PLACEMENTS = ("center", "random", "top", "bottom", "left", "right")
 DIRECTIONS = ("minimize", "maximize")
@@ -149,6 +150,8 @@ class TaskSpec:
     noise: NoiseSpec = field(default_factory=NoiseSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
     threads: int | None = None  # CPU threads per trial; None: the machine's cores / workers
+    precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward passes (fast on GPUs)
+    channels_last: bool | None = None  # conv memory layout; None: on for conv models on CUDA
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,10 @@ class Spec:
         """Return what defines the search: task, model and space (used to refuse silent changes)."""
         data = self.to_dict()
         task = dict(data["task"])
-        for key in ("data_dir", "device", "threads"):  # where and how fast, not what is searched
+        for key in ("data_dir", "device", "threads", "channels_last"):  # where and how fast, not what is searched
             task.pop(key)
+        if task["precision"] == "fp32":  # the default then leaves the fingerprints of older studies as they were
+            task.pop("precision")
         return {"task": task, "model": data["model"], "space": data["space"],
                 "metrics": data["study"]["metrics"]}
 
@@ -341,7 +346,7 @@ def _pruner_to_raw(p: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
     keys = ("type", "dataset", "fallback", "data_dir", "val_fraction", "train_limit", "epochs",
-            "batch_size", "device", "normalize", "noise", "mask", "threads")
+            "batch_size", "device", "normalize", "noise", "mask", "threads", "precision", "channels_last")
     m = check.mapping(raw, "task", required=("type", "dataset"), optional=keys)
     noise_raw = check.mapping(m.get("noise", {}), "task.noise", optional=("kind", "std", "amount"))
     mask_raw = check.mapping(m.get("mask", {}), "task.mask", optional=("size", "placement"))
@@ -377,7 +382,17 @@ def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
         noise=noise,
         mask=mask,
         threads=None if threads is None else check.integer(threads, "task.threads", low=1),
+        precision=check.choice(m.get("precision", "fp32"), "task.precision", PRECISIONS),
+        channels_last=_channels_last(check, m.get("channels_last", "auto")),
     )
+
+
+def _channels_last(check: _Checker, value: Any) -> bool | None:
+    if value is None or value == "auto":  # None: the resolved spec's way of writing auto
+        return None
+    if isinstance(value, bool):
+        return value
+    return check.fail("task.channels_last", "must be auto, true or false", value)
 
 
 def _parse_model(check: _Checker, raw: Any, task: TaskSpec) -> ModelSpec:

@@ -8,6 +8,7 @@ index, scaled, corrupted and normalised as whole tensors: no per-sample Python, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 LR_SCHEDULES = ("none", "cosine", "step", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+PRECISIONS = ("fp32", "bf16")
 _DIVERGENCE_CHECK_EVERY = 64  # batches between NaN checks: a blown-up trial stops early, without a sync per batch
 
 
@@ -46,12 +48,15 @@ class TrainConfig:
     lr_schedule: str = "none"
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast; weights and optimizer stay fp32
+    channels_last: bool | None = None  # conv models' memory layout; None: on for conv models on CUDA
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, low=1)
         _check_int("batch_size", self.batch_size, low=1)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("precision", self.precision, PRECISIONS)
         _check_number("lr", self.lr, low=0.0, low_open=True)
         _check_number("weight_decay", self.weight_decay, low=0.0)
         for name in ("momentum", "beta1", "beta2"):
@@ -60,13 +65,16 @@ class TrainConfig:
             raise SpecError(f"training params: `nesterov` must be true or false, but got {self.nesterov!r}.")
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], *, seed: int, device: str) -> TrainConfig:
-        """Return the training config held in a trial's flat params."""
-        names = [f.name for f in fields(cls) if f.name not in ("seed", "device")]
+    def from_params(cls, params: Mapping[str, Any], *, seed: int, device: str, precision: str = "fp32",
+                    channels_last: bool | None = None) -> TrainConfig:
+        """Return the training config held in a trial's flat params (and the task's device settings)."""
+        settings = ("seed", "device", "precision", "channels_last")
+        names = [f.name for f in fields(cls) if f.name not in settings]
         missing = [name for name in names if name not in params]
         if missing:
             raise SpecError(f"training params: {missing} must be given, but they are missing.")
-        return cls(**{name: params[name] for name in names}, seed=seed, device=device)
+        return cls(**{name: params[name] for name in names}, seed=seed, device=device, precision=precision,
+                   channels_last=channels_last)
 
 
 class Diverged(Exception):
@@ -140,6 +148,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"fit needs training and validation samples, but got {len(train)} and {len(val)}.")
     model.to(device)
+    layout = memory_format(model, device, config.channels_last)
+    model.to(memory_format=layout)
     if config.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise SpecError(f"training params: batchnorm needs `batch_size` >= 2, but got {config.batch_size}.")
 
@@ -175,7 +185,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
             # index_select, not images[index]: advanced indexing of uint8 rows is ~10x slower on the CPU.
             inputs, images01, mask = task.training_batch(train.images.index_select(0, index), generator, mean, std)
             labels = train.labels.index_select(0, index)
-            loss = task.loss(model(inputs), images01, labels, mask)
+            with autocast(device, config.precision):
+                loss = task.loss(model(inputs.contiguous(memory_format=layout)), images01, labels, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = group["lr"]
@@ -193,7 +204,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
         if scheduler is not None and not per_batch:
             scheduler.step()
         metrics = {"train_loss": train_loss,
-                   **evaluate(model, val, task, mean=mean, std=std, device=device),
+                   **evaluate(model, val, task, mean=mean, std=std, device=device, precision=config.precision,
+                              layout=layout),
                    "epoch_seconds": time.perf_counter() - epoch_started,
                    "lr": lr}
         history.append(metrics)
@@ -203,11 +215,13 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
 
 
 def evaluate(model: nn.Module, split: Split, task: Task, *, mean: float, std: float,
-             device: str | torch.device, batch_size: int = 1024) -> dict[str, float]:
+             device: str | torch.device, batch_size: int = 1024, precision: str = "fp32",
+             layout: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """Return the task's ``val_*`` metrics of ``model`` (already on ``device``) on ``split``.
 
     The corruption is the fixed one of :func:`hpsearch.tasks.eval_generator`, so every call scores
-    the same inputs (for a given ``batch_size``).
+    the same inputs (for a given ``batch_size``). ``precision`` "bf16" runs the forward passes
+    under bfloat16 autocast, as training did; the metrics are summed in float32.
     """
     n = len(split)
     if n == 0:
@@ -219,10 +233,29 @@ def evaluate(model: nn.Module, split: Split, task: Task, *, mean: float, std: fl
             images01 = to_unit(split.images[start:start + batch_size].to(device))
             labels = split.labels[start:start + batch_size].to(device)
             inputs01, mask = task.corrupt(images01, generator)
-            output = model(normalize(inputs01, mean, std))
-            for name, value in task.batch_sums(output, images01, labels, inputs01, mask).items():
+            with autocast(torch.device(device), precision):
+                output = model(normalize(inputs01, mean, std).contiguous(memory_format=layout))
+            for name, value in task.batch_sums(output.float(), images01, labels, inputs01, mask).items():
                 sums[name] = sums[name] + value if name in sums else value
     return task.summarize(sums, n)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Return the autocast context of ``precision`` on ``device`` ("fp32": none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def memory_format(model: nn.Module, device: torch.device, channels_last: bool | None) -> torch.memory_format:
+    """Return the memory layout for ``model``'s inputs: channels_last for conv models where asked.
+
+    ``None`` (auto) means channels_last on CUDA, where cuDNN's convolutions are fastest in NHWC
+    (and bf16 tensor cores need it); on the CPU the default layout is kept.
+    """
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    wanted = device.type == "cuda" if channels_last is None else channels_last
+    return torch.channels_last if wanted and has_conv else torch.contiguous_format
 
 
 def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig,

@@ -84,6 +84,16 @@ def test_overrides_win_over_spec(tmp_path: Path) -> None:
     assert spec.tracking.uri == "http://127.0.0.1:5999" and spec.tracking.artifact_root is None
 
 
+def test_gpu_settings_default_to_fp32_and_auto_layout_and_stay_out_of_the_fingerprint() -> None:
+    base = parse_spec(BASE)
+    assert base.task.precision == "fp32" and base.task.channels_last is None
+    assert "precision" not in base.space_dict()["task"]  # older studies keep their fingerprint
+    nhwc = parse_spec(_with("task.channels_last", True))
+    assert nhwc.task.channels_last is True and nhwc.fingerprint() == base.fingerprint()  # layout: how, not what
+    bf16 = parse_spec(_with("task.precision", "bf16"))
+    assert bf16.task.precision == "bf16" and bf16.fingerprint() != base.fingerprint()  # changes the numbers
+
+
 def test_multi_objective_forces_no_pruning() -> None:
     spec = parse_spec(_with("study.metrics", ["val_error", "n_params"]))
     assert spec.study.directions == ["minimize", "minimize"] and spec.study.pruner.type == "none"
@@ -132,6 +142,8 @@ BAD = [
      ["study.pruner", "multi-objective"]),
     ("grid over a float range", _with("study.sampler", "grid"), ["space.lr", "grid"]),
     ("device", _with("task.device", "tpu"), ["task.device", "tpu"]),
+    ("precision", _with("task.precision", "fp16"), ["task.precision", "'fp16'", "bf16"]),
+    ("channels_last", _with("task.channels_last", "yes"), ["task.channels_last", "auto, true or false", "'yes'"]),
     ("space not a mapping", _with("space", [1, 2]), ["space", "mapping"]),
     ("per layer without n_layers", _with("space.width", {"type": "int", "low": 8, "high": 64, "per_layer": True}),
      ["space.width.per_layer", "n_layers"]),

@@ -15,7 +15,7 @@ from hpsearch.errors import SpecError
 from hpsearch.knobs import defaults
 from hpsearch.models import build_model
 from hpsearch.tasks import METRICS, load_or_train_reference, make_task
-from hpsearch.train import Diverged, TrainConfig, TrainResult, evaluate, fit, resolve_device
+from hpsearch.train import Diverged, TrainConfig, TrainResult, evaluate, fit, memory_format, resolve_device
 
 REPORTED = {"train_loss", "epoch_seconds", "lr"}  # besides the task's val metrics
 
@@ -35,11 +35,12 @@ def params(**overrides: Any) -> dict[str, Any]:
 
 
 def train(data: SearchData, *, family: str = "mlp", task: str = "classify", seed: int = 0,
-          report: Any = None, reference: torch.nn.Module | None = None, **overrides: Any) -> TrainResult:
+          report: Any = None, reference: torch.nn.Module | None = None, precision: str = "fp32",
+          channels_last: bool | None = None, **overrides: Any) -> TrainResult:
     p = params(**overrides)
     torch.manual_seed(seed)
     model = build_model(family, p, image_shape=data.image_shape, n_classes=data.n_classes)
-    config = TrainConfig.from_params(p, seed=seed, device="cpu")
+    config = TrainConfig.from_params(p, seed=seed, device="cpu", precision=precision, channels_last=channels_last)
     return fit(model, data, make_task(task, p, reference=reference), config, report or (lambda step, metrics: None))
 
 
@@ -53,6 +54,39 @@ def test_digits_are_learned(digits: SearchData, family: str) -> None:
     assert last["train_loss"] < first["train_loss"] / 2
     assert last["val_accuracy"] > 0.85  # chance is 0.1
     assert result.metrics == last and result.epochs_run == 8
+
+
+@pytest.mark.parametrize(("family", "task"), [("mlp", "classify"), ("cnn", "classify"), ("autoencoder", "denoise")])
+def test_bf16_autocast_trains_and_reports_float_metrics(digits: SearchData, family: str, task: str) -> None:
+    fp32 = train(digits, family=family, task=task, epochs=4, conv_channels=8, lr=3e-3)
+    bf16 = train(digits, family=family, task=task, epochs=4, conv_channels=8, lr=3e-3, precision="bf16")
+    loss, quality = ("val_loss", "val_accuracy") if task == "classify" else ("val_mse", "val_psnr")
+    assert bf16.history[-1]["train_loss"] < bf16.history[0]["train_loss"]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in bf16.metrics.values())
+    # Rounded differently, so not equal; close to the float32 fit on the same seed.
+    assert bf16.metrics[loss] != fp32.metrics[loss]
+    assert abs(bf16.metrics[quality] - fp32.metrics[quality]) < (0.08 if task == "classify" else 1.0)
+
+
+def test_channels_last_on_the_cpu_trains_like_the_default_layout(digits: SearchData) -> None:
+    default = train(digits, family="cnn", epochs=2, conv_channels=8)
+    nhwc = train(digits, family="cnn", epochs=2, conv_channels=8, channels_last=True)
+    # Same arithmetic in another memory order: equal up to float summation order.
+    assert nhwc.metrics["val_loss"] == pytest.approx(default.metrics["val_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize(("family", "device", "setting", "expected"), [
+    ("cnn", "cpu", None, torch.contiguous_format),
+    ("cnn", "cuda", None, torch.channels_last),
+    ("cnn", "cpu", True, torch.channels_last),
+    ("cnn", "cuda", False, torch.contiguous_format),
+    ("mlp", "cuda", None, torch.contiguous_format),
+    ("mlp", "cpu", True, torch.contiguous_format),  # no convolution: nothing to lay out
+])
+def test_memory_format_follows_device_model_and_setting(digits: SearchData, family: str, device: str,
+                                                         setting: bool | None, expected: torch.memory_format) -> None:
+    model = build_model(family, params(), image_shape=digits.image_shape, n_classes=digits.n_classes)
+    assert memory_format(model, torch.device(device), setting) == expected
 
 
 def test_mnist_slice_is_learned(mnist: SearchData) -> None:
@@ -225,6 +259,11 @@ def test_config_from_params_reads_every_training_knob() -> None:
 def test_bad_training_values_raise_spec_error(overrides: dict[str, Any], named: str) -> None:
     with pytest.raises(SpecError, match=named):
         TrainConfig.from_params(params(**overrides), seed=0, device="cpu")
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"`precision` must be one of \['fp32', 'bf16'\], but got 'fp16'"):
+        TrainConfig.from_params(params(), seed=0, device="cpu", precision="fp16")
 
 
 def test_missing_training_params_are_named() -> None:
