@@ -365,10 +365,10 @@ def publish(study: optuna.Study, figs: Mapping[str, Figure], *, store: FileSyste
     with tempfile.TemporaryDirectory() as tmp:
         for name, fig in figs.items():
             filename = f"{name}.png"
-            if tracker is not None and parent_run_id:
-                tracker.log_figure(parent_run_id, fig, f"study/{filename}")
             path = Path(tmp) / filename
-            path.write_bytes(figures.figure_png(fig))  # closes the figure
+            path.write_bytes(figures.figure_png(fig))  # closes the figure; drawn once, for both stores
+            if tracker is not None and parent_run_id:
+                tracker.log_artifact(parent_run_id, path, "study")
             if ids := existing.get(filename):
                 # Rewrite in place: same id, same metadata, so nothing piles up in the study.
                 for artifact_id in ids:

@@ -2,6 +2,10 @@
 
 This is the edge where Optuna and MLflow meet the training code: `train.fit` sees only the
 `report(step, metrics)` callable built here.
+
+What a trial records costs it little: its user attrs are written in two transactions (at the start
+and at the end), not one commit each; per-epoch metrics go to MLflow in batches at most every
+few seconds (each epoch at once when epochs are slower than that), and the rest with the run's end.
 """
 
 from __future__ import annotations
@@ -9,8 +13,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,12 @@ from hpsearch import space, tasks
 from hpsearch.data import SearchData
 from hpsearch.models import build_model, count_params
 from hpsearch.spec import Spec
+from hpsearch.storage import rdb
 from hpsearch.tracking import Tracker
 from hpsearch.train import Diverged, TrainConfig, fit
 
 MODEL_FILE = "model.pt"
+METRICS_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late: live curves, one write per batch
 
 
 class TrialFailed(Exception):
@@ -57,67 +63,60 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     # A retried trial (its worker died) trains with the seed of the trial it repeats.
     retried_from = _retried_from(trial)
     seed = trial_seed(spec.study.seed, trial.number if retried_from is None else retried_from)
-    trial.set_user_attr("seed", seed)
-    trial.set_user_attr("device", str(ctx.device))
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,
                            noise_kind=spec.task.noise.kind, reference=ctx.reference)
     torch.manual_seed(seed)
     model = build_model(spec.model.family, params, image_shape=ctx.data.image_shape,
                         n_classes=ctx.data.n_classes).to(ctx.device)
     n_params = count_params(model)
-    trial.set_user_attr("n_params", n_params)
-
     run_id = _start_run(trial, ctx, params, seed, n_params, retried_from)
+    epochs = _EpochLog(ctx.tracker, run_id)
     primary = spec.study.metrics[0].name
     mean, std = _stats(ctx)
-    last_images_epoch = 0
 
     def report(step: int, metrics: dict[str, float]) -> None:
-        nonlocal last_images_epoch
         if ctx.tracker and run_id:
-            ctx.tracker.log_metrics(run_id, metrics, step)
+            epochs.add(step, metrics)
             if step % spec.tracking.log_images_every == 0:
                 _log_images(ctx, run_id, model, task, mean, std, step)
-                last_images_epoch = step
         value = metrics[primary]
         if not spec.study.multi_objective and math.isfinite(value):
             trial.report(value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {step}: {primary}={value:.5g}")
 
-    config = TrainConfig.from_params(params, seed=seed, device=str(ctx.device))
+    config = TrainConfig.from_params(params, seed=seed, device=str(ctx.device), precision=spec.task.precision,
+                                    channels_last=spec.task.channels_last)
     started = time.perf_counter()
     try:
         result = fit(model, ctx.data, task, config, report)
     except optuna.TrialPruned:
-        _end_run(ctx, run_id, "FINISHED", "PRUNED", model, task, mean, std, last_images_epoch, trial)
+        _end_run(ctx, run_id, epochs, "FINISHED", "PRUNED", model, task, mean, std, trial)
         raise
     except Diverged as exc:
         reason = f"diverged: {exc}"
-        trial.set_user_attr("fail_reason", reason)
-        _end_run(ctx, run_id, "FAILED", "FAIL", None, task, mean, std, last_images_epoch, trial, reason=reason)
+        _end_run(ctx, run_id, epochs, "FAILED", "FAIL", None, task, mean, std, trial, reason=reason,
+                 attrs={"fail_reason": reason})
         raise TrialFailed(reason) from None
     except BaseException as exc:  # Ctrl-C, out of memory, a bug: record it, then let Optuna fail the trial
         reason = f"{type(exc).__name__}: {exc}"[:500]
         interrupted = isinstance(exc, KeyboardInterrupt)
         # An interrupted trial is not the trial's fault: it does not count towards n_trials.
-        trial.set_user_attr("interrupted" if interrupted else "fail_reason", reason or "interrupted")
+        attrs = {"interrupted" if interrupted else "fail_reason": reason or "interrupted"}
         status = "KILLED" if interrupted else "FAILED"
-        _end_run(ctx, run_id, status, "FAIL", None, task, mean, std, last_images_epoch, trial, reason=reason)
+        _end_run(ctx, run_id, epochs, status, "FAIL", None, task, mean, std, trial, reason=reason, attrs=attrs)
         raise
-    trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
-    for name, value in result.metrics.items():
-        trial.set_user_attr(name, value)
+    finished: dict[str, Any] = {"train_seconds": round(time.perf_counter() - started, 3), **result.metrics}
     if ctx.device.type == "cuda":
-        trial.set_user_attr("peak_gpu_memory_mb", round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1))
+        finished["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
     values = [float(n_params) if m.name == "n_params" else result.metrics[m.name] for m in spec.study.metrics]
     if not all(math.isfinite(v) for v in values):
         reason = f"non-finite objective value(s) {values}"
-        trial.set_user_attr("fail_reason", reason)
-        _end_run(ctx, run_id, "FAILED", "FAIL", None, task, mean, std, last_images_epoch, trial, reason=reason)
+        _end_run(ctx, run_id, epochs, "FAILED", "FAIL", None, task, mean, std, trial, reason=reason,
+                 attrs={**finished, "fail_reason": reason})
         raise TrialFailed(reason)
-    _save_model(trial, ctx, model)
-    _end_run(ctx, run_id, "FINISHED", "COMPLETE", model, task, mean, std, last_images_epoch, trial)
+    finished["model_artifact_id"] = _save_model(trial, ctx, model)
+    _end_run(ctx, run_id, epochs, "FINISHED", "COMPLETE", model, task, mean, std, trial, attrs=finished)
     return values[0] if len(values) == 1 else values
 
 
@@ -136,22 +135,88 @@ def _stats(ctx: TrialContext) -> tuple[float, float]:
     return 0.0, 1.0
 
 
+def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """Store user attrs of a running trial, in one transaction where the storage is a database.
+
+    Optuna commits each ``set_user_attr`` on its own: on SQLite one disk sync each (3-10 ms on a
+    busy disk). Optuna has no public call for several, so this does what ``set_user_attr`` does,
+    for every key in one session (retried through a lost database like the storage's own calls).
+    """
+    storage = rdb(trial.study)
+    if len(attrs) < 2 or not isinstance(storage, optuna.storages.RDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    try:  # Optuna's internals: should a release move them, every key is set the public way
+        from optuna.storages._rdb.models import TrialUserAttributeModel
+        from optuna.storages._rdb.storage import _create_scoped_session
+        storage._set_trial_attr_without_commit  # noqa: B018  (present, or AttributeError)
+        trial._cached_frozen_trial  # noqa: B018
+    except (ImportError, AttributeError):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+
+    def write() -> None:
+        with _create_scoped_session(storage.scoped_session, True) as session:
+            for key, value in attrs.items():
+                storage._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial._trial_id, key, value)
+
+    retrying = getattr(storage, "_retrying", None)  # hpsearch's ResilientStorage
+    retrying(write) if retrying else write()
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.user_attrs reads, as set_user_attr keeps it
+
+
 def _start_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], seed: int, n_params: int,
                retried_from: int | None) -> str | None:
-    if ctx.tracker is None or ctx.parent_run_id is None:
-        return None
+    """Return the trial's MLflow run id (None without tracking), with the trial's first attrs stored."""
+    attrs: dict[str, Any] = {"seed": seed, "device": str(ctx.device), "n_params": n_params}
+    run_id = None
+    if ctx.tracker is not None and ctx.parent_run_id is not None:
+        run_id = _start_mlflow_run(trial, ctx, params, seed, n_params, retried_from)
+        if run_id:
+            attrs["mlflow_run_id"] = run_id
+            if url := ctx.tracker.run_url(run_id):
+                attrs["mlflow_run_url"] = url
+    set_user_attrs(trial, attrs)
+    return run_id
+
+
+def _start_mlflow_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], seed: int, n_params: int,
+                      retried_from: int | None) -> str | None:
+    assert ctx.tracker is not None and ctx.parent_run_id is not None  # _start_run checks
     tags = {"hpsearch.study": ctx.spec.study.name, "optuna.trial_number": str(trial.number)}
     if retried_from is not None:
         tags["hpsearch.retried_from"] = str(retried_from)
     logged = {**params, "seed": seed, "n_params": n_params, "device": str(ctx.device),
               **ctx.data.provenance.as_params()}
-    run_id = ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags)
-    if run_id:
-        trial.set_user_attr("mlflow_run_id", run_id)
-        url = ctx.tracker.run_url(run_id)
-        if url:
-            trial.set_user_attr("mlflow_run_url", url)
-    return run_id
+    return ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags)
+
+
+@dataclass
+class _EpochLog:
+    """A trial's per-epoch metrics on their way to MLflow: held for a batch, sent every few seconds."""
+
+    tracker: Tracker | None
+    run_id: str | None
+    held: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)  # (step, time in ms, metrics)
+    sent_at: float = field(default_factory=time.monotonic)
+
+    def add(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.held.append((step, int(time.time() * 1000), dict(metrics)))
+        if time.monotonic() - self.sent_at >= METRICS_EVERY_S:
+            self.send()
+
+    def send(self) -> None:
+        if self.tracker and self.run_id and self.held:
+            self.tracker.log_epochs(self.run_id, self.held)
+        self.held = []
+        self.sent_at = time.monotonic()
+
+    def take(self) -> list[tuple[int, int, dict[str, float]]]:
+        """Return the epochs not sent yet, and forget them (the caller sends them)."""
+        held, self.held = self.held, []
+        return held
 
 
 def _log_images(ctx: TrialContext, run_id: str, model: torch.nn.Module, task: Any, mean: float, std: float,
@@ -162,52 +227,56 @@ def _log_images(ctx: TrialContext, run_id: str, model: torch.nn.Module, task: An
     ctx.tracker.log_image(run_id, grid, f"images/reconstruction_epoch_{step:03d}.png")
 
 
-def _end_run(ctx: TrialContext, run_id: str | None, status: str, state: str, model: torch.nn.Module | None,
-             task: Any, mean: float, std: float, last_images_epoch: int, trial: optuna.Trial,
-             reason: str | None = None) -> None:
-    """Log the final pictures (to MLflow and as Optuna artifacts) and close the trial's run."""
-    # A pruned classifier's confusion matrix tells little and costs ~0.2 s; reconstructions of
-    # pruned autoencoders do show why they were pruned.
+def _end_run(ctx: TrialContext, run_id: str | None, epochs: _EpochLog, status: str, state: str,
+             model: torch.nn.Module | None, task: Any, mean: float, std: float, trial: optuna.Trial,
+             reason: str | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+    """Store the trial's last attrs with its final pictures (to MLflow and as Optuna artifacts), then
+    close its run with the epochs' metrics not sent yet."""
+    attrs = dict(attrs or {})
+    # A pruned classifier's confusion matrix tells little; reconstructions of pruned autoencoders
+    # do show why they were pruned.
     if model is not None and not (state == "PRUNED" and ctx.spec.task.type == "classify"):
         try:
-            _final_images(ctx, run_id, model, task, mean, std, trial)
+            attrs.update(_final_images(ctx, run_id, model, task, mean, std, trial))
         except Exception as exc:  # noqa: BLE001 - pictures are a bonus; never lose the trial over them
             ctx.warn(f"warning: could not draw trial {trial.number}'s images: {exc}")
+    set_user_attrs(trial, attrs)
     if ctx.tracker is None or run_id is None:
         return
     tags = {"hpsearch.state": state}
     if reason:
         tags["hpsearch.fail_reason"] = reason[:5000]
-    ctx.tracker.end_run(run_id, status, tags=tags)
+    ctx.tracker.end_run(run_id, status, tags=tags, epochs=epochs.take())
 
 
 def _final_images(ctx: TrialContext, run_id: str | None, model: torch.nn.Module, task: Any, mean: float,
-                  std: float, trial: optuna.Trial) -> None:
-    from hpsearch.figures import save_png
+                  std: float, trial: optuna.Trial) -> dict[str, str]:
+    """Return the user attr that names the trial's final picture, uploaded as an Optuna artifact."""
+    from hpsearch.figures import confusion_matrix_image, save_png
 
     if ctx.spec.task.type == "classify":
         counts = tasks.confusion_matrix(model, ctx.data.val, mean=mean, std=std, device=ctx.device,
                                         n_classes=ctx.data.n_classes)
-        image, name = tasks.confusion_matrix_image(counts), "confusion_matrix.png"
+        image, name = confusion_matrix_image(counts), "confusion_matrix.png"
     else:
         image = tasks.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
         name = "reconstruction.png"
-    if ctx.tracker is not None and run_id is not None:
-        ctx.tracker.log_image(run_id, image, f"images/{name}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        save_png(image, path)
+        save_png(image, path)  # encoded once, for both stores
+        if ctx.tracker is not None and run_id is not None:
+            ctx.tracker.log_artifact(run_id, path, "images")
         artifact_id = optuna.artifacts.upload_artifact(
             artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
-    trial.set_user_attr(f"artifact:{name}", artifact_id)
+    return {f"artifact:{name}": artifact_id}
 
 
-def _save_model(trial: optuna.Trial, ctx: TrialContext, model: torch.nn.Module) -> None:
-    """Keep the trained weights as an Optuna artifact, so the best model is never trained twice."""
+def _save_model(trial: optuna.Trial, ctx: TrialContext, model: torch.nn.Module) -> str:
+    """Return the id of the trained weights kept as an Optuna artifact, so the best model is never trained twice."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILE
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
         artifact_id = optuna.artifacts.upload_artifact(
             artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial,
             mimetype="application/octet-stream")
-    trial.set_user_attr("model_artifact_id", artifact_id)
+    return artifact_id

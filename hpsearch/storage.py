@@ -59,6 +59,22 @@ def prepare_sqlite(url: str) -> None:
         conn.close()
 
 
+def sync_on_checkpoint(engine: Any) -> None:
+    """Make every connection of a SQLite ``engine`` commit without waiting for the disk (WAL + NORMAL).
+
+    With WAL, synchronous=NORMAL still never corrupts the file and never loses a commit when a
+    process dies (a killed worker, Ctrl-C): only a power cut or OS crash can undo the last few
+    commits. It spares each commit a disk sync: 3.4 ms each here, some twenty per trial.
+    """
+    from sqlalchemy import event
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    event.listen(engine, "connect", on_connect)
+    engine.dispose()  # the connection Optuna opened while creating its tables came before the listener
+
+
 def driver_url(url: str) -> str:
     """Return ``url`` with a PostgreSQL driver that is installed (psycopg2 ships with hpsearch)."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -221,7 +237,7 @@ def make_storage(
         try:
             if url.startswith("sqlite"):
                 prepare_sqlite(url)
-            return ResilientStorage(
+            storage = ResilientStorage(
                 url,
                 outage_s=outage_s,
                 warn=warn,
@@ -230,6 +246,9 @@ def make_storage(
                 grace_period=study.grace_period,
                 heartbeat_stale_trial_callback=stale_trial_callback,
             )
+            if url.startswith("sqlite"):
+                sync_on_checkpoint(storage.engine)
+            return storage
         except Exception as exc:  # noqa: BLE001 - any driver error means: cannot use this storage
             if _creation_race(exc) and attempt < _OPEN_TRIES - 1:
                 # Several workers on a fresh database all create Optuna's tables at once; the

@@ -10,6 +10,9 @@ Several workers, on one machine or several, may share one store, so every step t
 something is race-safe: a new SQLite store's tables are created under a file lock, the experiment
 is created or else fetched by name, and the study's parent run is agreed on (see
 :meth:`Tracker.study_run`).
+
+A SQLite store is switched to WAL with ``synchronous=NORMAL`` (see :func:`_tune_sqlite`): MLflow's
+default waits for the disk on every commit, and a trial makes several.
 """
 
 from __future__ import annotations
@@ -142,7 +145,9 @@ class Tracker:
             from mlflow import MlflowClient
 
             with _schema_lock(self.uri):
-                self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                _tune_sqlite(self.uri, client)
+                self._client = client
         return self._client
 
     def _warn_once(self, message: str) -> None:
@@ -292,34 +297,29 @@ class Tracker:
             return None
         return f"{self._shown.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
-    def end_run(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None) -> None:
-        """Close a run as FINISHED, FAILED or KILLED, first setting tags that say why (hpsearch.state=...)."""
-        if tags:
-            self.set_tags(run_id, tags)
+    def end_run(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None,
+                epochs: Sequence[tuple[int, int, Mapping[str, float]]] = ()) -> None:
+        """Close a run as FINISHED, FAILED or KILLED, first logging the ``epochs`` not logged yet (see
+        :meth:`log_epochs`) and tags that say why (hpsearch.state=...), in one batch."""
+        if epochs or tags:
+            self._call("log a run's last metrics and tags",
+                       lambda client: _log_epochs(client, run_id, epochs, tags=tags or {}))
+        # Apart: a batch MLflow refuses must not leave the run RUNNING.
         self._call(f"end a run as {status}", lambda client: client.set_terminated(run_id, status))
 
     # ------------------------------------------------------------------ values
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Log the metrics at ``step`` in one batch.
+        """Log the metrics at ``step`` in one batch (see :meth:`log_epochs`)."""
+        self.log_epochs(run_id, [(step, int(time.time() * 1000), metrics)])
+
+    def log_epochs(self, run_id: str, epochs: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
+        """Log the metrics of several steps, each given as (step, time in ms, metrics), in one batch.
 
         MLflow's charts break on NaN and inf, so a non-finite value is not logged as a metric
         point; the tag ``hpsearch.nonfinite_<name>`` records it and its step instead (the last one).
         """
-        from mlflow.entities import Metric, RunTag
-
-        def log(client: MlflowClient) -> None:
-            now = int(time.time() * 1000)
-            points, flags = [], []
-            for name, value in metrics.items():
-                number = float(value)
-                if math.isfinite(number):
-                    points.append(Metric(str(name), number, now, int(step)))
-                else:
-                    flags.append(RunTag(f"{NONFINITE_TAG}{name}", f"{number} at step {step}"))
-            _log_batch(client, run_id, metrics=points, tags=flags)
-
-        self._call("log metrics", log)
+        self._call("log metrics", lambda client: _log_epochs(client, run_id, epochs))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params as strings, each cut to MLflow's length limit, 100 to a batch."""
@@ -454,6 +454,23 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _log_epochs(client: MlflowClient, run_id: str, epochs: Sequence[tuple[int, int, Mapping[str, float]]], *,
+                tags: Mapping[str, str] | None = None) -> None:
+    """Log (step, time in ms, metrics) triples and ``tags`` in one batch; NaN and inf become tags."""
+    from mlflow.entities import Metric, RunTag
+
+    points, flags = [], {}
+    for step, timestamp, metrics in epochs:
+        for name, value in metrics.items():
+            number = float(value)
+            if math.isfinite(number):
+                points.append(Metric(str(name), number, int(timestamp), int(step)))
+            else:  # the latest one per name: a batch may not set one tag twice
+                flags[f"{NONFINITE_TAG}{name}"] = f"{number} at step {step}"
+    flags.update(_strings(tags or {}))
+    _log_batch(client, run_id, metrics=points, tags=[RunTag(k, v) for k, v in flags.items()])
+
+
 def _log_missing_params(client: MlflowClient, run: Run, params: Mapping[str, Any]) -> None:
     """Log the params the run lacks: params cannot change once logged, and the others are there."""
     from mlflow.entities import Param
@@ -497,6 +514,39 @@ def _schema_lock(uri: str) -> Iterator[None]:
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def _tune_sqlite(uri: str, client: MlflowClient) -> None:
+    """Make commits to a SQLite store cheap: WAL, and no disk sync per commit (``synchronous=NORMAL``).
+
+    MLflow opens SQLite with a rollback journal and full syncs: every write (a run, a batch of
+    metrics, tags, the end) waits for the disk, 3-20 ms on a busy machine. With WAL and NORMAL a
+    commit is a write to the log, synced at checkpoints: nothing is lost when the process dies, and
+    an OS crash or a power cut may lose the last commits but never corrupts the file. Readers (the MLflow UI) never
+    block the writer, as with Optuna's storage (``storage.prepare_sqlite``). Only speed is at
+    stake, so any failure (another process holds the file, an MLflow without ``store.engine``)
+    leaves the store as MLflow opened it.
+    """
+    match = re.match(r"^sqlite(\+\w+)?:///([^?]+)", uri)
+    if match is None:
+        return
+    try:
+        from sqlalchemy import event
+
+        engine = client._tracking_client.store.engine  # MLflow has no knob for its SQLite connections
+        if event.contains(engine, "connect", _sync_normal):
+            return  # MLflow shares one engine per URI: tuned by an earlier Tracker
+        with contextlib.closing(sqlite3.connect(match.group(2), timeout=1.0)) as conn:
+            wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"  # persistent, in the file
+        if wal:  # NORMAL is safe with WAL only
+            event.listen(engine, "connect", _sync_normal)
+            engine.dispose()  # connections already pooled were opened without it
+    except Exception:  # noqa: BLE001, S110 - see the docstring
+        pass
+
+
+def _sync_normal(connection: Any, record: Any) -> None:
+    connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def _schema_ready(db: Path) -> bool:

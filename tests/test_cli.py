@@ -60,8 +60,11 @@ def test_run_records_study_and_mlflow(tmp_path: Path, _isolated_runs_dir: Path) 
     test = study.user_attrs["hpsearch.test"]
     assert test["trial"] == study.best_trial.number and 0.5 < test["metrics"]["test_accuracy"] <= 1.0
     for t in trials:
-        assert "seed" in t.user_attrs and "mlflow_run_id" in t.user_attrs
+        assert {"seed", "device", "n_params", "mlflow_run_id"} <= set(t.user_attrs)  # stored as the trial starts
         assert len(t.intermediate_values) >= 1  # reported every epoch
+        if t.state == optuna.trial.TrialState.COMPLETE:  # ...and as it ends: its final metrics, model and picture
+            assert {"train_seconds", "val_accuracy", "train_loss", "model_artifact_id",
+                    "artifact:confusion_matrix.png"} <= set(t.user_attrs)
 
     client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
     exp = client.get_experiment_by_name("e2e")

@@ -2,7 +2,8 @@
 
 `build_study` (used by test_insights, test_report and test_browser too) makes a study through
 `study.ask()/tell()` with per-epoch intermediate values, the user attrs objective.py sets and
-real PNG artifacts: reconstruction grids drawn by `tasks.reconstruction_grid`, or confusion matrices.
+real PNG artifacts: reconstruction grids drawn by `tasks.reconstruction_grid`, or confusion matrices
+(`figures.confusion_matrix_image`).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def build_study(tmp_path: Path, kind: str = "denoise", *, tracking: bool = True)
             image_name = "reconstruction.png"
         else:
             counts = np.diag(np.full(10, 40)) + np.random.default_rng(trial.number).integers(0, 4, (10, 10))
-            image, image_name = tasks.confusion_matrix_image(counts), "confusion_matrix.png"
+            image, image_name = figures.confusion_matrix_image(counts), "confusion_matrix.png"
         if tracker and run_id:
             tracker.log_image(run_id, image, f"images/{image_name}")
         trial.set_user_attr(f"artifact:{image_name}", _upload(trial, store, image, image_name))
@@ -328,3 +329,28 @@ def test_save_png_round_trips(tmp_path: Path) -> None:
     image = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
     path = figures.save_png(image, tmp_path / "a" / "x.png")
     assert np.array_equal(figures.load_png(path.read_bytes()), image)
+
+
+@pytest.mark.parametrize("n_classes", [2, 10, 20, 47])
+def test_confusion_matrix_image_shades_counts_and_grows_with_classes(n_classes: int) -> None:
+    rng = np.random.default_rng(n_classes)
+    counts = np.diag(np.full(n_classes, 200)) + rng.integers(0, 5, (n_classes, n_classes))
+    image = figures.confusion_matrix_image(counts)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    # The diagonal (most samples) is drawn dark, a sparse off-diagonal cell light: find both by
+    # their colours in matplotlib's "Blues", the scale the cells are shaded on.
+    import matplotlib
+
+    blues = matplotlib.colormaps["Blues"]
+    darkest = np.array(blues(1.0, bytes=True)[:3])
+    lightest = np.array(blues(float(counts[0, 1]) / counts.max(), bytes=True)[:3])
+    pixels = image.reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - darkest).sum(axis=1) == 0).sum() > 20 * n_classes
+    assert (np.abs(pixels.astype(int) - lightest).sum(axis=1) <= 3).sum() > 20
+    # Readable at 10 classes, bounded at many: cells shrink instead of the picture growing.
+    assert 150 <= image.shape[0] <= 900 and 150 <= image.shape[1] <= 900
+
+
+def test_confusion_matrix_image_of_nothing_is_still_a_picture() -> None:
+    image = figures.confusion_matrix_image(np.zeros((3, 3), dtype=np.int64))  # accuracy nan of 0
+    assert image.shape[2] == 3 and image.std() > 0

@@ -53,6 +53,18 @@ def test_sqlite_storage_is_in_wal_mode(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_sqlite_storage_connections_commit_without_a_disk_sync(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = make_storage(_study_spec(url), url=url)
+    with storage.engine.connect() as conn:  # a fresh connection of Optuna's own pool
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL (FULL is 2)
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    reopened = optuna.load_study(study_name="s", storage=url)  # another process's view: all there
+    assert len(reopened.trials) == 3
+
+
 @pytest.mark.parametrize(("exc", "expected"), [
     (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection")), True),
     (sqlalchemy.exc.InterfaceError("SELECT 1", {}, Exception("connection already closed")), True),
