@@ -418,32 +418,3 @@ def confusion_matrix(model: nn.Module, split: Split, *, mean: float, std: float,
             counts += torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
     return counts.view(n_classes, n_classes).cpu().numpy()
 
-
-def confusion_matrix_image(counts: np.ndarray) -> np.ndarray:
-    """Return the confusion matrix drawn as an RGB uint8 picture (matplotlib, Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(counts)
-    n_classes = counts.shape[0]
-    total = int(counts.sum())
-    accuracy = np.trace(counts) / total if total else float("nan")
-    # A Figure with its own Agg canvas: no pyplot global state, safe in worker threads.
-    figure = Figure(figsize=(1.2 + 0.45 * n_classes, 1.0 + 0.45 * n_classes), dpi=100)
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.imshow(counts, cmap="Blues", interpolation="nearest")
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(f"accuracy {accuracy:.2%} of {total}")
-    axes.set_xticks(range(n_classes))
-    axes.set_yticks(range(n_classes))
-    if n_classes <= 20:  # beyond that the numbers would not fit their cells
-        threshold = counts.max() / 2 if counts.size else 0
-        for (true, predicted), count in np.ndenumerate(counts):
-            axes.text(predicted, true, str(int(count)), ha="center", va="center", fontsize=7,
-                      color="white" if count > threshold else "black")
-    figure.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
