@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout, no install needed
 
 import torch  # noqa: E402
 
+import batched_trials  # noqa: E402
 import epoch_speed  # noqa: E402
 import overhead  # noqa: E402
 import pruning  # noqa: E402
@@ -57,13 +58,19 @@ class Sizes:
     pruning_epochs: int
     target_trials: int  # trials per side at most
     target_epochs: int
+    batched_train_limit: int  # Fashion-MNIST images for the batched-trials comparison
+    batched_repeats: int  # measured epochs per side and K (after one warm-up)
 
 
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
-             overhead_train_limit=20000, pruning_trials=20, pruning_epochs=8, target_trials=30, target_epochs=10)
+             overhead_train_limit=20000, pruning_trials=20, pruning_epochs=8, target_trials=30, target_epochs=10,
+             batched_train_limit=20000, batched_repeats=3)
 QUICK = Sizes(train_limit=6000, epoch_repeats=2, overhead_trials=5, overhead_epochs=6,
-              overhead_train_limit=10000, pruning_trials=10, pruning_epochs=6, target_trials=10, target_epochs=8)
+              overhead_train_limit=10000, pruning_trials=10, pruning_epochs=6, target_trials=10, target_epochs=8,
+              batched_train_limit=6000, batched_repeats=2)
 TARGET = 0.94  # validation accuracy on mnist-5k (800 images): 0.95 is a lottery of +-0.8 % noise
+BATCHED_KS = (2, 4, 8)  # trials trained together; benchmarks/batched_trials.py goes further
+BATCHED_VARIANTS = ["bmm-own", "bmm-shared"]  # vmap was slower than bmm everywhere measured
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the ~2-minute version")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
-    parser.add_argument("--only", default="epoch,overhead,workers,pruning,target",
-                        help="comma-separated subset of: epoch, overhead, workers, pruning, target")
+    parser.add_argument("--only", default="epoch,overhead,workers,pruning,target,batched",
+                        help="comma-separated subset of: epoch, overhead, workers, pruning, target, batched")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     only = set(args.only.split(","))
@@ -105,6 +112,7 @@ def main() -> None:
         ("workers", lambda: worker_rows(args.quick, extra)),
         ("pruning", lambda: pruning_rows(sizes, args.threads)),
         ("target", lambda: target_rows(sizes, args.threads)),
+        ("batched", lambda: batched_rows(sizes, args.threads)),
     ]
     for name, step in steps:
         if name not in only:
@@ -224,6 +232,25 @@ def target_rows(sizes: Sizes, threads: int) -> list[Row]:
             f"{r['epochs']} epochs/trial; setup not counted ({r['setup']['hpsearch']:.1f} s vs "
             f"{r['setup']['plain']:.1f} s)")
     return [Row(what, cell("hpsearch"), cell("plain"), ratio)]
+
+
+def batched_rows(sizes: Sizes, threads: int) -> list[Row]:
+    """Rows: K same-shape MLP trials trained together (stacked, bmm) vs K sequential `fit`s; and the check."""
+    data = epoch_speed.load_data(train_limit=sizes.batched_train_limit)
+    _, passed = batched_trials.run_check(data, k=max(BATCHED_KS), variants=BATCHED_VARIANTS, device="cpu")
+    rows = [Row(f"batched trials: {max(BATCHED_KS)} models trained together train as {max(BATCHED_KS)} `fit`s "
+                "(dropout 0, one epoch; benchmarks/batched_trials.py prints the differences)", "", "",
+                "ok" if passed else "**FAILED**")]
+    for k in BATCHED_KS:
+        r = batched_trials.measure_k(k, data, repeats=sizes.batched_repeats, variants=BATCHED_VARIANTS,
+                                     device="cpu")
+        ours = min(r.sequential)
+        for variant in BATCHED_VARIANTS:
+            theirs = min(r.batched[variant])
+            rows.append(Row(f"batched trials: {k} MLPs 784-128-64-10 (own lr, dropout, seed) in one stacked pass "
+                            f"({variant}) vs {k} sequential `fit`s, {len(data.train)}+{len(data.val)} images, "
+                            "s per trial-epoch", f"{theirs:.4f} s", f"{ours:.4f} s", f"**{ours / theirs:.2f}x**"))
+    return rows
 
 
 if __name__ == "__main__":

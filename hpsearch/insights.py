@@ -313,7 +313,7 @@ def reconstructions_by_size(spec: Spec, trials: Sequence[FrozenTrial], store: Fi
         name = "best trial" if size is None else f"bottleneck {size}"
         rows.append((f"{name}\n#{t.number}: {primary.name} {t.values[0]:.4g}", figures.grid_bands(grids[size])[2]))
     return figures.image_rows(rows, title=f"Best reconstruction per bottleneck size ({spec.task.type}), "
-                                          "same validation digits")
+                                          "same validation images")
 
 
 # --------------------------------------------------------------------------- publishing

@@ -26,7 +26,7 @@ FIGURES_DIR = "figures"  # PNGs the markdown summary links to
 MAX_TRIAL_ROWS = 30  # the trial table of a 500-trial study would bury the rest
 
 CAPTIONS = {
-    "reconstructions_by_bottleneck": "The best trial of each bottleneck size on the same validation digits: "
+    "reconstructions_by_bottleneck": "The best trial of each bottleneck size on the same validation images: "
                                      "clean, corrupted, then one reconstruction row per size.",
     "learning_curves": "Validation metric per epoch; pruned trials dashed, ending in × where the pruner "
                        "stopped them.",
