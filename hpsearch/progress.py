@@ -11,6 +11,7 @@ import optuna
 
 from hpsearch.spec import Spec, mask_password
 from hpsearch.study import Counts, count_trials
+from hpsearch.trials import best_trial
 
 
 def _clock(seconds: float) -> str:
@@ -101,6 +102,13 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
                      + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result["metrics"].items())))
         if result.get("model_version"):
             lines.append(f"Registered model: {result['registered_model']} version {result['model_version']}")
+    elif (best := best_trial(spec, study.get_trials(deepcopy=False))) is not None:
+        names = [m.name for m in spec.study.metrics]
+        values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, best.values))
+        lines.append(f"Best trial so far: #{best.number} ({values})")
+        lines.append("Best params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(best.params.items())))
+        lines.append(f"Test split not touched (--no-finish); `hpsearch run {spec.path}` again tests and registers "
+                     "the best model once the study has all its trials.")
     else:
         lines.append("No trial completed, so there is no best model yet.")
     if spec.tracking.enabled:

@@ -104,7 +104,10 @@ def test_run_records_study_and_mlflow(tmp_path: Path, _isolated_runs_dir: Path) 
 def test_changed_space_is_refused_unless_allowed(tmp_path: Path) -> None:
     small = {**SMALL, "study": {**SMALL["study"], "n_trials": 1, "enqueue": []}, "tracking": {"enabled": False}}
     path = _write(tmp_path, small)
-    assert CliRunner().invoke(cli, ["run", str(path), "--no-finish"]).exit_code == 0
+    first = CliRunner().invoke(cli, ["run", str(path), "--no-finish"])
+    assert first.exit_code == 0, first.output
+    # The summary names the best trial so far and says the test split was left alone.
+    assert "Best trial so far: #0" in first.output and "Test split not touched (--no-finish)" in first.output
     changed = {**small, "space": {**small["space"], "width": {"type": "int", "low": 8, "high": 128}}}
     path = _write(tmp_path, changed)
     result = CliRunner().invoke(cli, ["run", str(path), "--no-finish"])
