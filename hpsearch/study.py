@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from hpsearch import insights, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
