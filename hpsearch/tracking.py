@@ -531,22 +531,15 @@ def _tune_sqlite(uri: str, client: MlflowClient) -> None:
     if match is None:
         return
     try:
-        from sqlalchemy import event
+        from hpsearch.storage import sync_on_checkpoint
 
         engine = client._tracking_client.store.engine  # MLflow has no knob for its SQLite connections
-        if event.contains(engine, "connect", _sync_normal):
-            return  # MLflow shares one engine per URI: tuned by an earlier Tracker
         with contextlib.closing(sqlite3.connect(match.group(2), timeout=1.0)) as conn:
             wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"  # persistent, in the file
-        if wal:  # NORMAL is safe with WAL only
-            event.listen(engine, "connect", _sync_normal)
-            engine.dispose()  # connections already pooled were opened without it
+        if wal:  # NORMAL is safe with WAL only; MLflow shares one engine per URI, tuned once
+            sync_on_checkpoint(engine)
     except Exception:  # noqa: BLE001, S110 - see the docstring
         pass
-
-
-def _sync_normal(connection: Any, record: Any) -> None:
-    connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def _schema_ready(db: Path) -> bool:

@@ -185,8 +185,10 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
             # index_select, not images[index]: advanced indexing of uint8 rows is ~10x slower on the CPU.
             inputs, images01, mask = task.training_batch(train.images.index_select(0, index), generator, mean, std)
             labels = train.labels.index_select(0, index)
+            if layout is torch.channels_last:  # conv models on CUDA: NHWC inputs; no extra call otherwise
+                inputs = inputs.contiguous(memory_format=layout)
             with autocast(device, config.precision):
-                loss = task.loss(model(inputs.contiguous(memory_format=layout)), images01, labels, mask)
+                loss = task.loss(model(inputs), images01, labels, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = group["lr"]
