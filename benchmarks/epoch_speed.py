@@ -7,8 +7,12 @@ An "epoch" is one pass over the training split plus one over the validation spli
 
     (a) hpsearch  `hpsearch.train.fit`: uint8 tensors on the device, batches by index.
     (b) DataLoader the pipeline of Optuna's PyTorch example: a torchvision-style Dataset of PIL
-                   images, ToTensor + Normalize, DataLoader(batch_size=128, shuffle=True); the
-                   autoencoder's noise is added per batch in the loop, as people write it.
+                   images, ToTensor + Normalize, DataLoader(batch_size=128, shuffle=True), and the
+                   model as people write it: the same layers and initial weights, from torch.nn
+                   alone (nn.Dropout, not hpsearch's faster-mask Dropout), with torch.optim.Adam's
+                   defaults. The autoencoder's noise is added per batch in the loop.
+    (b'')          the same DataLoader loop training hpsearch's own model: what the data path
+                   alone is worth, apart from the model and optimizer.
     (c) floor      the epoch's FLOPs (forward and backward, counted by torch's FlopCounterMode)
                    divided by the machine's measured peak float32 matmul throughput.
 
@@ -25,6 +29,7 @@ Usage: python benchmarks/epoch_speed.py [--models mlp,cnn,autoencoder] [--epochs
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -47,6 +52,7 @@ from torchvision import transforms
 
 from hpsearch.data import SearchData, Split, load_search_data  # noqa: E402
 from hpsearch.knobs import defaults  # noqa: E402
+from hpsearch.models import Dropout as HpsearchDropout  # noqa: E402
 from hpsearch.models import build_model  # noqa: E402
 from hpsearch.tasks import make_task  # noqa: E402
 from hpsearch.train import TrainConfig, fit  # noqa: E402
@@ -87,6 +93,7 @@ class EpochResult:
     hpsearch: list[float]
     hpsearch_bf16: list[float]  # empty unless asked for
     dataloader: list[float]
+    dataloader_our_model: list[float]
     loader_only: list[float]
     gflop: float
     floor: float  # seconds
@@ -123,7 +130,8 @@ def main() -> None:
         if r.hpsearch_bf16:
             rows.append(("(a') hpsearch `fit`, bf16 autocast" + (", channels_last" if name == "cnn" and device.type == "cuda" else ""),
                          r.hpsearch_bf16))
-        rows += [("(b) DataLoader + PIL + ToTensor/Normalize", r.dataloader),
+        rows += [("(b) DataLoader + PIL + ToTensor/Normalize, torch.nn model", r.dataloader),
+                 ("(b'') the same DataLoader, hpsearch's model", r.dataloader_our_model),
                  ("(b') the same DataLoader, no model", r.loader_only)]
         for label, times in rows:
             print(f"| {r.case.label} | {label} | {min(times):.3f} | {statistics.median(times):.3f} | "
@@ -147,25 +155,38 @@ def measure_case(case: Case, data: SearchData, *, epochs: int, batch_size: int =
     ours = HpsearchLoop(case, data, batch_size, device=str(device))
     ours_bf16 = HpsearchLoop(case, data, batch_size, device=str(device), precision="bf16") if bf16 else None
     loader = DataLoaderLoop(case, data, batch_size, device=device)
-    ours.epoch(), loader.epoch(with_model=True)  # warm-up: first-touch allocations, thread pools
+    loader_our_model = DataLoaderLoop(case, data, batch_size, device=device, stock=False)
+    # Warm-up: first-touch allocations, thread pools.
+    ours.epoch(), loader.epoch(with_model=True), loader_our_model.epoch(with_model=True)
     if ours_bf16:
         ours_bf16.epoch()
-    hpsearch, hpsearch_bf16, dataloader, loader_only = [], [], [], []
+    hpsearch, hpsearch_bf16, dataloader, dataloader_our_model, loader_only = [], [], [], [], []
     for _ in range(epochs):
         hpsearch.append(ours.epoch())
         if ours_bf16:
             hpsearch_bf16.append(ours_bf16.epoch())
         dataloader.append(loader.epoch(with_model=True))
+        dataloader_our_model.append(loader_our_model.epoch(with_model=True))
         loader_only.append(loader.epoch(with_model=False))
     flops = epoch_flops(case, data, batch_size)
     peak = peak or peak_matmul_flops(device=device)
     return EpochResult(case=case, hpsearch=hpsearch, hpsearch_bf16=hpsearch_bf16, dataloader=dataloader,
-                       loader_only=loader_only, gflop=flops / 1e9, floor=flops / peak)
+                       dataloader_our_model=dataloader_our_model, loader_only=loader_only, gflop=flops / 1e9, floor=flops / peak)
 
 
 def fresh_model(case: Case, data: SearchData) -> nn.Module:
     torch.manual_seed(0)
     return build_model(case.family, case.params, image_shape=data.image_shape, n_classes=data.n_classes)
+
+
+def stock_model(model: nn.Module) -> nn.Module:
+    """Return ``model`` as people write it: a copy with torch.nn's own Dropout in place of hpsearch's."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, HpsearchDropout):
+                setattr(parent, name, nn.Dropout(child.p))
+    return model
 
 
 class HpsearchLoop:
@@ -203,7 +224,7 @@ class DataLoaderLoop:
     """(b): the loop of Optuna's PyTorch example, over torchvision-style PIL datasets."""
 
     def __init__(self, case: Case, data: SearchData, batch_size: int, *,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), stock: bool = True) -> None:
         self.classify, self.device = case.task == "classify", device
         self.mean, self.std = data.mean, data.std
         # A classifier normalises in the transform; a denoiser needs the clean [0, 1] pixels as its
@@ -212,7 +233,8 @@ class DataLoaderLoop:
         transform = transforms.Compose(steps)
         self.train = DataLoader(PILDataset(data.train, transform), batch_size=batch_size, shuffle=True)
         self.val = DataLoader(PILDataset(data.val, transform), batch_size=batch_size)
-        self.model = fresh_model(case, data).to(device)
+        model = fresh_model(case, data)
+        self.model = (stock_model(model) if stock else model).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:

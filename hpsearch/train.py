@@ -9,6 +9,7 @@ index, scaled, corrupted and normalised as whole tensors: no per-sample Python, 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import numbers
 import time
@@ -29,6 +30,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 LR_SCHEDULES = ("none", "cosine", "step", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PRECISIONS = ("fp32", "bf16")
+_optimizer_module = importlib.import_module("torch.optim.optimizer")  # where the global step hooks live
 _DIVERGENCE_CHECK_EVERY = 64  # batches between NaN checks: a blown-up trial stops early, without a sync per batch
 
 
@@ -167,6 +169,7 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     n_seen = bounds[-1][1]
 
     optimizer = make_optimizer(model.parameters(), config, device)
+    optimizer_step = fused_step(optimizer)
     scheduler, per_batch = make_scheduler(optimizer, config, steps_per_epoch=len(bounds))
     group = optimizer.param_groups[0]
     mean, std = data.mean, data.std
@@ -192,7 +195,7 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = group["lr"]
-            optimizer.step()
+            optimizer_step()
             if per_batch:
                 scheduler.step()
             # Summed on the device: reading the loss every batch would wait for the GPU every batch.
@@ -277,6 +280,71 @@ def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig,
         return torch.optim.RMSprop(parameters, momentum=config.momentum, **common)
     adam = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return adam(parameters, betas=(config.beta1, config.beta2), **common)
+
+
+def fused_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """Return a function that takes one step of ``optimizer``, calling its fused kernel directly where it can.
+
+    On the CPU, ``Optimizer.step`` spends about 100 µs per call around a 30 µs kernel (it regroups
+    the tensors, checks devices, runs hooks and profiler scopes): a seventh of a small MLP's step.
+    For a one-group fused Adam, AdamW or SGD on the CPU, the first step is ``optimizer.step()``
+    itself, which creates the state; later steps call the same kernel on the same state tensors
+    with the group's settings of the moment (so schedulers still work), which gives the same
+    numbers. Anything else (another optimizer, hooks, amsgrad, a parameter without a gradient)
+    steps through ``step()``.
+    """
+    groups = optimizer.param_groups
+    group = groups[0]
+    kernel = _fused_kernel(optimizer)
+    eligible = (kernel is not None and len(groups) == 1 and group.get("fused") is True
+                and not group.get("amsgrad", False) and not group.get("capturable", False)
+                and not group.get("differentiable", False)
+                and all(p.device.type == "cpu" for p in group["params"])
+                and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks)
+    if not eligible:
+        return lambda: optimizer.step()  # looked up per call: a scheduler made later wraps step()
+    params: list[nn.Parameter] = list(group["params"])
+    sgd = type(optimizer) is torch.optim.SGD
+    with_momentum = sgd and group["momentum"] != 0
+    keys = ("exp_avg", "exp_avg_sq", "step") if not sgd else ("momentum_buffer",) if with_momentum else ()
+    state: list[list[Tensor]] | None = None  # one list per key, taken from the optimizer after its first step
+
+    def step() -> None:
+        nonlocal state
+        grads = [p.grad for p in params]
+        if (state is None or any(g is None for g in grads) or isinstance(group["lr"], Tensor)
+                or (sgd and (group["momentum"] != 0) != with_momentum) or _global_step_hooks()):
+            optimizer.step()
+            if state is None and all(key in optimizer.state.get(p, {}) for p in params for key in keys):
+                state = [[optimizer.state[p][key] for p in params] for key in keys]
+            return
+        if sgd:
+            kernel(params, grads, state[0] if with_momentum else [], weight_decay=group["weight_decay"],
+                   momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                   nesterov=group["nesterov"], maximize=group["maximize"], is_first_step=False)
+            return
+        exp_avgs, exp_avg_sqs, steps = state
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+               beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+    return step
+
+
+def _fused_kernel(optimizer: torch.optim.Optimizer) -> Callable[..., Any] | None:
+    """Return the fused kernel that ``optimizer.step`` calls (Adam, AdamW or SGD), or None."""
+    if type(optimizer) is torch.optim.SGD:
+        return getattr(torch, "_fused_sgd_", None)
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        decoupled = optimizer.param_groups[0].get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
+        return getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
+    return None
+
+
+def _global_step_hooks() -> bool:
+    return bool(getattr(_optimizer_module, "_global_optimizer_pre_hooks", None)
+                or getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import types
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from hpsearch.errors import SpecError
 from hpsearch.knobs import defaults
 from hpsearch.models import build_model
 from hpsearch.tasks import METRICS, load_or_train_reference, make_task
-from hpsearch.train import Diverged, TrainConfig, TrainResult, evaluate, fit, memory_format, resolve_device
+from hpsearch.train import (Diverged, TrainConfig, TrainResult, evaluate, fit, fused_step, make_scheduler,
+                            memory_format, resolve_device)
 
 REPORTED = {"train_loss", "epoch_seconds", "lr"}  # besides the task's val metrics
 
@@ -126,6 +128,83 @@ def test_autoencoders_train_end_to_end(digits: SearchData, encoder: str, task: s
 
 
 # --------------------------------------------------------------------------- the reporter
+
+
+OPTIMIZERS_FOR_FUSED_STEP = {
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2, fused=True),
+    "adam, weight decay": lambda params: torch.optim.Adam(params, lr=1e-2, weight_decay=1e-2, fused=True),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, fused=True),
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, fused=True),
+    "sgd, nesterov momentum": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True,
+                                                            weight_decay=1e-3, fused=True),
+    "rmsprop (no fused kernel)": lambda params: torch.optim.RMSprop(params, lr=1e-2, foreach=True),
+    "adam, amsgrad": lambda params: torch.optim.Adam(params, lr=1e-2, amsgrad=True, fused=True),
+    "adam, two groups": lambda params: torch.optim.Adam([{"params": list(params)[:2]}, {"params": []}], lr=1e-2,
+                                                        fused=True),
+}
+
+
+def _train_steps(make_optimizer: Any, *, direct: bool, steps: int = 25) -> tuple[list[torch.Tensor], int]:
+    """Return the weights after ``steps`` steps with a one-cycle schedule, and how often ``step()`` ran."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    optimizer = make_optimizer(model.parameters())
+    calls = []
+    step_method = optimizer.step
+    # A bound method, as the scheduler (which wraps step) expects.
+    optimizer.step = types.MethodType(lambda self, *args, **kwargs: (calls.append(1), step_method(*args, **kwargs))[1],
+                                      optimizer)
+    config = TrainConfig(epochs=1, lr=1e-2, lr_schedule="onecycle")
+    scheduler, _ = make_scheduler(optimizer, config, steps_per_epoch=steps + 1)
+    take_step = fused_step(optimizer) if direct else optimizer.step
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model(torch.randn(8, 20, generator=generator)).square().mean().backward()
+        take_step()
+        scheduler.step()  # lr, betas and momentum change every step: the direct path must follow them
+    return [p.detach().clone() for p in model.parameters()], len(calls)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS_FOR_FUSED_STEP))
+def test_fused_step_gives_the_same_weights_as_step(name: str) -> None:
+    make_optimizer = OPTIMIZERS_FOR_FUSED_STEP[name]
+    direct, step_calls = _train_steps(make_optimizer, direct=True)
+    reference, _ = _train_steps(make_optimizer, direct=False)
+    # The same kernel on the same state: bit for bit the same weights.
+    assert all(torch.equal(a, b) for a, b in zip(direct, reference, strict=True))
+    # Fused Adam, AdamW and SGD go through step() once, to create their state; the rest always.
+    has_direct_path = name in ("adam", "adam, weight decay", "adamw", "sgd", "sgd, nesterov momentum")
+    assert step_calls == (1 if has_direct_path else 25)
+
+
+def test_fused_step_falls_back_when_a_parameter_has_no_gradient() -> None:
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam([*used.parameters(), *unused.parameters()], lr=0.1, fused=True)
+    take_step = fused_step(optimizer)
+    before = unused.weight.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        used(torch.randn(3, 4)).sum().backward()
+        take_step()
+    # As with step(): a parameter without a gradient is left alone, and has no state.
+    assert torch.equal(unused.weight, before)
+    assert unused.weight not in optimizer.state
+
+
+def test_fused_step_honours_hooks_by_stepping_through_step() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    seen: list[int] = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(1))
+    take_step = fused_step(optimizer)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        model(torch.randn(3, 4)).sum().backward()
+        take_step()
+    assert len(seen) == 3
 
 
 def test_report_is_called_once_per_epoch_with_the_promised_keys(digits: SearchData) -> None:
