@@ -135,25 +135,30 @@ def _check_shape(image_shape: Any) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- building blocks
 
 
-class Dropout(nn.Dropout):
-    """``nn.Dropout``, with a faster mask on the CPU.
+def keep_mask(shape: torch.Size, p: float) -> tuple[Tensor, float]:
+    """Return (a bool mask of the units that dropout at rate ``p`` keeps, the scale of kept units), on the CPU.
 
-    On the CPU, ``F.dropout`` draws one random float per unit with ``bernoulli_``: for small MLPs
-    that was a fifth of each training step. Here each 64-bit draw gives four 16-bit numbers, and a
-    unit is kept when its number clears a threshold: 2x (128 units) to 4x (1024 units) faster.
-    The drop probability is ``p`` rounded to a multiple of 1/65536 (off by less than 1e-5), and
-    kept units are scaled by 1 / (1 - that), so the expected activation is unchanged.
+    ``F.dropout`` draws one random float per unit with ``bernoulli_``: for small MLPs that was a
+    fifth of each training step. Here each 64-bit draw gives four 16-bit numbers, and a unit is
+    kept when its number clears a threshold: 2x (128 units) to 4x (1024 units) faster. The drop
+    probability is ``p`` rounded to a multiple of 1/65536 (off by less than 1e-5), and the scale is
+    1 / (1 - that), so the expected activation is unchanged.
     """
+    n = shape.numel()
+    dropped = round(p * 65536)
+    # random_(-2**63, 2**63 - 1): (all but) the whole int64 range, so every 16-bit quarter is uniform.
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    return bits.view(torch.int16)[:n].view(shape) >= dropped - 32768, 65536 / (65536 - dropped)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout``, with the faster mask of :func:`keep_mask` on the CPU."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        n = x.numel()
-        dropped = round(self.p * 65536)
-        # random_(-2**63, 2**63 - 1): (all but) the whole int64 range, so every 16-bit quarter is uniform.
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
-        return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
+        keep, scale = keep_mask(x.shape, self.p)
+        return x * keep.to(x.dtype).mul_(scale)
 
 
 def _dense_stack(n_in: int, arch: Arch, widths: tuple[int, ...] | None = None) -> list[nn.Module]:

@@ -212,7 +212,7 @@ def test_worker_rides_out_a_postgres_restart(tmp_path: Path, monkeypatch: pytest
         spec = {
             "study": {"name": "restart", "n_trials": 4, "storage": "${HPSEARCH_TEST_DB}", "sampler": "random",
                       "pruner": "none", "heartbeat_interval": 1, "grace_period": 20},
-            "task": {"type": "classify", "dataset": "digits", "epochs": 30, "batch_size": 64},
+            "task": {"type": "classify", "dataset": "digits", "epochs": 200, "batch_size": 64},  # ~1 s a trial
             "model": {"family": "mlp"},
             "space": {"width": {"type": "int", "low": 16, "high": 32}},
             "tracking": {"enabled": False},

@@ -43,7 +43,7 @@ def _spec(name: str, tracking_uri: str) -> dict:
             "sampler": {"type": "random"}, "pruner": "none",
             "heartbeat_interval": 1, "grace_period": 5,  # a dead worker's trial is retried within seconds
         },
-        "task": {"type": "classify", "dataset": "digits", "epochs": 40, "batch_size": 64},  # ~3 s a trial
+        "task": {"type": "classify", "dataset": "digits", "epochs": 100, "batch_size": 64},  # a few s a trial
         "model": {"family": "mlp"},
         "space": {"width": {"type": "int", "low": 8, "high": 48}, "lr": {"type": "float", "low": 1e-3,
                                                                           "high": 2e-2, "log": True}},

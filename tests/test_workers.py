@@ -247,7 +247,7 @@ def _mid_training(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 LONG_TRIALS = _with(SPEC, study={"n_trials": 4, "grace_period": 3},
-                    task={"epochs": 40},  # a few seconds per trial on one thread
+                    task={"epochs": 100},  # a second or more per trial on one thread: long enough to see one mid-trial
                     tracking={"enabled": True})
 
 
