@@ -58,7 +58,8 @@ def mlp_step(model: nn.Module, task: Task, device: torch.device,
 
             # 2. Backward: d loss / d logits = (softmax - one-hot) / batch; then each Linear's
             #    weight and bias gradients, and its input's gradient through the mask above.
-            grad = log_probs.exp_().scatter_add_(1, labels.unsqueeze(1), torch.full((len(labels), 1), -1.0))
+            minus_one = torch.full((len(labels), 1), -1.0, dtype=log_probs.dtype)
+            grad = log_probs.exp_().scatter_add_(1, labels.unsqueeze(1), minus_one)
             grad.div_(len(labels))
             for i in reversed(range(len(linears))):
                 linear = linears[i]
