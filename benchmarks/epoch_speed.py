@@ -128,8 +128,8 @@ def main() -> None:
         ours = min(r.hpsearch)
         rows = [("(a) hpsearch `fit`", r.hpsearch)]
         if r.hpsearch_bf16:
-            rows.append(("(a') hpsearch `fit`, bf16 autocast" + (", channels_last" if name == "cnn" and device.type == "cuda" else ""),
-                         r.hpsearch_bf16))
+            layout = ", channels_last" if name == "cnn" and device.type == "cuda" else ""
+            rows.append((f"(a') hpsearch `fit`, bf16 autocast{layout}", r.hpsearch_bf16))
         rows += [("(b) DataLoader + PIL + ToTensor/Normalize, torch.nn model", r.dataloader),
                  ("(b'') the same DataLoader, hpsearch's model", r.dataloader_our_model),
                  ("(b') the same DataLoader, no model", r.loader_only)]
@@ -171,7 +171,8 @@ def measure_case(case: Case, data: SearchData, *, epochs: int, batch_size: int =
     flops = epoch_flops(case, data, batch_size)
     peak = peak or peak_matmul_flops(device=device)
     return EpochResult(case=case, hpsearch=hpsearch, hpsearch_bf16=hpsearch_bf16, dataloader=dataloader,
-                       dataloader_our_model=dataloader_our_model, loader_only=loader_only, gflop=flops / 1e9, floor=flops / peak)
+                       dataloader_our_model=dataloader_our_model, loader_only=loader_only, gflop=flops / 1e9,
+                       floor=flops / peak)
 
 
 def fresh_model(case: Case, data: SearchData) -> nn.Module:

@@ -48,13 +48,15 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     }
 
 
-def prepare_sqlite(url: str) -> None:
-    """Create the SQLite file's folder and switch the file to WAL (readers never block the writer)."""
-    path = Path(url.split(":///", 1)[1])
+def prepare_sqlite(url: str, *, timeout: float = SQLITE_TIMEOUT_S) -> bool:
+    """Create the SQLite file's folder, switch the file to WAL (readers never block the writer), and
+    return whether it is in WAL mode now (not when another process holds it past ``timeout``)."""
+    path = Path(url.split(":///", 1)[1].split("?", 1)[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
+    conn = sqlite3.connect(path, timeout=timeout)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the database file
+        # Persistent: stored in the database file.
+        return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() == "wal"
     finally:
         conn.close()
 

@@ -521,22 +521,19 @@ def _tune_sqlite(uri: str, client: MlflowClient) -> None:
 
     MLflow opens SQLite with a rollback journal and full syncs: every write (a run, a batch of
     metrics, tags, the end) waits for the disk, 3-20 ms on a busy machine. With WAL and NORMAL a
-    commit is a write to the log, synced at checkpoints: nothing is lost when the process dies, and
-    an OS crash or a power cut may lose the last commits but never corrupts the file. Readers (the MLflow UI) never
-    block the writer, as with Optuna's storage (``storage.prepare_sqlite``). Only speed is at
-    stake, so any failure (another process holds the file, an MLflow without ``store.engine``)
-    leaves the store as MLflow opened it.
+    commit is a write to the log, synced at checkpoints: nothing is lost when the process dies,
+    and an OS crash or a power cut may lose the last commits but never corrupts the file. Readers
+    (the MLflow UI) never block the writer, as with Optuna's storage. Only speed is at stake, so
+    any failure (another process holds the file, an MLflow without ``store.engine``) leaves the
+    store as MLflow opened it.
     """
-    match = re.match(r"^sqlite(\+\w+)?:///([^?]+)", uri)
-    if match is None:
+    if not uri.startswith("sqlite"):
         return
     try:
-        from hpsearch.storage import sync_on_checkpoint
+        from hpsearch.storage import prepare_sqlite, sync_on_checkpoint
 
         engine = client._tracking_client.store.engine  # MLflow has no knob for its SQLite connections
-        with contextlib.closing(sqlite3.connect(match.group(2), timeout=1.0)) as conn:
-            wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"  # persistent, in the file
-        if wal:  # NORMAL is safe with WAL only; MLflow shares one engine per URI, tuned once
+        if prepare_sqlite(uri, timeout=1.0):  # NORMAL is safe with WAL only; one engine per URI, tuned once
             sync_on_checkpoint(engine)
     except Exception:  # noqa: BLE001, S110 - see the docstring
         pass

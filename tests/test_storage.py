@@ -48,7 +48,7 @@ def test_engine_kwargs_suit_long_trials_and_many_workers(url: str, expected: dic
 
 def test_sqlite_storage_is_in_wal_mode(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sub' / 'optuna.db'}"
-    prepare_sqlite(url)  # creates the folder too
+    assert prepare_sqlite(url)  # creates the folder too, and says WAL is on
     with sqlite3.connect(tmp_path / "sub" / "optuna.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -239,6 +239,8 @@ def test_a_sqlite_store_is_switched_to_wal(store: tuple[str, str], warnings: lis
     # Commits no longer wait for the disk (a rollback journal with full syncs waited 3-20 ms each)...
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with tracker._mlflow()._tracking_client.store.engine.connect() as conn:  # MLflow's own pool
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL (FULL is 2)
     # ...and what was written is there for any reader, the MLflow UI's included.
     assert _client(uri).get_run(run_id).data.metrics == {"val_loss": 0.5}
     assert warnings == []
