@@ -47,6 +47,7 @@ class TrialContext:
     tracker: Tracker | None
     parent_run_id: str | None
     artifact_store: optuna.artifacts.FileSystemArtifactStore
+    input_stats: tuple[float, float]  # (mean, std) inputs are standardised with: see tasks.input_stats
     reference: torch.nn.Module | None = None  # inpaint's reference classifier
     warn: Callable[[str], None] = print
 
@@ -72,7 +73,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     run_id = _start_run(trial, ctx, params, seed, n_params, retried_from)
     epochs = _EpochLog(ctx.tracker, run_id)
     primary = spec.study.metrics[0].name
-    mean, std = _stats(ctx)
+    mean, std = ctx.input_stats
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if ctx.tracker and run_id:
@@ -89,7 +90,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
                                     channels_last=spec.task.channels_last)
     started = time.perf_counter()
     try:
-        result = fit(model, ctx.data, task, config, report)
+        result = fit(model, ctx.data, task, config, report, mean=mean, std=std)
     except optuna.TrialPruned:
         _end_run(ctx, run_id, epochs, "FINISHED", "PRUNED", model, task, mean, std, trial)
         raise
@@ -127,12 +128,6 @@ def _retried_from(trial: optuna.Trial) -> int | None:
     attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
     number = attrs.get("failed_trial")
     return None if number is None else int(number)
-
-
-def _stats(ctx: TrialContext) -> tuple[float, float]:
-    if ctx.spec.task.normalize:
-        return ctx.data.mean, ctx.data.std
-    return 0.0, 1.0
 
 
 def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:

@@ -33,6 +33,7 @@ from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import fail_stale_trials, make_storage
+from hpsearch.tasks import input_stats
 from hpsearch.tracking import Tracker
 from hpsearch.trials import Counts, count
 
@@ -214,6 +215,7 @@ class WorkerSetup:
     device: torch.device
     threads: int
     data: SearchData
+    input_stats: tuple[float, float]  # (mean, std) every input of this study is standardised with
     tracker: Tracker | None
     parent_run_id: str | None
     reference: torch.nn.Module | None = None
@@ -262,6 +264,7 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
 
         reference = load_or_train_reference(data, Path(spec.cache_dir), device=dev)
     return WorkerSetup(device=dev, threads=n_threads, data=data, tracker=tracker, parent_run_id=parent,
+                       input_stats=input_stats(data.mean, data.std, standardise=spec.task.normalize),
                        reference=reference)
 
 
@@ -308,7 +311,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     then raises KeyboardInterrupt.
     """
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
-                       parent_run_id=setup.parent_run_id,
+                       parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
                        artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
                        reference=setup.reference, warn=warn)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -529,7 +532,7 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: 
             file_path=str(path), artifact_id=best.user_attrs["model_artifact_id"])
         model.load_state_dict(torch.load(path, map_location="cpu"))
     model = model.to(dev).eval()
-    mean, std = (stored["mean"], stored["std"]) if spec.task.normalize else (0.0, 1.0)
+    mean, std = input_stats(stored["mean"], stored["std"], standardise=spec.task.normalize)
     reference = None
     if spec.task.type == "inpaint":
         reference = _cached_reference(spec, provenance, dev)

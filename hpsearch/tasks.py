@@ -65,6 +65,17 @@ def normalize(images01: Tensor, mean: float, std: float) -> Tensor:
     return images01.sub(mean).div_(std)
 
 
+def input_stats(mean: float, std: float, *, standardise: bool) -> tuple[float, float]:
+    """Return the (mean, std) a study's models see their inputs standardised with.
+
+    ``task.normalize`` decides: the training pixels' ``mean`` and ``std``, or (0, 1), raw pixels
+    in [0, 1]. Training, validation, pictures, the final test and the registered model's input
+    example all take their numbers from here, so a model is never tested on other inputs than
+    it was trained on.
+    """
+    return (float(mean), float(std)) if standardise else (0.0, 1.0)
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Yield ``model`` in eval mode, then put it back in the mode it was in."""

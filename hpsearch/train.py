@@ -134,8 +134,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
-        report: Callable[[int, dict[str, float]], None]) -> TrainResult:
+        report: Callable[[int, dict[str, float]], None], *, mean: float | None = None,
+        std: float | None = None) -> TrainResult:
     """Return the metrics of ``model`` after training it in place on ``data.train`` for ``config.epochs``.
+
+    Inputs are standardised with ``mean`` and ``std`` (default: the training pixels' own,
+    ``data.mean`` and ``data.std``); a study passes what :func:`hpsearch.tasks.input_stats` gives.
 
     After each epoch, ``report(epoch, metrics)`` gets train_loss, the task's validation metrics,
     epoch_seconds and lr. Whatever ``report`` raises (a prune signal) ends the fit and propagates.
@@ -175,7 +179,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     plain_step = mlp_step(model, task, device, config.precision)
     scheduler, per_batch = make_scheduler(optimizer, config, steps_per_epoch=len(bounds))
     group = optimizer.param_groups[0]
-    mean, std = data.mean, data.std
+    mean = data.mean if mean is None else mean
+    std = data.std if std is None else std
 
     # 3. Epochs: train, check, evaluate, report.
     history: list[dict[str, float]] = []

@@ -15,7 +15,7 @@ from hpsearch.data import SearchData, load_search_data
 from hpsearch.errors import SpecError
 from hpsearch.knobs import defaults
 from hpsearch.models import build_model
-from hpsearch.tasks import METRICS, load_or_train_reference, make_task
+from hpsearch.tasks import METRICS, input_stats, load_or_train_reference, make_task
 from hpsearch.train import (Diverged, TrainConfig, TrainResult, evaluate, fit, fused_step, make_scheduler,
                             memory_format, resolve_device)
 
@@ -284,6 +284,23 @@ def test_evaluate_is_the_same_every_time_and_restores_the_mode(digits: SearchDat
     first = evaluate(model, digits.val, task, mean=digits.mean, std=digits.std, device="cpu")
     assert first == evaluate(model, digits.val, task, mean=digits.mean, std=digits.std, device="cpu")
     assert model.training
+
+
+@pytest.mark.parametrize("standardise", [True, False])
+def test_fit_and_evaluate_see_the_inputs_the_study_resolved(digits: SearchData, standardise: bool) -> None:
+    # task.normalize: false means raw pixels in [0, 1] in training and evaluation alike.
+    mean, std = input_stats(digits.mean, digits.std, standardise=standardise)
+    p = params(epochs=1, conv_channels=4)  # a CNN: the hand-written MLP step would bypass forward()
+    model = build_model("cnn", p, image_shape=digits.image_shape, n_classes=10)
+    seen: dict[bool, list[float]] = {True: [], False: []}  # training -> smallest input values seen
+    model.register_forward_pre_hook(lambda m, args: seen[m.training].append(float(args[0].min())))
+    config = TrainConfig.from_params(p, seed=0, device="cpu")
+    fit(model, digits, make_task("classify", p), config, lambda s, m: None, mean=mean, std=std)
+    evaluate(model, digits.val, make_task("classify", p), mean=mean, std=std, device="cpu")
+    assert seen[True] and seen[False]
+    lowest = -digits.mean / digits.std  # a black pixel, standardised
+    for inputs_min in seen[True] + seen[False]:
+        assert inputs_min == (pytest.approx(lowest, rel=1e-5) if standardise else 0.0)
 
 
 # --------------------------------------------------------------------------- edges
