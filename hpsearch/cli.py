@@ -153,7 +153,12 @@ def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir:
     if not no_finish:
         from hpsearch.study import finish
 
-        result = finish(spec, study, device=device)
+        try:
+            result = finish(spec, study, device=device)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted before the final test was recorded: nothing of it was kept. Run the same "
+                       "command to test and register the best model.", err=True)
+            sys.exit(130)
     click.echo(summary(spec, study, result))
 
 

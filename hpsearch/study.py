@@ -7,6 +7,8 @@ the test split and registers it.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,9 +33,10 @@ from optuna.trial import FrozenTrial
 from hpsearch import insights, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
-from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
+from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
-from hpsearch.storage import fail_stale_trials, make_storage
+from hpsearch.storage import (claim, claims, fail_stale_trials, make_storage, read_claim, release_claim,
+                              swap_claim)
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import Tracker
 from hpsearch.trials import Counts, count
@@ -43,6 +47,8 @@ DATA_ATTR = "hpsearch.data"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TEST_ATTR = "hpsearch.test"
 WORKER_ATTR = "worker"  # host:pid of the worker that ran a trial
+SAMPLER_STREAM_ATTR = "sampler_stream"  # the sampler stream a trial was drawn from (see claim_sampler_stream)
+SAMPLER_STREAM_KEY = "hpsearch.sampler_stream:"  # + stream number: study system attr, who claimed it, its seed
 # A trial started after the study's total was reached (racing workers); FAIL, counted as lost.
 SURPLUS_ATTR = "surplus"
 
@@ -301,14 +307,13 @@ def _flat_spec_params(spec: Spec, data: SearchData) -> dict[str, Any]:
 
 
 def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
-         shared: bool = True, warn: Warn = _stderr) -> int:
+         warn: Warn = _stderr) -> int:
     """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
 
-    ``shared``: other workers may run trials of the study at the same time. Each worker's sampler
-    then draws from its own random stream (the study seed mixed with the worker's name): seeded
-    alike, racing workers would propose the same parameters. Without it, the study seed as is.
-    Ctrl-C (SIGINT) or SIGTERM ends the running trial as interrupted, never leaving it RUNNING,
-    then raises KeyboardInterrupt.
+    The worker's sampler draws from a random stream of its own (see :func:`claim_sampler_stream`):
+    seeded alike, racing workers, or a rerun of the study, would propose the same parameters again.
+    Ctrl-C (SIGINT), SIGTERM or SIGHUP ends the running trial as interrupted, never leaving it
+    RUNNING, then raises KeyboardInterrupt.
     """
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
@@ -319,12 +324,12 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     n_trials = spec.study.n_trials
     signals = _StopSignals()
     surplus: set[int] = set()  # trials this worker created past the total (workers raced)
-    if shared and spec.study.sampler.type != "qmc":  # QMC workers share one sequence through the storage
-        study.sampler = make_sampler(spec, seed=worker_seed(spec.study.seed))
+    stream, seed = claim_sampler_stream(spec, study)
+    study.sampler = make_sampler(spec, seed=seed)
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         with signals.trial(trial):
-            trial.set_user_attr(WORKER_ATTR, worker_id())
+            set_user_attrs(trial, {WORKER_ATTR: worker_id(), SAMPLER_STREAM_ATTR: stream})
             if _surplus(study, trial, n_trials):
                 trial.set_user_attr(SURPLUS_ATTR, f"other workers had already started the study's {n_trials} "
                                                   "trials when this one was created")
@@ -365,9 +370,37 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def worker_seed(study_seed: int) -> int:
-    """Return this worker's sampler seed: the study seed mixed with the worker's name."""
-    return (study_seed * 1_000_003 + zlib.crc32(worker_id().encode())) % (2**31 - 1)
+def sampler_seed(study_seed: int, stream: int) -> int:
+    """Return the sampler seed of a study's stream ``stream``: the study seed itself for stream 0."""
+    return study_seed if stream == 0 else zlib.crc32(f"{study_seed}:{stream}".encode()) % (2**31 - 1)
+
+
+def claim_sampler_stream(spec: Spec, study: optuna.Study) -> tuple[int, int]:
+    """Return (stream, seed): the study's next unused sampler stream, claimed for this worker, and its seed.
+
+    Every process that samples for a study, at once or one after another (a rerun after Ctrl-C,
+    a crash, or a raised n_trials), claims the lowest stream number nobody claimed before, in the
+    storage (:func:`hpsearch.storage.claim`, atomic), and seeds its sampler with
+    :func:`sampler_seed`. The first worker of a new study samples with the study seed, as a
+    single run always did; nobody repeats another's stream. Each claim is kept as the study
+    system attr ``hpsearch.sampler_stream:<n>`` (worker, seed, time), and every trial names its
+    stream in the user attr ``sampler_stream``. QMC workers all take stream 0: its points come
+    from one scrambled sequence that they share through the storage.
+    """
+    if spec.study.sampler.type == "qmc":
+        return 0, spec.study.seed
+    taken = [int(k.rsplit(":", 1)[1]) for k in claims(study, SAMPLER_STREAM_KEY)]
+    stream = max(taken, default=-1) + 1
+    while True:
+        seed = sampler_seed(spec.study.seed, stream)
+        record = {"worker": worker_id(), "seed": seed, "at": _now(), "token": uuid.uuid4().hex}
+        if claim(study, f"{SAMPLER_STREAM_KEY}{stream}", record):
+            return stream, seed
+        stream += 1  # another worker claimed it between our look and our claim
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @contextmanager
@@ -411,8 +444,32 @@ def _in_io(frame: Any) -> bool:
     return False
 
 
+# What stops a worker: Ctrl-C, `kill` or `docker stop`, and a closed terminal or dropped SSH session.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Run ``handler`` on the stop signals while inside (main thread only; one ignored, as under nohup, stays so)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """A signal handler: stop as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 class _StopSignals:
-    """SIGINT and SIGTERM as one KeyboardInterrupt inside a trial's own code, a stop elsewhere.
+    """SIGINT, SIGTERM and SIGHUP as one KeyboardInterrupt inside a trial's own code, a stop elsewhere.
 
     A signal that lands while Optuna creates or closes a trial would leave it RUNNING; so it
     interrupts only the trial's code (which closes the trial as interrupted), once, and
@@ -427,18 +484,14 @@ class _StopSignals:
         self._rechecks = 0
         self._in_trial = False
         self._raised = False
-        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. `nohup ... &` ignores Ctrl-C
-                    self._previous[signum] = signal.signal(signum, self._handle)
+        self._handling = on_stop_signals(self._handle)
+        self._handling.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self._handling.__exit__(*exc)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Drop Optuna's failure report (a warning with a traceback) once stopping: Ctrl-C is no failure."""
@@ -504,18 +557,39 @@ def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
 def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: Warn = _stderr) -> dict[str, Any]:
     """Evaluate the best trial's model once on the test split, log and register it; return the result.
 
-    Idempotent: a study whose best trial was already tested is not tested again.
+    Once per study, whoever finishes: a study whose best trial was already tested is not tested
+    again, and of processes finishing at once one claims the test (see :func:`_finish_claim`)
+    while the others wait for its record. Ctrl-C (or SIGTERM, SIGHUP) while the model is tested
+    records nothing; once the record is being written (MLflow, the registry, the study) it is
+    completed first, so the record is either absent or whole.
     """
+    best = best_trial(spec, study)
+    if best is None:
+        return {}
+    with on_stop_signals(interrupt), _finish_claim(study, best.number, warn) as done:
+        if done is not None:
+            return done
+        model, test_metrics, example, n_test = _test_model(spec, study, best, device)
+        result: dict[str, Any] = {"trial": best.number, "metrics": test_metrics, "params": best.params,
+                                  "values": best.values, "n_test": n_test}
+        tracker = None
+        with _completed_first(warn):
+            if spec.tracking.enabled:
+                tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
+                                  artifact_root=spec.tracking.artifact_root, warn=warn)
+                result.update(_record_test(spec, study, tracker, best, model, test_metrics, example))
+            study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
+    insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True, warn=warn)
+    return result
+
+
+def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial,
+                device: str | None) -> tuple[torch.nn.Module, dict[str, float], Any, int]:
+    """Return the best trial's model, its test metrics, an input example and the test split's size."""
     from hpsearch import tasks
     from hpsearch.models import build_model
     from hpsearch.train import evaluate, resolve_device
 
-    best = best_trial(spec, study)
-    if best is None:
-        return {}
-    done = study.user_attrs.get(TEST_ATTR)
-    if done and done.get("trial") == best.number:
-        return done
     stored = study.user_attrs.get(DATA_ATTR)
     if stored is None:
         raise DataError(f"study {spec.study.name!r} records no data provenance; run a trial first.")
@@ -540,27 +614,111 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: 
                            noise_kind=spec.task.noise.kind, reference=reference)
     metrics = evaluate(model, test, task, mean=mean, std=std, device=dev)
     test_metrics = {("test_" + k[4:] if k.startswith("val_") else "test_" + k): v for k, v in metrics.items()}
-    result: dict[str, Any] = {"trial": best.number, "metrics": test_metrics, "params": best.params,
-                              "values": best.values, "n_test": len(test)}
-    if spec.tracking.enabled:
-        tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
-                          warn=warn)
-        parent = study.user_attrs.get(PARENT_RUN_ATTR)
-        if parent:
-            tracker.log_metrics(parent, test_metrics, step=best.number)
-            tracker.set_tags(parent, {"hpsearch.best_trial": str(best.number),
-                                      "hpsearch.best_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
-            example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
-            version = tracker.log_model(parent, model.cpu(), input_example=example,
-                                        registered_name=spec.study.name if spec.tracking.register_model else None)
-            result["model_version"] = version
-            result["registered_model"] = spec.study.name if version else None
-            result["experiment_id"] = tracker.experiment_id
-            result["parent_run_id"] = parent
-    study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
-    insights.refresh(spec, study, tracker if spec.tracking.enabled else None, study.user_attrs.get(PARENT_RUN_ATTR),
-                     force=True, warn=warn)
-    return result
+    example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
+    return model, test_metrics, example, len(test)
+
+
+def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: FrozenTrial, model: torch.nn.Module,
+                 test_metrics: dict[str, float], example: Any) -> dict[str, Any]:
+    """Log the test metrics and the model on the study's parent run, register it; return what to add to the result."""
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not parent:
+        return {}
+    tracker.log_metrics(parent, test_metrics, step=best.number)
+    tracker.set_tags(parent, {"hpsearch.best_trial": str(best.number),
+                              "hpsearch.best_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
+    version = tracker.log_model(parent, model.cpu(), input_example=example,
+                                registered_name=spec.study.name if spec.tracking.register_model else None)
+    return {"model_version": version, "registered_model": spec.study.name if version else None,
+            "experiment_id": tracker.experiment_id, "parent_run_id": parent}
+
+
+@contextmanager
+def _completed_first(warn: Warn) -> Iterator[None]:
+    """Hold off stop signals while inside: a record half written is worse than one finished (third signal: stop)."""
+    received = 0
+
+    def defer(signum: int, frame: Any) -> None:
+        nonlocal received
+        received += 1
+        if received >= 3:
+            raise KeyboardInterrupt
+        if received == 1:
+            warn("finishing the test record first (a few seconds); a third Ctrl-C leaves it half written.")
+
+    with on_stop_signals(defer):
+        yield
+
+
+FINISH_KEY = "hpsearch.finish:"  # + the best trial's number: study system attr held while one process tests it
+FINISH_BEAT_S = 5.0  # how often the process testing the model says it is alive...
+FINISH_STALE_S = 60.0  # ...and after how long without it another process takes the test over
+
+
+@contextmanager
+def _finish_claim(study: optuna.Study, trial: int, warn: Warn) -> Iterator[dict[str, Any] | None]:
+    """Yield the test record of ``trial`` if there is one; else claim its test for this process and yield None.
+
+    The claim is a study system attr inserted atomically (:func:`hpsearch.storage.claim`): of
+    processes finishing at once, one wins; the others wait for its record. The winner renews
+    the claim every few seconds; a claim not renewed for a minute (its process died), or left
+    by a dead process on this host, is taken over. The claim is released on the way out, test
+    recorded or not.
+    """
+    key = f"{FINISH_KEY}{trial}"
+    said = False
+    while True:
+        done = study.user_attrs.get(TEST_ATTR)
+        if done and done.get("trial") == trial:
+            yield done
+            return
+        mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
+        if claim(study, key, mine):
+            break
+        held = read_claim(study, key)
+        if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
+            warn(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which stopped; "
+                 "this process takes it over.")
+            break
+        if held is not None and not said:
+            warn(f"waiting for {held.get('worker')} to finish testing and registering trial {trial}'s model.")
+            said = True
+        time.sleep(1.0)
+    stop = threading.Event()
+    holding = {"value": mine}
+
+    def renew() -> None:
+        while not stop.wait(FINISH_BEAT_S):
+            renewed = {**holding["value"], "at": time.time()}
+            with contextlib.suppress(Exception):  # a missed renewal is retried at the next beat
+                if swap_claim(study, key, holding["value"], renewed):
+                    holding["value"] = renewed
+
+    beat = threading.Thread(target=renew, daemon=True)
+    beat.start()
+    try:
+        yield None
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(Exception):  # a claim not released goes stale
+            release_claim(study, key, holding["value"])
+
+
+def _claim_dead(held: dict[str, Any]) -> bool:
+    """Return whether the process holding a finish claim is gone: silent too long, or dead on this host."""
+    if time.time() - float(held.get("at", 0)) > FINISH_STALE_S:
+        return True
+    host, _, pid = str(held.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _cached_reference(spec: Spec, provenance: Provenance, device: torch.device) -> torch.nn.Module:

@@ -26,8 +26,8 @@ from hpsearch.errors import HPSearchError, SpecError
 from hpsearch.progress import Progress
 from hpsearch.spec import Spec, mask_password
 from hpsearch.storage import fail_stale_trials, make_storage, running_trials
-from hpsearch.study import (WORKER_ATTR, Warn, count_trials, open_study, setup_worker, stale_trial_callback,
-                            work)
+from hpsearch.study import (WORKER_ATTR, Warn, count_trials, interrupt, on_stop_signals, open_study, setup_worker,
+                            stale_trial_callback, work)
 from hpsearch.tracking import Tracker
 from hpsearch.trials import Counts, best_trial
 
@@ -134,8 +134,8 @@ def run_study(spec: Spec, *, workers: int | None = None, gpus: str | None = None
     with Progress(spec, study):
         try:
             if local:
-                work(spec, study, setup, timeout=spec.study.timeout, shared=bool(procs), warn=warn)
-            with _interrupt_on_sigterm():
+                work(spec, study, setup, timeout=spec.study.timeout, warn=warn)
+            with on_stop_signals(interrupt):  # SIGTERM and SIGHUP too, as in the local worker
                 _wait(procs)
         except BaseException:  # Ctrl-C, or this worker failed: the others stop too, their trials closed
             _stop(spec, study, procs, warn)
@@ -162,23 +162,6 @@ def _start_worker(spec: Spec, placement: Placement, device: str | None) -> subpr
     # A session of its own: the terminal's Ctrl-C reaches only this process, which passes it on
     # once (a second signal during a worker's clean-up would cut it short).
     return subprocess.Popen(cmd, env=env, start_new_session=True)
-
-
-@contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    """Treat SIGTERM (`docker stop`, `kill`) like Ctrl-C while the workers run."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait(procs: list[subprocess.Popen[bytes]]) -> None:

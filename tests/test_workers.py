@@ -25,10 +25,11 @@ from optuna.trial import TrialState
 from hpsearch.cli import cli
 from hpsearch.errors import SpecError
 from hpsearch.spec import load_spec
-from hpsearch.study import SPEC_ATTR, _surplus, load_stored_spec, open_study
+from hpsearch.storage import claim, read_claim, release_claim, swap_claim
+from hpsearch.study import SAMPLER_STREAM_KEY, SPEC_ATTR, TEST_ATTR, _surplus, load_stored_spec, open_study
 from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
 
-from .servers import mlflow_url  # noqa: F401  (a fixture)
+from .servers import mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -382,3 +383,89 @@ def test_racing_processes_agree_on_one_parent_run(tmp_path: Path, store: str, re
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert [r.info.run_id for r in runs] == elected[:1]  # the losers deleted their own
+
+
+# --------------------------------------------------------------------------- sampler streams and the finish
+
+
+def _param_sets(study: optuna.Study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.trials if t.params]
+
+
+def test_a_rerun_of_a_study_samples_new_configurations(tmp_path: Path) -> None:
+    spec = _with(SPEC, study={"n_trials": 3, "sampler": {"type": "tpe", "n_startup_trials": 10}}, task={"epochs": 1})
+    first = CliRunner().invoke(cli, ["run", str(_write(tmp_path, spec)), "--no-finish"])
+    assert first.exit_code == 0, first.output
+    # Raising n_trials resumes the study: the sampler must not start its stream over.
+    more = _with(spec, study={"n_trials": 6})
+    second = CliRunner().invoke(cli, ["run", str(_write(tmp_path, more)), "--no-finish"])
+    assert second.exit_code == 0, second.output
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    params = _param_sets(study)
+    assert len(params) == 6 and not set(params[:3]) & set(params[3:]), params
+    # Each run's stream is recorded: on the study (who, with which seed) and on every trial.
+    streams = {k: v for k, v in study._storage.get_study_system_attrs(study._study_id).items()
+               if k.startswith(SAMPLER_STREAM_KEY)}
+    assert sorted(streams) == [f"{SAMPLER_STREAM_KEY}0", f"{SAMPLER_STREAM_KEY}1"]
+    assert streams[f"{SAMPLER_STREAM_KEY}0"]["seed"] == 0  # the first run samples with the study seed
+    assert streams[f"{SAMPLER_STREAM_KEY}1"]["seed"] != 0
+    assert [t.user_attrs["sampler_stream"] for t in study.trials] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_claim_has_one_winner_among_racing_claimants(tmp_path: Path, store: str,
+                                                      request: pytest.FixtureRequest) -> None:
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'o.db'}" if store == "sqlite" else request.getfixturevalue("postgres_url")
+    name = f"claims-{os.getpid()}-{time.time_ns()}"
+    spec = load_spec(_write(tmp_path, _with(SPEC, study={"name": name, "storage": url})))
+    study = open_study(spec)
+    barrier, won = threading.Barrier(6), []
+
+    def race(i: int) -> None:
+        mine = open_study(spec)  # a storage, connections and sessions of its own
+        barrier.wait()
+        if claim(mine, "hpsearch.test-claim", {"who": i}):
+            won.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(won) == 1 and read_claim(study, "hpsearch.test-claim") == {"who": won[0]}
+    assert not swap_claim(study, "hpsearch.test-claim", {"who": -1}, {"who": 99})  # not the holder
+    assert swap_claim(study, "hpsearch.test-claim", {"who": won[0]}, {"who": 99})
+    release_claim(study, "hpsearch.test-claim", {"who": won[0]})  # no longer its value: left alone
+    assert read_claim(study, "hpsearch.test-claim") == {"who": 99}
+    release_claim(study, "hpsearch.test-claim", {"who": 99})
+    assert read_claim(study, "hpsearch.test-claim") is None and claim(study, "hpsearch.test-claim", {"who": 7})
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_spec_started_together_share_the_study_and_finish_it_once(tmp_path: Path) -> None:
+    spec = _with(SPEC, study={"n_trials": 6}, task={"epochs": 1}, tracking={"enabled": True})
+    path = _write(tmp_path, spec)
+    runs = [_popen(["run", str(path)], tmp_path, f"run{i}.log", env=_env(tmp_path)) for i in range(2)]
+    try:
+        for i, run in enumerate(runs):
+            assert run.wait(timeout=300) == 0, (tmp_path / f"run{i}.log").read_text()
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    params = _param_sets(study)
+    assert len(set(params)) == len(params), params  # continuous lr: a repeat means a repeated stream
+    assert len({t.user_attrs["sampler_stream"] for t in study.trials}) == 2
+    # One final test: one record, one registered version, one test metric on the parent run.
+    record = study.user_attrs[TEST_ATTR]
+    assert record["model_version"] == "1"
+    outputs = [(tmp_path / f"run{i}.log").read_text() for i in range(2)]
+    assert all(f"test_accuracy={record['metrics']['test_accuracy']:.5g}" in out for out in outputs), outputs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='shared'")) == 1
+    assert len(client.get_metric_history(record["parent_run_id"], "test_accuracy")) == 1
+    system = study._storage.get_study_system_attrs(study._study_id)
+    assert not [k for k in system if k.startswith("hpsearch.finish:")]  # the claim was released
