@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,16 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from hpsearch import space, tasks
 from hpsearch.data import SearchData
 from hpsearch.models import build_model, count_params
 from hpsearch.spec import Spec
-from hpsearch.storage import rdb
+from hpsearch.storage import claim, rdb, release_claim, swap_claim
 from hpsearch.tracking import Tracker
 from hpsearch.train import Diverged, TrainConfig, fit
+from hpsearch.trials import TRACKED_LATE_KEY, UNTRACKED_ATTR, untracked
 
 MODEL_FILE = "model.pt"
 METRICS_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late: live curves, one write per batch
@@ -70,8 +73,9 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     model = build_model(spec.model.family, params, image_shape=ctx.data.image_shape,
                         n_classes=ctx.data.n_classes).to(ctx.device)
     n_params = count_params(model)
+    failures = ctx.tracker.failures if ctx.tracker else 0  # MLflow calls failed before this trial
     run_id = _start_run(trial, ctx, params, seed, n_params, retried_from)
-    epochs = _EpochLog(ctx.tracker, run_id)
+    epochs = _EpochLog(ctx.tracker, run_id, failures_before=failures)
     primary = spec.study.metrics[0].name
     mean, std = ctx.input_stats
 
@@ -194,6 +198,7 @@ class _EpochLog:
 
     tracker: Tracker | None
     run_id: str | None
+    failures_before: int = 0  # the tracker's failed calls when the trial began
     held: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)  # (step, time in ms, metrics)
     sent_at: float = field(default_factory=time.monotonic)
 
@@ -235,13 +240,17 @@ def _end_run(ctx: TrialContext, run_id: str | None, epochs: _EpochLog, status: s
             attrs.update(_final_images(ctx, run_id, model, task, mean, std, trial))
         except Exception as exc:  # noqa: BLE001 - pictures are a bonus; never lose the trial over them
             ctx.warn(f"warning: could not draw trial {trial.number}'s images: {exc}")
+    if ctx.tracker is not None and run_id is not None:
+        tags = {"hpsearch.state": state}
+        if reason:
+            tags["hpsearch.fail_reason"] = reason[:5000]
+        ctx.tracker.end_run(run_id, status, tags=tags, epochs=epochs.take())
+    if ctx.spec.tracking.enabled and (run_id is None or ctx.tracker is None
+                                      or ctx.tracker.failures > epochs.failures_before):
+        # Said in the study, where `status` and the report see it; `track_late` records the run once MLflow is back.
+        attrs[UNTRACKED_ATTR] = ("the MLflow server was unreachable while this trial ran: its run is missing or "
+                                 "incomplete")
     set_user_attrs(trial, attrs)
-    if ctx.tracker is None or run_id is None:
-        return
-    tags = {"hpsearch.state": state}
-    if reason:
-        tags["hpsearch.fail_reason"] = reason[:5000]
-    ctx.tracker.end_run(run_id, status, tags=tags, epochs=epochs.take())
 
 
 def _final_images(ctx: TrialContext, run_id: str | None, model: torch.nn.Module, task: Any, mean: float,
@@ -275,3 +284,53 @@ def _save_model(trial: optuna.Trial, ctx: TrialContext, model: torch.nn.Module) 
             artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial,
             mimetype="application/octet-stream")
     return artifact_id
+
+
+_RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
+
+
+def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None, *, limit: int = 20) -> list[int]:
+    """Give MLflow runs to trials that ran while it was unreachable; return their numbers.
+
+    A trial marked untracked gets its run closed with its final state if it has one (it may
+    have been left RUNNING), or a new run with its params, per-epoch values and final metrics
+    if it has none. Each is claimed in the study first (``hpsearch.tracked_late:<n>``), so
+    workers doing this at once record each trial once; the claim stays as the record that the
+    trial is in MLflow now. While MLflow is still down, nothing is claimed and it stops at once.
+    """
+    if parent_run_id is None:
+        return []
+    trials = study.get_trials(deepcopy=False)
+    todo = untracked(trials, study._storage.get_study_system_attrs(study._study_id))[:limit]
+    done = []
+    for number in todo:
+        t = trials[number]
+        key = f"{TRACKED_LATE_KEY}{number}"
+        mine = {"run_id": None, "token": uuid.uuid4().hex}
+        if not claim(study, key, mine):
+            continue
+        failures = tracker.failures
+        run_id = t.user_attrs.get("mlflow_run_id") or tracker.find_trial_run(parent_run_id, number)
+        if run_id is None and tracker.failures == failures:
+            logged = {**t.params, **{k: t.user_attrs[k] for k in ("seed", "n_params", "device") if k in t.user_attrs}}
+            run_id = tracker.start_trial(parent_run_id, number, params=logged,
+                                         tags={"hpsearch.study": study.study_name, "optuna.trial_number": str(number)})
+        if run_id is not None:
+            now = int(time.time() * 1000)
+            metric = (study.metric_names or ["objective"])[0]
+            history = [(step, now, {metric: value}) for step, value in sorted(t.intermediate_values.items())]
+            final = {k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and k not in ("seed", "n_params", "sampler_stream")}
+            if final:
+                history.append((max(t.intermediate_values, default=0), now + 1, final))  # the latest values
+            status = "KILLED" if "interrupted" in t.user_attrs else _RUN_STATUS.get(t.state, "FAILED")
+            tags = {"hpsearch.state": t.state.name, "hpsearch.tracked_late": "true"}
+            if "fail_reason" in t.user_attrs:
+                tags["hpsearch.fail_reason"] = str(t.user_attrs["fail_reason"])
+            tracker.end_run(run_id, status, tags=tags, epochs=history)
+        if run_id is None or tracker.failures > failures:
+            release_claim(study, key, mine)  # still down: try again later
+            break
+        swap_claim(study, key, mine, {**mine, "run_id": run_id})
+        done.append(number)
+    return done

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures, insights
 from hpsearch.spec import Spec, mask_password
+from hpsearch.trials import untracked, untracked_note
 
 HTML_FILE = "report.html"
 MD_FILE = "summary.md"
@@ -70,7 +71,8 @@ def write_report(spec: Spec, study: optuna.Study, out_dir: str | Path) -> tuple[
                 images[f"best_{attr.split(':', 1)[1].removesuffix('.png')}"] = data
     for name, data in images.items():
         (out / FIGURES_DIR / f"{name}.png").write_bytes(data)
-    facts = _Facts(spec, study.user_attrs, trials, best)
+    facts = _Facts(spec, study.user_attrs, trials, best,
+                   untracked=untracked(trials, study._storage.get_study_system_attrs(study._study_id)))
     html_path, md_path = out / HTML_FILE, out / MD_FILE
     html_path.write_text(_html(facts, images), encoding="utf-8")
     md_path.write_text(_markdown(facts, images), encoding="utf-8")
@@ -81,8 +83,9 @@ class _Facts:
     """What both the HTML and the markdown say, gathered once."""
 
     def __init__(self, spec: Spec, attrs: Mapping[str, Any], trials: Sequence[FrozenTrial],
-                 best: FrozenTrial | None) -> None:
+                 best: FrozenTrial | None, *, untracked: Sequence[int] = ()) -> None:
         self.spec, self.attrs, self.trials, self.best = spec, attrs, trials, best
+        self.untracked = list(untracked)
         self.counts = insights.count(trials)
         self.data = attrs.get("hpsearch.data") or {}
         self.test = attrs.get("hpsearch.test") or {}
@@ -104,6 +107,8 @@ class _Facts:
             line += f", {c.lost} lost (their worker died; retried)"
         if c.running:
             line += f"; {c.running} running"
+        if self.untracked:
+            line += f"; {len(self.untracked)} not in MLflow: {untracked_note(self.untracked)}"
         return line + "."
 
     def data_line(self) -> str:

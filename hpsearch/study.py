@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial
 from hpsearch import insights, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
-from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs
+from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import (claim, claims, fail_stale_trials, make_storage, read_claim, release_claim,
                               swap_claim)
@@ -324,6 +324,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     n_trials = spec.study.n_trials
     signals = _StopSignals()
     surplus: set[int] = set()  # trials this worker created past the total (workers raced)
+    failed: dict[int, str] = {}  # trials that failed for a reason of their own, until Optuna has logged them
     stream, seed = claim_sampler_stream(spec, study)
     study.sampler = make_sampler(spec, seed=seed)
 
@@ -337,20 +338,38 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
                 raise _Surplus()
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(setup.device)  # this trial's peak, not the worker's
-            return run_trial(trial, ctx)
+            try:
+                return run_trial(trial, ctx)
+            except TrialFailed as exc:
+                failed[trial.number] = str(exc)
+                raise
 
     def not_a_failure(record: logging.LogRecord) -> bool:
         # Optuna reports a surplus trial as failed, with a traceback; it is no failure.
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
+    def one_line(record: logging.LogRecord) -> bool:
+        # A trial that failed for a reason of its own (diverged) is one line, not a traceback and a second line.
+        number = next((n for n in failed if record.getMessage().startswith(f"Trial {n} failed")), None)
+        if number is None:
+            return True
+        if record.exc_info is None:  # Optuna's second line: "Trial N failed with value None."
+            del failed[number]
+            return False
+        record.msg, record.args = f"Trial {number} failed: {failed[number]}", ()
+        record.exc_info, record.exc_text = None, None
+        return True
+
     optuna_log = logging.getLogger("optuna.study._optimize")
-    with signals, _log_filters(optuna_log, signals.filter, not_a_failure):
+    with signals, _log_filters(optuna_log, signals.filter, not_a_failure, one_line):
         while deadline is None or time.monotonic() < deadline:
             signals.check()
             c = count_trials(study)
             if c.waiting > 0 or c.finished + c.running < n_trials:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
                 ran += 1
+                if setup.tracker and setup.tracker.failures:  # MLflow failed at some point: is it back?
+                    track_late(study, setup.tracker, setup.parent_run_id)
                 insights.refresh(spec, study, setup.tracker, setup.parent_run_id, min_interval_s=30.0, warn=warn)
             elif c.running > 0 and c.finished < n_trials:
                 # Other workers hold the last trials. If one of them died, its trial goes stale and is
@@ -360,6 +379,8 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
             else:
                 break
         signals.check()
+    if setup.tracker:
+        track_late(study, setup.tracker, setup.parent_run_id)
     if count_trials(study).finished >= n_trials and setup.tracker and setup.parent_run_id:
         setup.tracker.end_run(setup.parent_run_id, "FINISHED")  # each worker may say so: idempotent
     return ran
@@ -577,6 +598,7 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: 
             if spec.tracking.enabled:
                 tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
                                   artifact_root=spec.tracking.artifact_root, warn=warn)
+                track_late(study, tracker, study.user_attrs.get(PARENT_RUN_ATTR))
                 result.update(_record_test(spec, study, tracker, best, model, test_metrics, example))
             study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
     insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True, warn=warn)

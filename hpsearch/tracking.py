@@ -119,6 +119,7 @@ class Tracker:
         self._warn_lock = threading.Lock()
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        self.failures = 0  # calls that failed so far: a caller tells whether its records reached the store
 
     # ------------------------------------------------------------------ plumbing
 
@@ -134,6 +135,7 @@ class Tracker:
                         # Jittered, so processes that collided do not collide again.
                         time.sleep(0.1 * 2**attempt * (1 + random.random()))
                         continue
+                    self.failures += 1
                     self._warn_once(f"warning: MLflow store {self._shown} could not {what}: {_reason(exc)}. "
                                     "The study goes on without it.")
                     return None

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.spec import Spec
+
+# A trial whose MLflow records did not all land (the tracking server was unreachable): user attr, why.
+UNTRACKED_ATTR = "untracked"
+# + trial number: study system attr, the MLflow run an untracked trial got once the server was back.
+TRACKED_LATE_KEY = "hpsearch.tracked_late:"
 
 
 @dataclass(frozen=True)
@@ -67,3 +72,15 @@ def _pareto(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[Fr
 
     keys = {t.number: key(t) for t in trials}
     return [t for t in trials if not any(dominates(keys[o.number], keys[t.number]) for o in trials)]
+
+
+def untracked(trials: Sequence[FrozenTrial], study_system_attrs: Mapping[str, object]) -> list[int]:
+    """Return the numbers of finished trials missing from MLflow: marked untracked, and not recorded there since."""
+    return [t.number for t in trials if UNTRACKED_ATTR in t.user_attrs and t.state.is_finished()
+            and f"{TRACKED_LATE_KEY}{t.number}" not in study_system_attrs]
+
+
+def untracked_note(numbers: Sequence[int]) -> str:
+    """Return what `status` and the report say about trials missing from MLflow."""
+    return (", ".join(map(str, numbers)) + " (the MLflow server was unreachable while they ran; a worker or the "
+            "final test records their runs once it is back)")

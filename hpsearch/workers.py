@@ -29,7 +29,7 @@ from hpsearch.storage import fail_stale_trials, make_storage, running_trials
 from hpsearch.study import (WORKER_ATTR, Warn, count_trials, interrupt, on_stop_signals, open_study, setup_worker,
                             stale_trial_callback, work)
 from hpsearch.tracking import Tracker
-from hpsearch.trials import Counts, best_trial
+from hpsearch.trials import Counts, best_trial, untracked, untracked_note
 
 STOP_TIMEOUT_S = 30.0  # after Ctrl-C, how long workers get to close their trials before SIGKILL
 STATUS_OUTAGE_S = 10.0  # `status` and `cleanup` report an unreachable database quickly
@@ -243,6 +243,7 @@ class StudyStatus:
     live: tuple[TrialLife, ...]
     stale: tuple[TrialLife, ...]
     grace_period: int
+    untracked: tuple[int, ...] = ()  # finished trials missing from MLflow (see trials.untracked)
 
     @property
     def workers(self) -> list[str]:
@@ -266,6 +267,8 @@ class StudyStatus:
                          "heartbeats; `hpsearch cleanup` fails and retries them (workers do it too)")
             for t in self.stale:
                 lines.append(f"  trial {t.number} (worker {t.worker}): silent for {_clock(t.silent_s)}")
+        if self.untracked:
+            lines.append(f"untracked {len(self.untracked)} trial(s) not in MLflow: {untracked_note(self.untracked)}")
         return "\n".join(lines)
 
 
@@ -297,7 +300,8 @@ def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:
     best_text = "-" if best is None else f"{metric} {best.values[0]:.6g} (trial {best.number})"
     return StudyStatus(name=spec.study.name, storage=mask_password(spec.study.storage), n_trials=spec.study.n_trials,
                        counts=count_trials(study), best=best_text, live=tuple(live), stale=tuple(stale),
-                       grace_period=spec.study.grace_period)
+                       grace_period=spec.study.grace_period,
+                       untracked=tuple(untracked(trials, study._storage.get_study_system_attrs(study._study_id))))
 
 
 def cleanup(spec: Spec, study: optuna.Study) -> list[int]:

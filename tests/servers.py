@@ -319,15 +319,16 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp_dir: Path, backend_uri: str | None = None) -> Iterator[str]:
+def mlflow_server(tmp_dir: Path, backend_uri: str | None = None, port: int | None = None) -> Iterator[str]:
     """Yield ``http://127.0.0.1:<port>`` of an MLflow tracking server that serves artifacts.
 
     The backend is ``sqlite:///<tmp_dir>/mlflow.db`` unless ``backend_uri`` is given;
-    artifacts land in ``<tmp_dir>/mlartifacts``.
+    artifacts land in ``<tmp_dir>/mlartifacts``. A ``port`` given brings a server back where
+    an earlier one was (the same stores, the same URL).
     """
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         sys.executable, "-m", "mlflow", "server",

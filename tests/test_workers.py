@@ -29,7 +29,7 @@ from hpsearch.storage import claim, read_claim, release_claim, swap_claim
 from hpsearch.study import SAMPLER_STREAM_KEY, SPEC_ATTR, TEST_ATTR, _surplus, load_stored_spec, open_study
 from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
 
-from .servers import mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
+from .servers import free_port, mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -296,17 +296,26 @@ def test_a_killed_workers_trial_is_failed_retried_and_its_run_killed(tmp_path: P
     assert sum(children.values()) == len(finished) + 1  # exactly one run per trial
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGHUP, 2)])
+def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, signum: int, workers: int) -> None:
     path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 30}))
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
-    # As a terminal does: SIGINT to the command's whole process group.
+    # As a terminal does: SIGINT (Ctrl-C) or SIGHUP (the terminal closed) to the command's whole process group.
     run = _popen(["run", str(path), "--workers", str(workers)], tmp_path, "run.log", env=_env(tmp_path),
                  start_new_session=True)
     try:
-        _wait_for(lambda: len(_mid_training(storage, "shared")) == workers, [run], "every worker to be mid-trial")
-        os.killpg(run.pid, signal.SIGINT)
+        running = _wait_for(lambda: len(found := _mid_training(storage, "shared")) == workers and found, [run],
+                            "every worker to be mid-trial")
+        os.killpg(run.pid, signum)
         interrupted_at = time.time()
         assert run.wait(timeout=60) == 130, (tmp_path / "run.log").read_text()
     finally:
@@ -314,6 +323,9 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, workers: int) -> None:
             os.killpg(run.pid, signal.SIGKILL)
     output = (tmp_path / "run.log").read_text()
     assert "Interrupted" in output and "Traceback" not in output
+    # The workers `run` started (sessions of their own, which a terminal's signal does not reach) stopped too.
+    pids = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running}
+    assert len(pids) == workers and not [pid for pid in pids if _alive(pid)]
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     interrupted = [t for t in trials if "interrupted" in t.user_attrs]
@@ -469,3 +481,67 @@ def test_two_runs_of_one_spec_started_together_share_the_study_and_finish_it_onc
     assert len(client.get_metric_history(record["parent_run_id"], "test_accuracy")) == 1
     system = study._storage.get_study_system_attrs(study._study_id)
     assert not [k for k in system if k.startswith("hpsearch.finish:")]  # the claim was released
+
+
+@pytest.mark.slow
+def test_diverged_trials_are_one_line_each(tmp_path: Path) -> None:
+    spec = _with(SPEC, study={"n_trials": 3},
+                 space={"n_layers": 3, "width": 256, "optimizer": "sgd", "momentum": 0.99,
+                        "lr": {"type": "float", "low": 9.0, "high": 10.0}})  # blows up within an epoch
+    run = _popen(["run", str(_write(tmp_path, spec)), "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
+    assert run.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+    output = (tmp_path / "run.log").read_text()
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    diverged = [t.number for t in study.trials if "diverged" in t.user_attrs.get("fail_reason", "")]
+    assert diverged, output
+    assert "Traceback" not in output
+    for number in diverged:
+        lines = [line for line in output.splitlines() if f"Trial {number} failed" in line]
+        assert len(lines) == 1 and "training diverged" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_trials_that_ran_while_mlflow_was_down_get_their_runs_once_it_is_back(tmp_path: Path) -> None:
+    port = free_port()
+    server = tmp_path / "mlflow"
+    url = f"http://127.0.0.1:{port}"
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 8}, tracking={"uri": url}))
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+
+    def finished_untracked() -> list[int]:
+        study = optuna.load_study(study_name="shared", storage=storage)
+        return [t.number for t in study.get_trials(deepcopy=False) if "untracked" in t.user_attrs]
+
+    run = None
+    try:
+        with mlflow_server(server, port=port):
+            run = _popen(["run", str(path), "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
+            inflight = _wait_for(lambda: [t for t in _mid_training(storage, "shared")
+                                          if "mlflow_run_id" in t.user_attrs], [run], "a tracked trial mid-training")[0]
+        # 1. The server is gone: the in-flight trial ends without it, the next ones start without it.
+        _wait_for(lambda: len(finished_untracked()) >= 2, [run], "two trials to end while MLflow is down")
+        status = CliRunner().invoke(cli, ["status", str(path)])
+        line = next((x for x in status.output.splitlines() if x.startswith("untracked")), "")
+        assert str(inflight.number) in line and "not in MLflow" in line, status.output
+        # 2. It is back: the worker records what it missed, or the final `run` does.
+        with mlflow_server(server, port=port):
+            assert run.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
+            final = CliRunner().invoke(cli, ["run", str(path)])
+            assert final.exit_code == 0, final.output
+            client = MlflowClient(url)
+            runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id], max_results=100)
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+    study = optuna.load_study(study_name="shared", storage=storage)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # the in-flight run was closed
+    assert Counter(r.data.tags["hpsearch.trial"] for r in children) == {str(t.number): 1 for t in study.trials}
+    late = {r.data.tags["hpsearch.trial"]: r for r in children if r.data.tags.get("hpsearch.tracked_late")}
+    assert str(inflight.number) in late and len(late) >= 2
+    for number, r in late.items():
+        trial = study.trials[int(number)]
+        assert r.info.status == "FINISHED" and r.data.tags["hpsearch.state"] == trial.state.name
+        assert r.data.metrics["val_accuracy"] == pytest.approx(trial.user_attrs["val_accuracy"])
+    status = CliRunner().invoke(cli, ["status", str(path)])
+    assert "untracked" not in status.output, status.output
