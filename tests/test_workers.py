@@ -305,7 +305,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGHUP, 2)])
+@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGHUP, 2)],
+                         ids=["SIGINT-1", "SIGINT-2", "SIGHUP-2"])
 def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, signum: int, workers: int) -> None:
     path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 30}))
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
@@ -545,3 +546,51 @@ def test_trials_that_ran_while_mlflow_was_down_get_their_runs_once_it_is_back(tm
         assert r.data.metrics["val_accuracy"] == pytest.approx(trial.user_attrs["val_accuracy"])
     status = CliRunner().invoke(cli, ["status", str(path)])
     assert "untracked" not in status.output, status.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["testing", "recording"])
+def test_ctrl_c_during_the_final_test_leaves_no_record_or_a_whole_one(tmp_path: Path, moment: str) -> None:
+    path = _write(tmp_path, _with(SPEC, study={"n_trials": 2}, task={"epochs": 1}, tracking={"enabled": True}))
+    first = CliRunner().invoke(cli, ["run", str(path), "--no-finish"])
+    assert first.exit_code == 0, first.output
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    study = optuna.load_study(study_name="shared", storage=storage)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+
+    def claimed() -> bool:  # the finish has begun: the model is being tested
+        s = optuna.load_study(study_name="shared", storage=storage)
+        return any(k.startswith("hpsearch.finish:") for k in s._storage.get_study_system_attrs(s._study_id))
+
+    def recording() -> bool:  # the test metrics are on the parent run: the model is being logged and registered
+        return "test_accuracy" in client.get_run(parent).data.metrics
+
+    run = _popen(["run", str(path)], tmp_path, "finish.log", env=_env(tmp_path))
+    try:
+        _wait_for(claimed if moment == "testing" else recording, [run], f"the final test's {moment}", timeout=180)
+        run.send_signal(signal.SIGINT)
+        code = run.wait(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = (tmp_path / "finish.log").read_text()
+    assert "Traceback" not in output, output
+    study = optuna.load_study(study_name="shared", storage=storage)
+    record = study.user_attrs.get(TEST_ATTR)
+    versions = client.search_model_versions("name='shared'")
+    tested = client.get_metric_history(parent, "test_accuracy")
+    if record is None:  # stopped while testing: nothing of it was kept
+        assert code == 130 and "nothing of it was kept" in output, output
+        assert not versions and not tested
+    else:  # stopped while recording (or a moment later): the record was completed first
+        assert code == 0 and record["model_version"] == "1" and len(versions) == 1 and len(tested) == 1, output
+    if moment == "recording":
+        assert record is not None and "finishing the test record first" in output, output
+    assert not [k for k in study._storage.get_study_system_attrs(study._study_id) if k.startswith("hpsearch.finish:")]
+    # A rerun tests once in all: a first time, or not again.
+    again = CliRunner().invoke(cli, ["run", str(path)])
+    assert again.exit_code == 0, again.output
+    assert len(client.search_model_versions("name='shared'")) == 1
+    assert len(client.get_metric_history(parent, "test_accuracy")) == 1
+    assert optuna.load_study(study_name="shared", storage=storage).user_attrs[TEST_ATTR]["model_version"] == "1"
