@@ -301,6 +301,8 @@ def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None,
     if parent_run_id is None:
         return []
     trials = study.get_trials(deepcopy=False)
+    if not any(UNTRACKED_ATTR in t.user_attrs for t in trials):  # the common case: no study attrs read
+        return []
     todo = untracked(trials, study._storage.get_study_system_attrs(study._study_id))[:limit]
     done = []
     for number in todo:

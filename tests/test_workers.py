@@ -506,7 +506,7 @@ def test_trials_that_ran_while_mlflow_was_down_get_their_runs_once_it_is_back(tm
     port = free_port()
     server = tmp_path / "mlflow"
     url = f"http://127.0.0.1:{port}"
-    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 8}, tracking={"uri": url}))
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 5}, task={"epochs": 60}, tracking={"uri": url}))
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
 
     def finished_untracked() -> list[int]:
@@ -527,7 +527,7 @@ def test_trials_that_ran_while_mlflow_was_down_get_their_runs_once_it_is_back(tm
         # 2. It is back: the worker records what it missed, or the final `run` does.
         with mlflow_server(server, port=port):
             assert run.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()
-            final = CliRunner().invoke(cli, ["run", str(path)])
+            final = CliRunner().invoke(cli, ["run", str(path), "--no-finish"])  # finishing records them too
             assert final.exit_code == 0, final.output
             client = MlflowClient(url)
             runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id], max_results=100)
