@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures, insights
+from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
 
 HTML_FILE = "report.html"
@@ -267,7 +268,7 @@ def _test_html(f: _Facts) -> str:
         return ("<p>The best model has not been evaluated on the test split yet "
                 f"(<code>hpsearch run {e(f.spec.path)}</code> does it when the study ends).</p>")
     rows = [(k, _fmt(v)) for k, v in sorted(test["metrics"].items())]
-    lines = [f"<p>Trial #{e(str(test.get('trial')))}'s model, evaluated once on {e(str(test.get('n_test')))} "
+    lines = [f"<p>{e(describe(test))}, evaluated once on {e(str(test.get('n_test')))} "
              "test images the search never saw:</p>", _html_table(["test", "value"], rows, numeric=(1,))]
     if test.get("model_version"):
         lines.append(f"<p>Registered model <code>{e(str(test.get('registered_model')))}</code> version "
@@ -310,7 +311,7 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
             lines += [f"MLflow run: <{link}> (`hpsearch ui {s.path}`)", ""]
     lines += ["## Test split", ""]
     if f.test.get("metrics"):
-        lines += [f"Trial #{f.test.get('trial')}'s model, evaluated once on {f.test.get('n_test')} test images:", ""]
+        lines += [f"{describe(f.test)}, evaluated once on {f.test.get('n_test')} test images:", ""]
         lines += _md_table(["test", "value"], [(k, _fmt(v)) for k, v in sorted(f.test["metrics"].items())])
         if f.test.get("model_version"):
             lines += [f"Registered model `{f.test.get('registered_model')}` version {f.test['model_version']}.", ""]

@@ -99,6 +99,15 @@ class PrunerSpec:
 
 
 @dataclass(frozen=True)
+class RefitSpec:
+    """How the final model is made (hpsearch/refit.py): the best configuration retrained on train + val."""
+
+    enabled: bool = True  # the validation split has done its job once the search has chosen: train on it too
+    epochs: str | int = "best"  # "best": where the best trial's validation curve peaked; or a fixed count
+    data: str = "train+val"  # the one choice today; named so that the record says what the model saw
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     metrics: tuple[MetricSpec, ...]
@@ -112,6 +121,7 @@ class StudySpec:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
     max_retries: int = 2  # how often a trial whose worker died is retried with the same params
+    refit: RefitSpec = field(default_factory=RefitSpec)  # off by default for multi-objective studies (see parse)
 
     @property
     def directions(self) -> list[str]:
@@ -515,7 +525,7 @@ def _parse_when(check: _Checker, raw: Any, where: str) -> dict[str, tuple[Any, .
 def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec, ...],
                  storage: str | None, runs: Path) -> StudySpec:
     keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries")
+            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "refit")
     m = check.mapping(raw, "study", required=("name",), optional=keys)
     name = check.string(m["name"], "study.name")
     if not _NAME_RE.match(name):
@@ -550,7 +560,22 @@ def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSp
         seed=check.integer(m.get("seed", 0), "study.seed", low=0),
         sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
         max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
+        refit=_parse_refit(check, m.get("refit"), multi_objective=len(metrics) > 1),
     )
+
+
+def _parse_refit(check: _Checker, raw: Any, *, multi_objective: bool) -> RefitSpec:
+    # A Pareto front has no one best configuration to refit: off unless asked (finish then refits
+    # the trial it tests, the best by the first objective).
+    if raw is None or isinstance(raw, bool):
+        return RefitSpec(enabled=(not multi_objective) if raw is None else raw)
+    m = check.mapping(raw, "study.refit", optional=("enabled", "epochs", "data"))
+    epochs = m.get("epochs", "best")
+    if epochs != "best" and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        check.fail("study.refit.epochs", "must be `best` (where the best trial's validation curve peaked) or a "
+                   "number of epochs >= 1", epochs)
+    return RefitSpec(enabled=check.boolean(m.get("enabled", not multi_objective), "study.refit.enabled"),
+                     epochs=epochs, data=check.choice(m.get("data", "train+val"), "study.refit.data", ("train+val",)))
 
 
 def _parse_metrics(check: _Checker, m: Mapping[str, Any], task: TaskSpec) -> tuple[MetricSpec, ...]:

@@ -141,8 +141,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     Inputs are standardised with ``mean`` and ``std`` (default: the training pixels' own,
     ``data.mean`` and ``data.std``); a study passes what :func:`hpsearch.tasks.input_stats` gives.
 
-    After each epoch, ``report(epoch, metrics)`` gets train_loss, the task's validation metrics,
-    epoch_seconds and lr. Whatever ``report`` raises (a prune signal) ends the fit and propagates.
+    After each epoch, ``report(epoch, metrics)`` gets train_loss, the task's validation metrics
+    (none when ``data.val`` is empty, as in a refit), epoch_seconds and lr. Whatever ``report`` raises (a prune signal) ends the fit and propagates.
     Raises :class:`Diverged` when the training loss becomes NaN or infinite.
 
     Threads: fit leaves torch's intra-op thread count as the caller set it
@@ -152,8 +152,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     started = time.perf_counter()
     device = resolve_device(config.device)
     train, val = data.train.to(device), data.val.to(device)
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(f"fit needs training and validation samples, but got {len(train)} and {len(val)}.")
+    if len(train) == 0:
+        raise DataError("fit needs training samples, but the training split is empty.")
     model.to(device)
     layout = memory_format(model, device, config.channels_last)
     model.to(memory_format=layout)
@@ -220,8 +220,9 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
         if scheduler is not None and not per_batch:
             scheduler.step()
         metrics = {"train_loss": train_loss,
-                   **evaluate(model, val, task, mean=mean, std=std, device=device, precision=config.precision,
-                              layout=layout),
+                   # No validation split (a refit on all the training data): nothing to evaluate.
+                   **(evaluate(model, val, task, mean=mean, std=std, device=device, precision=config.precision,
+                               layout=layout) if len(val) else {}),
                    "epoch_seconds": time.perf_counter() - epoch_started,
                    "lr": lr}
         history.append(metrics)
