@@ -56,8 +56,11 @@ def describe(test: dict[str, Any]) -> str:
             f"{r['epochs']} epoch(s) ({when})")
 
 
-def refit_epochs(spec: Spec, best: FrozenTrial) -> tuple[int, str]:
-    """Return (epochs, rule): a fixed N, or the epoch at which ``best``'s validation curve was best."""
+def refit_epochs(spec: Spec, best: FrozenTrial, *, reports_per_epoch: int = 1) -> tuple[int, str]:
+    """Return (epochs, rule): a fixed N, or the epoch at which ``best``'s validation curve was best.
+
+    A peak within an epoch (several reports an epoch) counts that epoch whole.
+    """
     rule = spec.study.refit.epochs
     if rule != "best":
         return int(rule), "fixed"
@@ -66,7 +69,7 @@ def refit_epochs(spec: Spec, best: FrozenTrial) -> tuple[int, str]:
         return spec.task.epochs, "best"
     sign = 1.0 if spec.study.metrics[0].direction == "minimize" else -1.0
     peak = min(curve, key=lambda step: (sign * curve[step], step))  # the earliest of equal bests
-    return int(peak), "best"
+    return math.ceil(peak / reports_per_epoch), "best"
 
 
 def merged(data: SearchData) -> SearchData:
@@ -78,13 +81,13 @@ def merged(data: SearchData) -> SearchData:
 
 
 def refit(spec: Spec, best: FrozenTrial, params: dict[str, Any], data: SearchData, *, device: torch.device,
-          mean: float, std: float, reference: torch.nn.Module | None = None) -> Refit:
+          mean: float, std: float, reference: torch.nn.Module | None = None, reports_per_epoch: int = 1) -> Refit:
     """Return the best trial's configuration trained on ``data``'s training + validation splits.
 
     ``params`` are the trial's full params (defaults, fixed and searched); ``mean`` / ``std`` the
     study's input standardisation, so the refit model sees its inputs as the trial's did.
     """
-    epochs, rule = refit_epochs(spec, best)
+    epochs, rule = refit_epochs(spec, best, reports_per_epoch=reports_per_epoch)
     seed = int(best.user_attrs.get("seed", trial_seed(spec.study.seed, best.number)))
     full = merged(data).to(device)
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,

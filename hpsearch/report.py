@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import figures, insights
 from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
+from hpsearch.trials import epoch_text, reports_per_epoch
 
 HTML_FILE = "report.html"
 MD_FILE = "summary.md"
@@ -89,6 +90,7 @@ class _Facts:
         self.test = attrs.get("hpsearch.test") or {}
         self.ui_url = insights.ui_url_for(spec)
         self.metrics = spec.study.metrics
+        self.per_epoch = reports_per_epoch(attrs)
         self.created = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
 
     def title(self) -> str:
@@ -156,18 +158,18 @@ class _Facts:
         return sorted({name for t in self.trials for name in t.params})
 
 
-def _value(t: FrozenTrial) -> str:
+def _value(t: FrozenTrial, per_epoch: int) -> str:
     if t.values:
         return ", ".join(_fmt(v) for v in t.values)
     if t.state == TrialState.PRUNED and t.intermediate_values:
         step = max(t.intermediate_values)
-        return f"{_fmt(t.intermediate_values[step])} @ epoch {step}"
+        return f"{_fmt(t.intermediate_values[step])} @ epoch {epoch_text(step, per_epoch)}"
     return ""
 
 
-def _reason(t: FrozenTrial) -> str:
+def _reason(t: FrozenTrial, per_epoch: int) -> str:
     if t.state == TrialState.PRUNED and t.intermediate_values:
-        return f"pruned after epoch {max(t.intermediate_values)}"
+        return f"pruned at epoch {epoch_text(max(t.intermediate_values), per_epoch)}"
     return str(t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted") or "")[:200]
 
 
@@ -249,9 +251,9 @@ def _html(f: _Facts, images: Mapping[str, bytes]) -> str:
     body = []
     for t in f.table():
         state = _STATE.get(t.state, t.state.name.lower())
-        body.append([str(t.number), f'<span class="{state}">{state}</span>', e(_value(t)),
+        body.append([str(t.number), f'<span class="{state}">{state}</span>', e(_value(t, f.per_epoch)),
                      *(e(_fmt(t.params[p])) if p in t.params else "" for p in params),
-                     e(_fmt(t.user_attrs.get("n_params", ""))), e(_reason(t))])
+                     e(_fmt(t.user_attrs.get("n_params", ""))), e(_reason(t, f.per_epoch))])
     parts.append(_html_table(head, body, numeric=(0, 2), escaped=True))
     if s.tracking.enabled:
         parts.append(f"<p class=\"muted\">MLflow experiment <code>{e(s.tracking.experiment)}</code> at "
@@ -324,8 +326,8 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
     lines += ["## Trials", ""]
     params = f.param_names()
     lines += _md_table(["#", "state", " / ".join(m.name for m in f.metrics), *params, "note"],
-                       [[t.number, _STATE.get(t.state, t.state.name.lower()), _value(t),
-                         *(_fmt(t.params[p]) if p in t.params else "" for p in params), _reason(t)]
+                       [[t.number, _STATE.get(t.state, t.state.name.lower()), _value(t, f.per_epoch),
+                         *(_fmt(t.params[p]) if p in t.params else "" for p in params), _reason(t, f.per_epoch)]
                         for t in f.table()])
     return "\n".join(lines).rstrip() + "\n"
 

@@ -162,6 +162,9 @@ class TaskSpec:
     threads: int | None = None  # CPU threads per trial; None: the machine's cores / workers
     precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward passes (fast on GPUs)
     channels_last: bool | None = None  # conv memory layout; None: on for conv models on CUDA
+    # Validation reports (and pruning decisions) per epoch; None ("auto"): one per ~10,000 training
+    # images, at least one, so a hopeless trial on a large dataset is judged before its first epoch ends.
+    reports_per_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,8 @@ class Spec:
             task.pop(key)
         if task["precision"] == "fp32":  # the default then leaves the fingerprints of older studies as they were
             task.pop("precision")
+        if task["reports_per_epoch"] is None:  # auto: decided once per study and stored (see trials.REPORTS_ATTR)
+            task.pop("reports_per_epoch")
         return {"task": task, "model": data["model"], "space": data["space"],
                 "metrics": data["study"]["metrics"]}
 
@@ -356,7 +361,8 @@ def _pruner_to_raw(p: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
     keys = ("type", "dataset", "fallback", "data_dir", "val_fraction", "train_limit", "epochs",
-            "batch_size", "device", "normalize", "noise", "mask", "threads", "precision", "channels_last")
+            "batch_size", "device", "normalize", "noise", "mask", "threads", "precision", "channels_last",
+            "reports_per_epoch")
     m = check.mapping(raw, "task", required=("type", "dataset"), optional=keys)
     noise_raw = check.mapping(m.get("noise", {}), "task.noise", optional=("kind", "std", "amount"))
     mask_raw = check.mapping(m.get("mask", {}), "task.mask", optional=("size", "placement"))
@@ -394,7 +400,17 @@ def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
         threads=None if threads is None else check.integer(threads, "task.threads", low=1),
         precision=check.choice(m.get("precision", "fp32"), "task.precision", PRECISIONS),
         channels_last=_channels_last(check, m.get("channels_last", "auto")),
+        reports_per_epoch=_reports_per_epoch(check, m.get("reports_per_epoch", "auto")),
     )
+
+
+def _reports_per_epoch(check: _Checker, value: Any) -> int | None:
+    if value is None or value == "auto":  # None: the resolved spec's way of writing auto
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        check.fail("task.reports_per_epoch", "must be auto or a whole number of reports per epoch from 1 to 1000",
+                   value)
+    return value
 
 
 def _channels_last(check: _Checker, value: Any) -> bool | None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import insights, refit, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
@@ -40,7 +40,7 @@ from hpsearch.storage import (claim, claims, fail_stale_trials, make_storage, re
                               swap_claim)
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import Tracker
-from hpsearch.trials import Counts, count
+from hpsearch.trials import REPORTS_ATTR, Counts, auto_reports_per_epoch, count, reports_per_epoch
 
 SPEC_ATTR = "hpsearch.spec"
 FINGERPRINT_ATTR = "hpsearch.fingerprint"
@@ -79,18 +79,28 @@ def make_sampler(spec: Spec, *, seed: int | None = None) -> optuna.samplers.Base
     return cls(seed=seed, **options)
 
 
-def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
-    """Return the pruner a spec names (the patient pruner wrapping its inner one)."""
+# Pruner options counted in epochs in a spec; the pruner counts reports (see trials.REPORTS_ATTR).
+_EPOCH_OPTIONS = ("n_warmup_steps", "min_resource", "max_resource", "patience")
+
+
+def make_pruner(p: PrunerSpec, *, reports_per_epoch: int = 1) -> optuna.pruners.BasePruner:
+    """Return the pruner a spec names (the patient pruner wrapping its inner one).
+
+    The spec gives warm-ups, resources and patience in epochs; with several reports an epoch,
+    they become that many reports (``max_resource: auto`` stays auto).
+    """
     if p.type == "none":
         return optuna.pruners.NopPruner()
+    options = {k: v * reports_per_epoch if k in _EPOCH_OPTIONS and isinstance(v, int) and not isinstance(v, bool)
+               else v for k, v in p.options.items()}
     cls = getattr(optuna.pruners, {
         "median": "MedianPruner", "percentile": "PercentilePruner",
         "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
         "wilcoxon": "WilcoxonPruner", "patient": "PatientPruner", "threshold": "ThresholdPruner"}[p.type])
     if p.type == "patient":
         assert p.wrapped is not None  # the spec checks this
-        return cls(make_pruner(p.wrapped), **p.options)
-    return cls(**p.options)
+        return cls(make_pruner(p.wrapped, reports_per_epoch=reports_per_epoch), **options)
+    return cls(**options)
 
 
 def stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -226,6 +236,7 @@ class WorkerSetup:
     tracker: Tracker | None
     parent_run_id: str | None
     reference: torch.nn.Module | None = None
+    reports_per_epoch: int = 1  # the study's (trials.REPORTS_ATTR)
     notes: list[str] = field(default_factory=list)
 
 
@@ -252,6 +263,8 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
             f"{stored.get('name')} (sha256 {stored.get('sha256')}, {stored.get('n_train')} training samples, from "
             f"{stored.get('source')}), this worker found {provenance['name']} (sha256 {provenance['sha256']}, "
             f"{provenance['n_train']} samples, from {provenance['source']}). Give it the same data dir.")
+    per_epoch = _reports_per_epoch(spec, study, len(data.train))
+    study.pruner = make_pruner(spec.study.pruner, reports_per_epoch=per_epoch)
     data = data.to(dev)
     tracker, parent = None, None
     if spec.tracking.enabled:
@@ -272,7 +285,20 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
         reference = load_or_train_reference(data, Path(spec.cache_dir), device=dev)
     return WorkerSetup(device=dev, threads=n_threads, data=data, tracker=tracker, parent_run_id=parent,
                        input_stats=input_stats(data.mean, data.std, standardise=spec.task.normalize),
-                       reference=reference)
+                       reference=reference, reports_per_epoch=per_epoch)
+
+
+def _reports_per_epoch(spec: Spec, study: optuna.Study, n_train: int) -> int:
+    """Return the study's reports per epoch: stored, else decided now (a study with trials from before: 1)."""
+    stored = study.user_attrs.get(REPORTS_ATTR)
+    if stored is not None:
+        return int(stored)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        per_epoch = 1  # its trials reported once per epoch: new ones must be comparable
+    else:
+        per_epoch = spec.task.reports_per_epoch or auto_reports_per_epoch(n_train)
+    study.set_user_attr(REPORTS_ATTR, per_epoch)
+    return per_epoch
 
 
 def _check_fits_images(spec: Spec, data: SearchData) -> None:
@@ -319,7 +345,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
                        artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
-                       reference=setup.reference, warn=warn)
+                       reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
     n_trials = spec.study.n_trials
@@ -616,7 +642,7 @@ def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str 
     refitted = None
     if use_refit:
         refitted = refit.refit(spec, best, params, _search_data(spec, provenance), device=dev, mean=mean, std=std,
-                               reference=reference)
+                               reference=reference, reports_per_epoch=reports_per_epoch(study.user_attrs))
         model = refitted.model
     else:
         model = build_model(spec.model.family, params, image_shape=tuple(stored["image_shape"]),
