@@ -134,9 +134,11 @@ def _describe(spec: Any) -> str:
 @click.option("--allow-space-change", is_flag=True,
               help="Continue an existing study although its search space changed.")
 @click.option("--no-finish", is_flag=True, help="Skip the final test evaluation and model registration.")
+@click.option("--no-refit", is_flag=True, help="Test and register the best trial's own model instead of its "
+                                               "configuration retrained on training + validation data.")
 def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None, runs_dir: str | None,
         workers: int | None, gpus: str | None, workers_per_gpu: int, device: str | None, allow_space_change: bool,
-        no_finish: bool) -> None:
+        no_finish: bool, no_refit: bool) -> None:
     """Run (or resume) the study in SPEC until its n_trials, then test and register the best model."""
     spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
     from hpsearch import workers as workers_mod
@@ -154,7 +156,7 @@ def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir:
         from hpsearch.study import finish
 
         try:
-            result = finish(spec, study, device=device)
+            result = finish(spec, study, device=device, use_refit=False if no_refit else None)
         except KeyboardInterrupt:
             click.echo("\nInterrupted before the final test was recorded: nothing of it was kept. Run the same "
                        "command to test and register the best model.", err=True)

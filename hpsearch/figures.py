@@ -174,8 +174,11 @@ def parallel_coordinates(study: optuna.Study, metric: str, direction: str, *, ob
 
 
 def learning_curves(trials: Sequence[FrozenTrial], metric: str, direction: str, *,
-                    top_k: int = TOP_K) -> Figure | None:
-    """Return the per-epoch curves: the top-k complete trials in colour, others faint, pruned dashed ×."""
+                    top_k: int = TOP_K, reports_per_epoch: int = 1) -> Figure | None:
+    """Return the learning curves against epochs: the top-k complete trials in colour, others faint, pruned dashed ×.
+
+    A trial's report ``step`` is drawn at epoch ``step / reports_per_epoch``.
+    """
     with_curves = [t for t in trials if len(t.intermediate_values) >= 1
                    and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if not with_curves:
@@ -186,9 +189,9 @@ def learning_curves(trials: Sequence[FrozenTrial], metric: str, direction: str, 
     pruned = [t for t in with_curves if t.state == TrialState.PRUNED]
     fig, ax = _figure(height=4.6)
 
-    def curve(t: FrozenTrial) -> tuple[list[int], list[float]]:
+    def curve(t: FrozenTrial) -> tuple[list[float], list[float]]:
         steps = sorted(s for s, v in t.intermediate_values.items() if math.isfinite(v))
-        return steps, [t.intermediate_values[s] for s in steps]
+        return [s / reports_per_epoch for s in steps], [t.intermediate_values[s] for s in steps]
 
     for t in rest:
         ax.plot(*curve(t), color="#9ecae1", linewidth=1, alpha=0.8)
@@ -206,7 +209,8 @@ def learning_curves(trials: Sequence[FrozenTrial], metric: str, direction: str, 
         ax.plot([], [], color="#9ecae1", label=f"other complete ({len(rest)})")
     ax.set(xlabel="epoch", ylabel=metric,
            title=f"Learning curves: top {len(top)} of {len(complete)} complete trials ({_arrow(direction)})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    if reports_per_epoch == 1:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return fig

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import figures
 from hpsearch.errors import SpecError, StorageError
 from hpsearch.spec import Spec, mask_password
-from hpsearch.trials import Counts, best_trial, count  # noqa: F401 - re-exported for report.py
+from hpsearch.trials import Counts, best_trial, count, epoch_text, reports_per_epoch  # noqa: F401 - re-exported for report.py
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `hpsearch ui` serves a local MLflow store
 FIGURES_ATTR = "hpsearch.figures"  # study user attr: how many trials had finished when figures were drawn
@@ -207,7 +207,7 @@ def trial_note(spec: Spec, study_attrs: Mapping[str, Any], trial: FrozenTrial, *
         lines.append("")
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         step = max(trial.intermediate_values)
-        lines.append(f"Stopped by the pruner after epoch {step} "
+        lines.append(f"Stopped by the pruner at epoch {epoch_text(step, reports_per_epoch(study_attrs))} "
                      f"(`{spec.study.metrics[0].name}` {trial.intermediate_values[step]:.5g}).")
         lines.append("")
     if reason := trial.user_attrs.get("fail_reason") or trial.user_attrs.get("interrupted"):
@@ -261,7 +261,8 @@ def study_figures(spec: Spec, study: optuna.Study, *, store: FileSystemArtifactS
     out: dict[str, Figure | None] = {
         "optimization_history": figures.optimization_history(trials, primary.name, primary.direction),
         "learning_curves": (None if spec.study.multi_objective
-                            else figures.learning_curves(trials, primary.name, primary.direction)),
+                            else figures.learning_curves(trials, primary.name, primary.direction,
+                                                         reports_per_epoch=reports_per_epoch(study.user_attrs))),
         "param_importances": figures.param_importances(study, primary.name),
         "parallel_coordinates": figures.parallel_coordinates(study, primary.name, primary.direction),
     }

@@ -30,7 +30,7 @@ from hpsearch.spec import Spec
 from hpsearch.storage import claim, rdb, release_claim, swap_claim
 from hpsearch.tracking import Tracker
 from hpsearch.train import Diverged, TrainConfig, fit
-from hpsearch.trials import TRACKED_LATE_KEY, UNTRACKED_ATTR, untracked
+from hpsearch.trials import TRACKED_LATE_KEY, UNTRACKED_ATTR, epoch_text, untracked
 
 MODEL_FILE = "model.pt"
 METRICS_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late: live curves, one write per batch
@@ -52,6 +52,7 @@ class TrialContext:
     artifact_store: optuna.artifacts.FileSystemArtifactStore
     input_stats: tuple[float, float]  # (mean, std) inputs are standardised with: see tasks.input_stats
     reference: torch.nn.Module | None = None  # inpaint's reference classifier
+    reports_per_epoch: int = 1  # the study's: see trials.REPORTS_ATTR
     warn: Callable[[str], None] = print
 
 
@@ -79,22 +80,24 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     primary = spec.study.metrics[0].name
     mean, std = ctx.input_stats
 
+    per_epoch = ctx.reports_per_epoch
+
     def report(step: int, metrics: dict[str, float]) -> None:
         if ctx.tracker and run_id:
             epochs.add(step, metrics)
-            if step % spec.tracking.log_images_every == 0:
-                _log_images(ctx, run_id, model, task, mean, std, step)
+            if step % (per_epoch * spec.tracking.log_images_every) == 0:  # pictures at epochs' ends
+                _log_images(ctx, run_id, model, task, mean, std, step // per_epoch)
         value = metrics[primary]
         if not spec.study.multi_objective and math.isfinite(value):
             trial.report(value, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {step}: {primary}={value:.5g}")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch_text(step, per_epoch)}: {primary}={value:.5g}")
 
     config = TrainConfig.from_params(params, seed=seed, device=str(ctx.device), precision=spec.task.precision,
                                     channels_last=spec.task.channels_last)
     started = time.perf_counter()
     try:
-        result = fit(model, ctx.data, task, config, report, mean=mean, std=std)
+        result = fit(model, ctx.data, task, config, report, mean=mean, std=std, reports_per_epoch=per_epoch)
     except optuna.TrialPruned:
         _end_run(ctx, run_id, epochs, "FINISHED", "PRUNED", model, task, mean, std, trial)
         raise
@@ -220,11 +223,11 @@ class _EpochLog:
 
 
 def _log_images(ctx: TrialContext, run_id: str, model: torch.nn.Module, task: Any, mean: float, std: float,
-                step: int) -> None:
+                epoch: int) -> None:
     if ctx.spec.task.type == "classify" or ctx.tracker is None:
         return
     grid = tasks.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
-    ctx.tracker.log_image(run_id, grid, f"images/reconstruction_epoch_{step:03d}.png")
+    ctx.tracker.log_image(run_id, grid, f"images/reconstruction_epoch_{epoch:03d}.png")
 
 
 def _end_run(ctx: TrialContext, run_id: str | None, epochs: _EpochLog, status: str, state: str,

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import optuna
 
+from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
 from hpsearch.study import Counts, count_trials
 from hpsearch.trials import best_trial
@@ -98,6 +99,7 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
         values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, result["values"]))
         lines.append(f"Best trial: #{result['trial']} ({values})")
         lines.append("Best params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(result["params"].items())))
+        lines.append(f"Final model: {describe(result)}.")
         lines.append(f"Test split ({result['n_test']} samples, touched once, by this model): "
                      + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result["metrics"].items())))
         if result.get("model_version"):

@@ -18,8 +18,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures, insights
+from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
-from hpsearch.trials import untracked, untracked_note
+from hpsearch.trials import epoch_text, reports_per_epoch, untracked, untracked_note
 
 HTML_FILE = "report.html"
 MD_FILE = "summary.md"
@@ -91,6 +92,7 @@ class _Facts:
         self.test = attrs.get("hpsearch.test") or {}
         self.ui_url = insights.ui_url_for(spec)
         self.metrics = spec.study.metrics
+        self.per_epoch = reports_per_epoch(attrs)
         self.created = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
 
     def title(self) -> str:
@@ -160,18 +162,18 @@ class _Facts:
         return sorted({name for t in self.trials for name in t.params})
 
 
-def _value(t: FrozenTrial) -> str:
+def _value(t: FrozenTrial, per_epoch: int) -> str:
     if t.values:
         return ", ".join(_fmt(v) for v in t.values)
     if t.state == TrialState.PRUNED and t.intermediate_values:
         step = max(t.intermediate_values)
-        return f"{_fmt(t.intermediate_values[step])} @ epoch {step}"
+        return f"{_fmt(t.intermediate_values[step])} @ epoch {epoch_text(step, per_epoch)}"
     return ""
 
 
-def _reason(t: FrozenTrial) -> str:
+def _reason(t: FrozenTrial, per_epoch: int) -> str:
     if t.state == TrialState.PRUNED and t.intermediate_values:
-        return f"pruned after epoch {max(t.intermediate_values)}"
+        return f"pruned at epoch {epoch_text(max(t.intermediate_values), per_epoch)}"
     return str(t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted") or "")[:200]
 
 
@@ -253,9 +255,9 @@ def _html(f: _Facts, images: Mapping[str, bytes]) -> str:
     body = []
     for t in f.table():
         state = _STATE.get(t.state, t.state.name.lower())
-        body.append([str(t.number), f'<span class="{state}">{state}</span>', e(_value(t)),
+        body.append([str(t.number), f'<span class="{state}">{state}</span>', e(_value(t, f.per_epoch)),
                      *(e(_fmt(t.params[p])) if p in t.params else "" for p in params),
-                     e(_fmt(t.user_attrs.get("n_params", ""))), e(_reason(t))])
+                     e(_fmt(t.user_attrs.get("n_params", ""))), e(_reason(t, f.per_epoch))])
     parts.append(_html_table(head, body, numeric=(0, 2), escaped=True))
     if s.tracking.enabled:
         parts.append(f"<p class=\"muted\">MLflow experiment <code>{e(s.tracking.experiment)}</code> at "
@@ -272,7 +274,7 @@ def _test_html(f: _Facts) -> str:
         return ("<p>The best model has not been evaluated on the test split yet "
                 f"(<code>hpsearch run {e(f.spec.path)}</code> does it when the study ends).</p>")
     rows = [(k, _fmt(v)) for k, v in sorted(test["metrics"].items())]
-    lines = [f"<p>Trial #{e(str(test.get('trial')))}'s model, evaluated once on {e(str(test.get('n_test')))} "
+    lines = [f"<p>{e(describe(test))}, evaluated once on {e(str(test.get('n_test')))} "
              "test images the search never saw:</p>", _html_table(["test", "value"], rows, numeric=(1,))]
     if test.get("model_version"):
         lines.append(f"<p>Registered model <code>{e(str(test.get('registered_model')))}</code> version "
@@ -315,7 +317,7 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
             lines += [f"MLflow run: <{link}> (`hpsearch ui {s.path}`)", ""]
     lines += ["## Test split", ""]
     if f.test.get("metrics"):
-        lines += [f"Trial #{f.test.get('trial')}'s model, evaluated once on {f.test.get('n_test')} test images:", ""]
+        lines += [f"{describe(f.test)}, evaluated once on {f.test.get('n_test')} test images:", ""]
         lines += _md_table(["test", "value"], [(k, _fmt(v)) for k, v in sorted(f.test["metrics"].items())])
         if f.test.get("model_version"):
             lines += [f"Registered model `{f.test.get('registered_model')}` version {f.test['model_version']}.", ""]
@@ -328,8 +330,8 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
     lines += ["## Trials", ""]
     params = f.param_names()
     lines += _md_table(["#", "state", " / ".join(m.name for m in f.metrics), *params, "note"],
-                       [[t.number, _STATE.get(t.state, t.state.name.lower()), _value(t),
-                         *(_fmt(t.params[p]) if p in t.params else "" for p in params), _reason(t)]
+                       [[t.number, _STATE.get(t.state, t.state.name.lower()), _value(t, f.per_epoch),
+                         *(_fmt(t.params[p]) if p in t.params else "" for p in params), _reason(t, f.per_epoch)]
                         for t in f.table()])
     return "\n".join(lines).rstrip() + "\n"
 

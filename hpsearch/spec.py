@@ -99,6 +99,15 @@ class PrunerSpec:
 
 
 @dataclass(frozen=True)
+class RefitSpec:
+    """How the final model is made (hpsearch/refit.py): the best configuration retrained on train + val."""
+
+    enabled: bool = True  # the validation split has done its job once the search has chosen: train on it too
+    epochs: str | int = "best"  # "best": where the best trial's validation curve peaked; or a fixed count
+    data: str = "train+val"  # the one choice today; named so that the record says what the model saw
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     metrics: tuple[MetricSpec, ...]
@@ -112,6 +121,7 @@ class StudySpec:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
     max_retries: int = 2  # how often a trial whose worker died is retried with the same params
+    refit: RefitSpec = field(default_factory=RefitSpec)  # off by default for multi-objective studies (see parse)
 
     @property
     def directions(self) -> list[str]:
@@ -152,6 +162,9 @@ class TaskSpec:
     threads: int | None = None  # CPU threads per trial; None: the machine's cores / workers
     precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward passes (fast on GPUs)
     channels_last: bool | None = None  # conv memory layout; None: on for conv models on CUDA
+    # Validation reports (and pruning decisions) per epoch; None ("auto"): one per ~10,000 training
+    # images, at least one, so a hopeless trial on a large dataset is judged before its first epoch ends.
+    reports_per_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,8 @@ class Spec:
             task.pop(key)
         if task["precision"] == "fp32":  # the default then leaves the fingerprints of older studies as they were
             task.pop("precision")
+        if task["reports_per_epoch"] is None:  # auto: decided once per study and stored (see trials.REPORTS_ATTR)
+            task.pop("reports_per_epoch")
         return {"task": task, "model": data["model"], "space": data["space"],
                 "metrics": data["study"]["metrics"]}
 
@@ -346,7 +361,8 @@ def _pruner_to_raw(p: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
     keys = ("type", "dataset", "fallback", "data_dir", "val_fraction", "train_limit", "epochs",
-            "batch_size", "device", "normalize", "noise", "mask", "threads", "precision", "channels_last")
+            "batch_size", "device", "normalize", "noise", "mask", "threads", "precision", "channels_last",
+            "reports_per_epoch")
     m = check.mapping(raw, "task", required=("type", "dataset"), optional=keys)
     noise_raw = check.mapping(m.get("noise", {}), "task.noise", optional=("kind", "std", "amount"))
     mask_raw = check.mapping(m.get("mask", {}), "task.mask", optional=("size", "placement"))
@@ -384,7 +400,17 @@ def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
         threads=None if threads is None else check.integer(threads, "task.threads", low=1),
         precision=check.choice(m.get("precision", "fp32"), "task.precision", PRECISIONS),
         channels_last=_channels_last(check, m.get("channels_last", "auto")),
+        reports_per_epoch=_reports_per_epoch(check, m.get("reports_per_epoch", "auto")),
     )
+
+
+def _reports_per_epoch(check: _Checker, value: Any) -> int | None:
+    if value is None or value == "auto":  # None: the resolved spec's way of writing auto
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        check.fail("task.reports_per_epoch", "must be auto or a whole number of reports per epoch from 1 to 1000",
+                   value)
+    return value
 
 
 def _channels_last(check: _Checker, value: Any) -> bool | None:
@@ -515,7 +541,7 @@ def _parse_when(check: _Checker, raw: Any, where: str) -> dict[str, tuple[Any, .
 def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec, ...],
                  storage: str | None, runs: Path) -> StudySpec:
     keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries")
+            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "refit")
     m = check.mapping(raw, "study", required=("name",), optional=keys)
     name = check.string(m["name"], "study.name")
     if not _NAME_RE.match(name):
@@ -550,7 +576,22 @@ def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSp
         seed=check.integer(m.get("seed", 0), "study.seed", low=0),
         sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
         max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
+        refit=_parse_refit(check, m.get("refit"), multi_objective=len(metrics) > 1),
     )
+
+
+def _parse_refit(check: _Checker, raw: Any, *, multi_objective: bool) -> RefitSpec:
+    # A Pareto front has no one best configuration to refit: off unless asked (finish then refits
+    # the trial it tests, the best by the first objective).
+    if raw is None or isinstance(raw, bool):
+        return RefitSpec(enabled=(not multi_objective) if raw is None else raw)
+    m = check.mapping(raw, "study.refit", optional=("enabled", "epochs", "data"))
+    epochs = m.get("epochs", "best")
+    if epochs != "best" and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        check.fail("study.refit.epochs", "must be `best` (where the best trial's validation curve peaked) or a "
+                   "number of epochs >= 1", epochs)
+    return RefitSpec(enabled=check.boolean(m.get("enabled", not multi_objective), "study.refit.enabled"),
+                     epochs=epochs, data=check.choice(m.get("data", "train+val"), "study.refit.data", ("train+val",)))
 
 
 def _parse_metrics(check: _Checker, m: Mapping[str, Any], task: TaskSpec) -> tuple[MetricSpec, ...]:

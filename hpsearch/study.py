@@ -28,18 +28,19 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import insights, space
+from hpsearch import insights, refit, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
+from hpsearch.refit import Refit
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import (claim, claims, fail_stale_trials, make_storage, read_claim, release_claim,
                               swap_claim)
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import Tracker
-from hpsearch.trials import Counts, count
+from hpsearch.trials import REPORTS_ATTR, Counts, auto_reports_per_epoch, count, reports_per_epoch
 
 SPEC_ATTR = "hpsearch.spec"
 FINGERPRINT_ATTR = "hpsearch.fingerprint"
@@ -78,18 +79,28 @@ def make_sampler(spec: Spec, *, seed: int | None = None) -> optuna.samplers.Base
     return cls(seed=seed, **options)
 
 
-def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
-    """Return the pruner a spec names (the patient pruner wrapping its inner one)."""
+# Pruner options counted in epochs in a spec; the pruner counts reports (see trials.REPORTS_ATTR).
+_EPOCH_OPTIONS = ("n_warmup_steps", "min_resource", "max_resource", "patience")
+
+
+def make_pruner(p: PrunerSpec, *, reports_per_epoch: int = 1) -> optuna.pruners.BasePruner:
+    """Return the pruner a spec names (the patient pruner wrapping its inner one).
+
+    The spec gives warm-ups, resources and patience in epochs; with several reports an epoch,
+    they become that many reports (``max_resource: auto`` stays auto).
+    """
     if p.type == "none":
         return optuna.pruners.NopPruner()
+    options = {k: v * reports_per_epoch if k in _EPOCH_OPTIONS and isinstance(v, int) and not isinstance(v, bool)
+               else v for k, v in p.options.items()}
     cls = getattr(optuna.pruners, {
         "median": "MedianPruner", "percentile": "PercentilePruner",
         "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
         "wilcoxon": "WilcoxonPruner", "patient": "PatientPruner", "threshold": "ThresholdPruner"}[p.type])
     if p.type == "patient":
         assert p.wrapped is not None  # the spec checks this
-        return cls(make_pruner(p.wrapped), **p.options)
-    return cls(**p.options)
+        return cls(make_pruner(p.wrapped, reports_per_epoch=reports_per_epoch), **options)
+    return cls(**options)
 
 
 def stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -225,6 +236,7 @@ class WorkerSetup:
     tracker: Tracker | None
     parent_run_id: str | None
     reference: torch.nn.Module | None = None
+    reports_per_epoch: int = 1  # the study's (trials.REPORTS_ATTR)
     notes: list[str] = field(default_factory=list)
 
 
@@ -251,6 +263,8 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
             f"{stored.get('name')} (sha256 {stored.get('sha256')}, {stored.get('n_train')} training samples, from "
             f"{stored.get('source')}), this worker found {provenance['name']} (sha256 {provenance['sha256']}, "
             f"{provenance['n_train']} samples, from {provenance['source']}). Give it the same data dir.")
+    per_epoch = _reports_per_epoch(spec, study, len(data.train))
+    study.pruner = make_pruner(spec.study.pruner, reports_per_epoch=per_epoch)
     data = data.to(dev)
     tracker, parent = None, None
     if spec.tracking.enabled:
@@ -271,7 +285,20 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
         reference = load_or_train_reference(data, Path(spec.cache_dir), device=dev)
     return WorkerSetup(device=dev, threads=n_threads, data=data, tracker=tracker, parent_run_id=parent,
                        input_stats=input_stats(data.mean, data.std, standardise=spec.task.normalize),
-                       reference=reference)
+                       reference=reference, reports_per_epoch=per_epoch)
+
+
+def _reports_per_epoch(spec: Spec, study: optuna.Study, n_train: int) -> int:
+    """Return the study's reports per epoch: stored, else decided now (a study with trials from before: 1)."""
+    stored = study.user_attrs.get(REPORTS_ATTR)
+    if stored is not None:
+        return int(stored)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        per_epoch = 1  # its trials reported once per epoch: new ones must be comparable
+    else:
+        per_epoch = spec.task.reports_per_epoch or auto_reports_per_epoch(n_train)
+    study.set_user_attr(REPORTS_ATTR, per_epoch)
+    return per_epoch
 
 
 def _check_fits_images(spec: Spec, data: SearchData) -> None:
@@ -318,7 +345,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
                        artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
-                       reference=setup.reference, warn=warn)
+                       reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
     n_trials = spec.study.n_trials
@@ -575,8 +602,13 @@ def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
     return best(spec, [t for t in study.get_trials(deepcopy=False) if "model_artifact_id" in t.user_attrs])
 
 
-def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: Warn = _stderr) -> dict[str, Any]:
-    """Evaluate the best trial's model once on the test split, log and register it; return the result.
+def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_refit: bool | None = None,
+           warn: Warn = _stderr) -> dict[str, Any]:
+    """Evaluate the final model once on the test split, log and register it; return the result.
+
+    The final model is the best trial's configuration refit on training + validation data
+    (``study.refit``, on by default for single-objective studies; ``use_refit`` overrides it), or
+    the best trial's own model.
 
     Once per study, whoever finishes: a study whose best trial was already tested is not tested
     again, and of processes finishing at once one claims the test (see :func:`_finish_claim`)
@@ -590,24 +622,31 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, warn: 
     with on_stop_signals(interrupt), _finish_claim(study, best.number, warn) as done:
         if done is not None:
             return done
-        model, test_metrics, example, n_test = _test_model(spec, study, best, device)
+        model, test_metrics, example, n_test, refitted = _test_model(
+            spec, study, best, device, use_refit=spec.study.refit.enabled if use_refit is None else use_refit)
         result: dict[str, Any] = {"trial": best.number, "metrics": test_metrics, "params": best.params,
                                   "values": best.values, "n_test": n_test}
+        if refitted is not None:
+            result["refit"] = refitted.as_record()
         tracker = None
         with _completed_first(warn):
             if spec.tracking.enabled:
                 tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
                                   artifact_root=spec.tracking.artifact_root, warn=warn)
                 track_late(study, tracker, study.user_attrs.get(PARENT_RUN_ATTR))
-                result.update(_record_test(spec, study, tracker, best, model, test_metrics, example))
+                result.update(_record_test(spec, study, tracker, best, model, test_metrics, example, refitted))
             study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
     insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True, warn=warn)
     return result
 
 
-def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial,
-                device: str | None) -> tuple[torch.nn.Module, dict[str, float], Any, int]:
-    """Return the best trial's model, its test metrics, an input example and the test split's size."""
+def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str | None, *,
+                use_refit: bool) -> tuple[torch.nn.Module, dict[str, float], Any, int, Refit | None]:
+    """Return the final model, its test metrics, an input example, the test split's size and the refit (or None).
+
+    The final model is the best trial's configuration refit on training + validation data
+    (:mod:`hpsearch.refit`) when ``use_refit``, else the best trial's own saved model.
+    """
     from hpsearch import tasks
     from hpsearch.models import build_model
     from hpsearch.train import evaluate, resolve_device
@@ -617,41 +656,66 @@ def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial,
         raise DataError(f"study {spec.study.name!r} records no data provenance; run a trial first.")
     provenance = Provenance(**{k: v for k, v in stored.items() if k in Provenance.__dataclass_fields__})
     dev = resolve_device(device or spec.task.device)
-    test = load_test_split(provenance, data_dir=spec.task.data_dir).to(dev)
     params = _trial_params(spec, best)
-    model = build_model(spec.model.family, params, image_shape=tuple(stored["image_shape"]),
-                        n_classes=int(stored["n_classes"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / MODEL_FILE
-        optuna.artifacts.download_artifact(
-            artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
-            file_path=str(path), artifact_id=best.user_attrs["model_artifact_id"])
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-    model = model.to(dev).eval()
     mean, std = input_stats(stored["mean"], stored["std"], standardise=spec.task.normalize)
     reference = None
     if spec.task.type == "inpaint":
         reference = _cached_reference(spec, provenance, dev)
+    refitted = None
+    if use_refit:
+        refitted = refit.refit(spec, best, params, _search_data(spec, provenance), device=dev, mean=mean, std=std,
+                               reference=reference, reports_per_epoch=reports_per_epoch(study.user_attrs))
+        model = refitted.model
+    else:
+        model = build_model(spec.model.family, params, image_shape=tuple(stored["image_shape"]),
+                            n_classes=int(stored["n_classes"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL_FILE
+            optuna.artifacts.download_artifact(
+                artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
+                file_path=str(path), artifact_id=best.user_attrs["model_artifact_id"])
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+    model = model.to(dev).eval()
+    # Only now, with the final model chosen and trained, is the test split read.
+    test = load_test_split(provenance, data_dir=spec.task.data_dir).to(dev)
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,
                            noise_kind=spec.task.noise.kind, reference=reference)
     metrics = evaluate(model, test, task, mean=mean, std=std, device=dev)
     test_metrics = {("test_" + k[4:] if k.startswith("val_") else "test_" + k): v for k, v in metrics.items()}
     example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
-    return model, test_metrics, example, len(test)
+    return model, test_metrics, example, len(test), refitted
 
 
 def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: FrozenTrial, model: torch.nn.Module,
-                 test_metrics: dict[str, float], example: Any) -> dict[str, Any]:
-    """Log the test metrics and the model on the study's parent run, register it; return what to add to the result."""
+                 test_metrics: dict[str, float], example: Any, refitted: Refit | None) -> dict[str, Any]:
+    """Log the test metrics and the model, register it; return what to add to the result.
+
+    The test metrics go on the study's parent run. The model goes on the refit's own run (a child
+    of the parent, tagged with the trial it refits) when there is a refit, else on the parent run.
+    """
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         return {}
     tracker.log_metrics(parent, test_metrics, step=best.number)
     tracker.set_tags(parent, {"hpsearch.best_trial": str(best.number),
                               "hpsearch.best_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
-    version = tracker.log_model(parent, model.cpu(), input_example=example,
+    model_run = parent
+    out: dict[str, Any] = {}
+    if refitted is not None:
+        run_id = tracker.start_refit(parent, best.number, params={
+            **_trial_params(spec, best), "epochs": refitted.epochs, "refit.epochs_rule": refitted.epochs_rule,
+            "refit.n_train": refitted.n_train, "seed": refitted.seed}, tags={
+            "hpsearch.best_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
+        if run_id:
+            now_ms = int(time.time() * 1000)
+            tracker.log_epochs(run_id, [(epoch, now_ms, metrics) for epoch, metrics in enumerate(refitted.history, 1)])
+            tracker.log_metrics(run_id, {**test_metrics, "refit_seconds": refitted.seconds}, step=refitted.epochs)
+            model_run = out["refit_run_id"] = run_id
+    version = tracker.log_model(model_run, model.cpu(), input_example=example,
                                 registered_name=spec.study.name if spec.tracking.register_model else None)
-    return {"model_version": version, "registered_model": spec.study.name if version else None,
+    if refitted is not None and model_run != parent:
+        tracker.end_run(model_run, "FINISHED")
+    return {**out, "model_version": version, "registered_model": spec.study.name if version else None,
             "experiment_id": tracker.experiment_id, "parent_run_id": parent}
 
 
@@ -743,12 +807,16 @@ def _claim_dead(held: dict[str, Any]) -> bool:
     return False
 
 
+def _search_data(spec: Spec, provenance: Provenance) -> SearchData:
+    """Return the study's training and validation splits again, as its trials had them."""
+    return load_search_data(provenance.name, data_dir=spec.task.data_dir, val_fraction=spec.task.val_fraction,
+                            seed=spec.study.seed, train_limit=spec.task.train_limit)
+
+
 def _cached_reference(spec: Spec, provenance: Provenance, device: torch.device) -> torch.nn.Module:
     from hpsearch.tasks import load_or_train_reference
 
-    data = load_search_data(provenance.name, data_dir=spec.task.data_dir, val_fraction=spec.task.val_fraction,
-                            seed=spec.study.seed, train_limit=spec.task.train_limit).to(device)
-    return load_or_train_reference(data, Path(spec.cache_dir), device=device)
+    return load_or_train_reference(_search_data(spec, provenance).to(device), Path(spec.cache_dir), device=device)
 
 
 def _trial_params(spec: Spec, trial: FrozenTrial) -> dict[str, Any]:

@@ -50,6 +50,7 @@ __all__ = ["Tracker", "check_uri"]
 T = TypeVar("T")
 
 STUDY_TAG = "hpsearch.study"  # the study's name, on its parent run (and, from the caller, on trial runs)
+REFIT_TAG = "hpsearch.refit_of"  # on a refit's run: the number of the trial whose configuration it retrains
 ROLE_TAG = "hpsearch.role"  # "study" or "trial": tells the parent run apart from trial runs with the same study tag
 TRIAL_TAG = "hpsearch.trial"  # the Optuna trial number of a child run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows trial runs under the study's run
@@ -257,6 +258,21 @@ class Tracker:
 
         return self._call(f"start the run of trial {trial_number}", start)
 
+    def start_refit(self, parent_run_id: str, trial_number: int, *, params: Mapping[str, Any],
+                    tags: Mapping[str, str]) -> str | None:
+        """Return the id of a new child run for the refit of a trial's configuration (see hpsearch.refit)."""
+        exp = self.experiment_id
+        if exp is None:
+            return None
+
+        def start(client: MlflowClient) -> str:
+            run = client.create_run(exp, run_name=f"refit-of-trial-{trial_number}", tags={
+                **_strings(tags), PARENT_TAG: parent_run_id, REFIT_TAG: str(trial_number), ROLE_TAG: "refit"})
+            _log_missing_params(client, run, params)
+            return run.info.run_id
+
+        return self._call(f"start the refit run of trial {trial_number}", start)
+
     def _trial_runs(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
                     trial_number: int | None = None) -> list[Run]:
         where = f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)}"
@@ -284,7 +300,8 @@ class Tracker:
 
         def search(client: MlflowClient) -> list[dict[str, Any]]:
             runs = [{"run_id": r.info.run_id, "trial": _int(r.data.tags.get(TRIAL_TAG)), "status": r.info.status,
-                     "tags": dict(r.data.tags)} for r in self._trial_runs(client, exp, parent_run_id)]
+                     "tags": dict(r.data.tags)} for r in self._trial_runs(client, exp, parent_run_id)
+                    if r.data.tags.get(ROLE_TAG) != "refit"]
             return sorted(runs, key=lambda r: -1 if r["trial"] is None else r["trial"])  # stable: by start
 
         return self._call("list the trial runs", search) or []

@@ -96,9 +96,9 @@ class Diverged(Exception):
 class TrainResult:
     """What one training run gives back."""
 
-    metrics: dict[str, float]  # the last epoch's report: train_loss, val metrics, epoch_seconds, lr
-    history: tuple[dict[str, float], ...]  # every epoch's report, in order
-    epochs_run: int
+    metrics: dict[str, float]  # the last report: train_loss, val metrics, epoch_seconds, lr
+    history: tuple[dict[str, float], ...]  # every report, in order
+    epochs_run: int  # whole epochs trained
     seconds: float  # wall time of the whole fit, evaluation included
 
 
@@ -135,14 +135,18 @@ def resolve_device(name: str) -> torch.device:
 
 def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
         report: Callable[[int, dict[str, float]], None], *, mean: float | None = None,
-        std: float | None = None) -> TrainResult:
+        std: float | None = None, reports_per_epoch: int = 1) -> TrainResult:
     """Return the metrics of ``model`` after training it in place on ``data.train`` for ``config.epochs``.
 
     Inputs are standardised with ``mean`` and ``std`` (default: the training pixels' own,
     ``data.mean`` and ``data.std``); a study passes what :func:`hpsearch.tasks.input_stats` gives.
 
-    After each epoch, ``report(epoch, metrics)`` gets train_loss, the task's validation metrics,
-    epoch_seconds and lr. Whatever ``report`` raises (a prune signal) ends the fit and propagates.
+    ``reports_per_epoch`` times an epoch (evenly spaced, at most once per batch, the last at the
+    epoch's end), ``report(step, metrics)`` gets: train_loss (the mean since the previous report),
+    the task's validation metrics on the whole validation split (none when ``data.val`` is empty,
+    as in a refit), epoch_seconds (at an epoch's end), lr and, with several reports an epoch,
+    epoch (where the report falls, e.g. 1.25). ``step`` counts reports: ``step / reports_per_epoch``
+    is the epoch, so with one report per epoch it is the epoch number. Whatever ``report`` raises (a prune signal) ends the fit and propagates.
     Raises :class:`Diverged` when the training loss becomes NaN or infinite.
 
     Threads: fit leaves torch's intra-op thread count as the caller set it
@@ -152,8 +156,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     started = time.perf_counter()
     device = resolve_device(config.device)
     train, val = data.train.to(device), data.val.to(device)
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(f"fit needs training and validation samples, but got {len(train)} and {len(val)}.")
+    if len(train) == 0:
+        raise DataError("fit needs training samples, but the training split is empty.")
     model.to(device)
     layout = memory_format(model, device, config.channels_last)
     model.to(memory_format=layout)
@@ -171,7 +175,6 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     bounds = [(start, min(start + config.batch_size, n)) for start in range(0, n, config.batch_size)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds.pop()
-    n_seen = bounds[-1][1]
 
     optimizer = make_optimizer(model.parameters(), config, device)
     optimizer_step = fused_step(optimizer)
@@ -182,16 +185,22 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     mean = data.mean if mean is None else mean
     std = data.std if std is None else std
 
-    # 3. Epochs: train, check, evaluate, report.
+    # Reports: `per_epoch` an epoch (at most one per batch), the j-th after batch ceil(j * batches / per_epoch).
+    per_epoch = max(1, min(reports_per_epoch, len(bounds)))
+    report_after = {math.ceil(j * len(bounds) / per_epoch): j for j in range(1, per_epoch + 1)}
+
+    # 3. Epochs: train, check; at each report, evaluate and report.
     history: list[dict[str, float]] = []
     step = 0
+    epochs_run = 0
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=generator, device=device)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)  # since the last report
+        seen = 0
         lr = group["lr"]
-        for start, stop in bounds:
+        for batch, (start, stop) in enumerate(bounds, 1):
             index = order[start:stop]
             # index_select, not images[index]: advanced indexing of uint8 rows is ~10x slower on the CPU.
             inputs, images01, mask = task.training_batch(train.images.index_select(0, index), generator, mean, std)
@@ -211,22 +220,35 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
                 scheduler.step()
             # Summed on the device: reading the loss every batch would wait for the GPU every batch.
             loss_sum.add_(loss.detach(), alpha=stop - start)
+            seen += stop - start
             step += 1
             if step % _DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                 raise Diverged(epoch, step, loss_sum.item())
-        train_loss = loss_sum.item() / n_seen
-        if not math.isfinite(train_loss):
-            raise Diverged(epoch, step, train_loss)
-        if scheduler is not None and not per_batch:
-            scheduler.step()
-        metrics = {"train_loss": train_loss,
-                   **evaluate(model, val, task, mean=mean, std=std, device=device, precision=config.precision,
-                              layout=layout),
-                   "epoch_seconds": time.perf_counter() - epoch_started,
-                   "lr": lr}
-        history.append(metrics)
-        report(epoch, dict(metrics))  # a copy: whatever the reporter does, the history stays as measured
-    return TrainResult(metrics=dict(history[-1]), history=tuple(history), epochs_run=len(history),
+            if batch not in report_after:
+                continue
+            j = report_after[batch]
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):
+                raise Diverged(epoch, step, train_loss)
+            end_of_epoch = j == per_epoch
+            if end_of_epoch and scheduler is not None and not per_batch:
+                scheduler.step()
+            metrics = {"train_loss": train_loss,
+                       # No validation split (a refit on all the training data): nothing to evaluate.
+                       **(evaluate(model, val, task, mean=mean, std=std, device=device, precision=config.precision,
+                                   layout=layout) if len(val) else {})}
+            if end_of_epoch:
+                metrics["epoch_seconds"] = time.perf_counter() - epoch_started
+            metrics["lr"] = lr
+            if per_epoch > 1:
+                metrics["epoch"] = epoch - 1 + j / per_epoch  # where in the training this report is
+            history.append(metrics)
+            # A copy: whatever the reporter does, the history stays as measured.
+            report((epoch - 1) * per_epoch + j, dict(metrics))
+            loss_sum = torch.zeros((), device=device)
+            seen = 0
+        epochs_run = epoch
+    return TrainResult(metrics=dict(history[-1]), history=tuple(history), epochs_run=epochs_run,
                        seconds=time.perf_counter() - started)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -14,6 +15,26 @@ from hpsearch.spec import Spec
 UNTRACKED_ATTR = "untracked"
 # + trial number: study system attr, the MLflow run an untracked trial got once the server was back.
 TRACKED_LATE_KEY = "hpsearch.tracked_late:"
+
+# Study user attr: validation reports per epoch, decided once per study (a study stored without it
+# reported once per epoch). A trial's report number `step` is epoch `step / reports_per_epoch`.
+REPORTS_ATTR = "hpsearch.reports_per_epoch"
+AUTO_REPORT_SAMPLES = 10_000  # task.reports_per_epoch: auto reports about every this many training images
+
+
+def auto_reports_per_epoch(n_train: int) -> int:
+    """Return how many reports per epoch ``auto`` means for a training split of ``n_train`` images."""
+    return max(1, round(n_train / AUTO_REPORT_SAMPLES))
+
+
+def reports_per_epoch(attrs: Mapping[str, Any]) -> int:
+    """Return the study's reports per epoch from its user attrs (1 for studies from before they existed)."""
+    return int(attrs.get(REPORTS_ATTR, 1))
+
+
+def epoch_text(step: int, per_epoch: int) -> str:
+    """Return report ``step`` as an epoch for people: "3", or "2.25" within an epoch."""
+    return f"{step / per_epoch:.4g}"
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,10 @@ def test_run_records_study_and_mlflow(tmp_path: Path, _isolated_runs_dir: Path) 
     exp = client.get_experiment_by_name("e2e")
     all_runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 6
+    children = [r for r in all_runs if r.data.tags.get("hpsearch.role") == "trial"]
+    refits = [r for r in all_runs if r.data.tags.get("hpsearch.role") == "refit"]
+    assert len(parents) == 1 and len(children) == 6 and len(refits) == 1
+    assert len(all_runs) == 8
     parent = parents[0]
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
     assert "test_accuracy" in parent.data.metrics
@@ -91,7 +93,10 @@ def test_run_records_study_and_mlflow(tmp_path: Path, _isolated_runs_dir: Path) 
     artifacts = [a.path for a in client.list_artifacts(best_run.info.run_id, "images")]
     assert "images/confusion_matrix.png" in artifacts
     versions = client.search_model_versions("name='e2e'")
-    assert len(versions) == 1 and versions[0].run_id == parent.info.run_id
+    # The registered model is the refit of the best configuration, logged on its own run under the parent.
+    assert len(versions) == 1 and versions[0].run_id == refits[0].info.run_id
+    assert refits[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert refits[0].data.tags["hpsearch.refit_of"] == str(study.best_trial.number)
 
     # Running again resumes: nothing more to do, the total stays 6, no second parent run.
     again = CliRunner().invoke(cli, ["run", str(path)], catch_exceptions=False)
