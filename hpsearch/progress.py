@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import optuna
 
 from hpsearch.spec import Spec, mask_password
+from hpsearch.stopping import STOPPED_ATTR
 from hpsearch.study import Counts, count_trials
 from hpsearch.trials import best_trial
 
@@ -87,6 +88,8 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
     counts = count_trials(study)
     lines = [f"Study {spec.study.name!r}: {counts.finished} of {spec.study.n_trials} trials finished "
              f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)."]
+    if stopped := study.user_attrs.get(STOPPED_ATTR):
+        lines.append(f"Stopped early by study.stop.{stopped['rule']}: {stopped['reason']}.")
     data = study.user_attrs.get("hpsearch.data") or {}
     if data:
         lines.append(f"Data: {data.get('name')} from {data.get('source')} ({data.get('n_train')} train / "

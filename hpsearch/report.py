@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures, insights
 from hpsearch.spec import Spec, mask_password
+from hpsearch.stopping import STOPPED_ATTR
 
 HTML_FILE = "report.html"
 MD_FILE = "summary.md"
@@ -104,6 +105,8 @@ class _Facts:
             line += f", {c.lost} lost (their worker died; retried)"
         if c.running:
             line += f"; {c.running} running"
+        if stopped := self.attrs.get(STOPPED_ATTR):
+            line += f"; stopped early by study.stop.{stopped['rule']}: {stopped['reason']}"
         return line + "."
 
     def data_line(self) -> str:

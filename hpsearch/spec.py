@@ -99,6 +99,20 @@ class PrunerSpec:
 
 
 @dataclass(frozen=True)
+class StopSpec:
+    """Study-wide stop rules (hpsearch/stopping.py); each None is a rule not in force."""
+
+    target: float | None = None  # stop once a complete trial's first metric reaches this value
+    patience: int | None = None  # stop after this many finished trials in a row without improvement
+    min_delta: float = 0.0  # an improvement smaller than this does not count (for `patience`)
+    max_minutes: float | None = None  # stop this long after the study's first trial started
+
+    @property
+    def active(self) -> bool:
+        return self.target is not None or self.patience is not None or self.max_minutes is not None
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     metrics: tuple[MetricSpec, ...]
@@ -112,6 +126,7 @@ class StudySpec:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
     max_retries: int = 2  # how often a trial whose worker died is retried with the same params
+    stop: StopSpec = field(default_factory=StopSpec)  # no rule by default: the study runs to n_trials
 
     @property
     def directions(self) -> list[str]:
@@ -515,7 +530,7 @@ def _parse_when(check: _Checker, raw: Any, where: str) -> dict[str, tuple[Any, .
 def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec, ...],
                  storage: str | None, runs: Path) -> StudySpec:
     keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries")
+            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "stop")
     m = check.mapping(raw, "study", required=("name",), optional=keys)
     name = check.string(m["name"], "study.name")
     if not _NAME_RE.match(name):
@@ -550,6 +565,31 @@ def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSp
         seed=check.integer(m.get("seed", 0), "study.seed", low=0),
         sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
         max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
+        stop=_parse_stop(check, m.get("stop"), metrics),
+    )
+
+
+def _parse_stop(check: _Checker, raw: Any, metrics: tuple[MetricSpec, ...]) -> StopSpec:
+    if raw is None:
+        return StopSpec()
+    m = check.mapping(raw, "study.stop", optional=("target", "patience", "min_delta", "max_minutes"))
+    # A stored spec writes rules not in force as null.
+    target, patience, max_minutes = m.get("target"), m.get("patience"), m.get("max_minutes")
+    min_delta = check.number(m.get("min_delta", 0.0) or 0.0, "study.stop.min_delta", low=0.0)
+    if len(metrics) > 1 and (target is not None or patience is not None):
+        check.fail("study.stop", "`target` and `patience` need a single-objective study (a Pareto front has no "
+                   "one best value); `max_minutes` works for any study", dict(m))
+    if min_delta and patience is None:
+        check.fail("study.stop.min_delta", "only matters with `patience`; add `patience: N`", min_delta)
+    if max_minutes is not None:
+        max_minutes = check.number(max_minutes, "study.stop.max_minutes")
+        if max_minutes <= 0:
+            check.fail("study.stop.max_minutes", "must be a positive number of minutes", max_minutes)
+    return StopSpec(
+        target=None if target is None else float(check.number(target, "study.stop.target")),
+        patience=None if patience is None else check.integer(patience, "study.stop.patience", low=1),
+        min_delta=float(min_delta),
+        max_minutes=None if max_minutes is None else float(max_minutes),
     )
 
 

@@ -27,7 +27,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from hpsearch import insights, space
+from hpsearch import insights, space, stopping
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
@@ -299,7 +299,10 @@ def _flat_spec_params(spec: Spec, data: SearchData) -> dict[str, Any]:
 
 def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
          shared: bool = True, warn: Warn = _stderr) -> int:
-    """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
+    """Run trials until the study's total is reached, a stop rule holds, or the timeout; return how many ran.
+
+    Stop rules (``study.stop``, see :mod:`hpsearch.stopping`) are read from the storage before each
+    new trial, so every worker of the study stops starting trials at the same point.
 
     ``shared``: other workers may run trials of the study at the same time. Each worker's sampler
     then draws from its own random stream (the study seed mixed with the worker's name): seeded
@@ -313,6 +316,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
                        reference=setup.reference, warn=warn)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
+    stopped = False
     n_trials = spec.study.n_trials
     signals = _StopSignals()
     surplus: set[int] = set()  # trials this worker created past the total (workers raced)
@@ -339,7 +343,11 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     with signals, _log_filters(optuna_log, signals.filter, not_a_failure):
         while deadline is None or time.monotonic() < deadline:
             signals.check()
-            c = count_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if (verdict := stopping.verdict(spec.study.stop, spec.study.metrics[0], trials)) is not None:
+                stopped = _record_stop(study, verdict, warn)
+                break
+            c = count(trials)
             if c.waiting > 0 or c.finished + c.running < n_trials:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
                 ran += 1
@@ -352,9 +360,17 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
             else:
                 break
         signals.check()
-    if count_trials(study).finished >= n_trials and setup.tracker and setup.parent_run_id:
+    if (stopped or count_trials(study).finished >= n_trials) and setup.tracker and setup.parent_run_id:
         setup.tracker.end_run(setup.parent_run_id, "FINISHED")  # each worker may say so: idempotent
     return ran
+
+
+def _record_stop(study: optuna.Study, verdict: stopping.Verdict, warn: Warn) -> bool:
+    """Record (once per study) the stop rule that holds, say it, and return True."""
+    if stopping.STOPPED_ATTR not in study.user_attrs:
+        study.set_user_attr(stopping.STOPPED_ATTR, verdict.as_attr())
+    warn(f"study {study.study_name!r} stops early: {verdict.reason}; no new trial starts (running ones finish).")
+    return True
 
 
 def worker_id() -> str:
