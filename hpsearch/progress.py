@@ -28,13 +28,10 @@ def progress_line(spec: Spec, study: optuna.Study, counts: Counts, elapsed: floa
     filled = int(width * done / total)
     bar = "#" * filled + "-" * (width - filled)
     best = "-"
-    if not spec.study.multi_objective:
-        try:
-            best = f"{study.best_value:.4g}"
-        except ValueError:
-            pass
-    else:
-        best = f"{len(study.best_trials)} on the Pareto front" if counts.complete else "-"
+    top = best_trial(spec, study.get_trials(deepcopy=False)) if counts.complete else None
+    if top is not None:
+        best = (f"{top.values[0]:.4g}" if not spec.study.multi_objective
+                else f"{len(study.best_trials)} on the Pareto front")
     new = done - done_at_start
     eta = "-" if new <= 0 else _clock(elapsed / new * (total - done))
     return (f"[{bar}] {done}/{total} trials | complete {counts.complete} pruned {counts.pruned} "

@@ -113,6 +113,15 @@ class StopSpec:
 
 
 @dataclass(frozen=True)
+class WarmStartSpec:
+    """An earlier study to start from (hpsearch/warmstart.py)."""
+
+    study: str
+    storage: str  # resolved; this study's storage unless given
+    top_k: int = 3  # its best configurations, evaluated first here: a few, not a copy of the old search
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     metrics: tuple[MetricSpec, ...]
@@ -127,6 +136,7 @@ class StudySpec:
     grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
     max_retries: int = 2  # how often a trial whose worker died is retried with the same params
     stop: StopSpec = field(default_factory=StopSpec)  # no rule by default: the study runs to n_trials
+    warm_start: WarmStartSpec | None = None  # start from nothing unless asked
 
     @property
     def directions(self) -> list[str]:
@@ -224,6 +234,8 @@ class Spec:
         """Return the resolved spec as plain data (JSON-safe), the storage password masked."""
         data = asdict(self)
         data["study"]["storage"] = mask_password(self.study.storage)
+        if self.study.warm_start is not None:
+            data["study"]["warm_start"]["storage"] = mask_password(self.study.warm_start.storage)
         data["tracking"]["uri"] = mask_password(self.tracking.uri)
         return json.loads(json.dumps(data, default=str))
 
@@ -530,7 +542,8 @@ def _parse_when(check: _Checker, raw: Any, where: str) -> dict[str, tuple[Any, .
 def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec, ...],
                  storage: str | None, runs: Path) -> StudySpec:
     keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "stop")
+            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "stop",
+            "warm_start")
     m = check.mapping(raw, "study", required=("name",), optional=keys)
     name = check.string(m["name"], "study.name")
     if not _NAME_RE.match(name):
@@ -566,7 +579,22 @@ def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSp
         sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
         max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
         stop=_parse_stop(check, m.get("stop"), metrics),
+        warm_start=_parse_warm_start(check, m.get("warm_start"), url, name),
     )
+
+
+def _parse_warm_start(check: _Checker, raw: Any, storage: str, name: str) -> WarmStartSpec | None:
+    if raw is None:
+        return None
+    m = check.mapping(raw, "study.warm_start", required=("study",), optional=("study", "storage", "top_k"))
+    source = check.string(m["study"], "study.warm_start.study")
+    url = m.get("storage") or storage
+    url = check_storage_url(check.string(url, "study.warm_start.storage"),
+                            where=f"{check.source}: study.warm_start.storage")
+    if source == name and url == storage:
+        check.fail("study.warm_start.study", "must name another study than this one", source)
+    return WarmStartSpec(study=source, storage=url,
+                         top_k=check.integer(m.get("top_k", 3), "study.warm_start.top_k", low=0))
 
 
 def _parse_stop(check: _Checker, raw: Any, metrics: tuple[MetricSpec, ...]) -> StopSpec:

@@ -10,7 +10,8 @@ report and `hpsearch status`.
 - ``patience`` (with ``min_delta``): the last N finished trials, in the order they finished, did not
   improve the best value by ``min_delta`` or more (as in Keras's EarlyStopping: a smaller gain
   neither counts nor moves the best). Pruned and failed trials count as not improving: they are
-  the study's effort too. Trials lost to a dead worker or Ctrl-C do not count.
+  the study's effort too. Trials lost to a dead worker or Ctrl-C, and trials copied from an
+  earlier study by a warm start, do not count.
 - ``max_minutes``: that long since the study's first trial started (the study's own time, across
   resumes: a study resumed the next day has run out).
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.spec import MetricSpec, StopSpec
+from hpsearch.trials import ORIGIN_ATTR
 
 STOPPED_ATTR = "hpsearch.stopped"  # study user attr: {"rule", "reason", "at"} of the rule that ended it
 
@@ -63,12 +65,14 @@ def _state(rules: StopSpec, metric: MetricSpec, trials: Sequence[FrozenTrial]) -
             best, best_trial, since = value, t.number, 0
         else:
             since += 1
-    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None and ORIGIN_ATTR not in t.user_attrs]
     return _State(best=best, best_trial=best_trial, since_improvement=since, started=min(starts, default=None))
 
 
 def _counts(t: FrozenTrial) -> bool:
-    """Return whether a finished trial counts: complete, pruned, or failed through its own fault."""
+    """Return whether a finished trial of this study counts: complete, pruned, or failed through its own fault."""
+    if ORIGIN_ATTR in t.user_attrs:  # copied by a warm start: the earlier study's effort, not this one's
+        return False
     return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
         t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)
 

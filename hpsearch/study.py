@@ -27,18 +27,15 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from hpsearch import insights, space, stopping
+from hpsearch import insights, space, stopping, warmstart
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import fail_stale_trials, make_storage
 from hpsearch.tracking import Tracker
-from hpsearch.trials import Counts, count
+from hpsearch.trials import DATA_ATTR, FINGERPRINT_ATTR, SPEC_ATTR, Counts, count
 
-SPEC_ATTR = "hpsearch.spec"
-FINGERPRINT_ATTR = "hpsearch.fingerprint"
-DATA_ATTR = "hpsearch.data"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TEST_ATTR = "hpsearch.test"
 WORKER_ATTR = "worker"  # host:pid of the worker that ran a trial
@@ -185,6 +182,17 @@ def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None 
     return spec_from_dict(data)
 
 
+def _load_existing(storage_url: str, study_name: str) -> optuna.Study:
+    """Return an existing study by name, or raise SpecError naming the studies that are there."""
+    storage = _plain_storage(storage_url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage=storage))
+        raise SpecError(f"study {study_name!r} does not exist in {mask_password(storage_url)} (studies there: "
+                        f"{names}).") from None
+
+
 def _plain_storage(url: str) -> optuna.storages.RDBStorage:
     from hpsearch.storage import driver_url, engine_kwargs
 
@@ -243,6 +251,10 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
             f"{stored.get('name')} (sha256 {stored.get('sha256')}, {stored.get('n_train')} training samples, from "
             f"{stored.get('source')}), this worker found {provenance['name']} (sha256 {provenance['sha256']}, "
             f"{provenance['n_train']} samples, from {provenance['source']}). Give it the same data dir.")
+    if warmstart.needed(spec, study):
+        assert spec.study.warm_start is not None
+        source = _load_existing(spec.study.warm_start.storage, spec.study.warm_start.study)
+        warmstart.warm_start(spec, study, source, provenance, warn=warn)
     data = data.to(dev)
     tracker, parent = None, None
     if spec.tracking.enabled:
