@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout, no install needed
 
 import torch  # noqa: E402
 
+import augment_cost  # noqa: E402
 import batched_trials  # noqa: E402
 import epoch_speed  # noqa: E402
 import overhead  # noqa: E402
@@ -88,8 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the ~2-minute version")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
-    parser.add_argument("--only", default="epoch,overhead,workers,pruning,target,batched",
-                        help="comma-separated subset of: epoch, overhead, workers, pruning, target, batched")
+    parser.add_argument("--only", default="epoch,augment,overhead,workers,pruning,target,batched",
+                        help="comma-separated subset of: epoch, augment, overhead, workers, pruning, target, "
+                             "batched")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     only = set(args.only.split(","))
@@ -108,6 +110,7 @@ def main() -> None:
     extra: list[str] = []
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
         ("epoch", lambda: epoch_rows(sizes, args.threads)),
+        ("augment", lambda: augment_rows(sizes)),
         ("overhead", lambda: overhead_rows(sizes, args.threads)),
         ("workers", lambda: worker_rows(args.quick, extra)),
         ("pruning", lambda: pruning_rows(sizes, args.threads)),
@@ -155,6 +158,18 @@ def epoch_rows(sizes: Sizes, threads: int) -> list[Row]:
         rows.append(Row(f"epoch: {case.label}: hpsearch vs FLOP floor ({r.gflop:.1f} GFLOP at "
                         f"{peak / 1e9:.0f} GFLOP/s)", f"{ours:.3f} s", f"{r.floor:.3f} s",
                         f"{ours / r.floor:.1f}x the floor"))
+    return rows
+
+
+def augment_rows(sizes: Sizes) -> list[Row]:
+    """Rows: a `fit` epoch with augmentation vs the same epoch without, per model and setting."""
+    data = epoch_speed.load_data(train_limit=sizes.train_limit)
+    rows = []
+    for c in augment_cost.measure(["mlp", "cnn"], data, epochs=sizes.epoch_repeats):
+        met = "met" if c.extra <= augment_cost.GOAL else "**not met**"
+        rows.append(Row(f"augmentation: {c.model}, {c.setting}: `fit` epoch with vs without "
+                        f"({len(data.train)}+{len(data.val)} images)", f"{c.augmented:.3f} s", f"{c.plain:.3f} s",
+                        f"{100 * c.extra:+.1f} %", f"<= +15 %: {met}"))
     return rows
 
 

@@ -97,6 +97,13 @@ KNOBS: dict[str, Knob] = {
         Knob("weight_decay", "float", 0.0, "L2 weight decay", low=0.0, high=1.0),
         Knob("batch_size", "int", 128, "training batch size", low=1, high=65536),
         Knob("lr_schedule", "choice", "none", "learning-rate schedule", choices=LR_SCHEDULES),
+        # --- augmentation of training batches (never of validation or test; see hpsearch/augment.py) ---
+        Knob("augment_shift", "int", 0, "random shift of training images, up to this many pixels each way",
+             low=0, high=16),
+        Knob("augment_rotate", "float", 0.0, "random rotation of training images, up to this many degrees "
+             "either way", low=0.0, high=180.0),
+        Knob("augment_scale", "float", 0.0, "random zoom of training images by a factor in [1 - s, 1 + s]",
+             low=0.0, high=0.9),
         # --- task ---
         Knob("noise_std", "float", 0.3, "gaussian noise std (pixels in [0, 1])", low=0.0, high=1.0,
              tasks=("denoise",)),

@@ -11,6 +11,7 @@ import optuna
 
 from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
+from hpsearch.stopping import STOPPED_ATTR
 from hpsearch.study import Counts, count_trials
 from hpsearch.trials import best_trial
 
@@ -28,13 +29,10 @@ def progress_line(spec: Spec, study: optuna.Study, counts: Counts, elapsed: floa
     filled = int(width * done / total)
     bar = "#" * filled + "-" * (width - filled)
     best = "-"
-    if not spec.study.multi_objective:
-        try:
-            best = f"{study.best_value:.4g}"
-        except ValueError:
-            pass
-    else:
-        best = f"{len(study.best_trials)} on the Pareto front" if counts.complete else "-"
+    top = best_trial(spec, study.get_trials(deepcopy=False)) if counts.complete else None
+    if top is not None:
+        best = (f"{top.values[0]:.4g}" if not spec.study.multi_objective
+                else f"{len(study.best_trials)} on the Pareto front")
     new = done - done_at_start
     eta = "-" if new <= 0 else _clock(elapsed / new * (total - done))
     return (f"[{bar}] {done}/{total} trials | complete {counts.complete} pruned {counts.pruned} "
@@ -88,6 +86,8 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
     counts = count_trials(study)
     lines = [f"Study {spec.study.name!r}: {counts.finished} of {spec.study.n_trials} trials finished "
              f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)."]
+    if stopped := study.user_attrs.get(STOPPED_ATTR):
+        lines.append(f"Stopped early by study.stop.{stopped['rule']}: {stopped['reason']}.")
     data = study.user_attrs.get("hpsearch.data") or {}
     if data:
         lines.append(f"Data: {data.get('name')} from {data.get('source')} ({data.get('n_train')} train / "

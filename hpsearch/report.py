@@ -21,6 +21,7 @@ from hpsearch import figures, insights
 from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
 from hpsearch.trials import epoch_text, reports_per_epoch, untracked, untracked_note
+from hpsearch.stopping import STOPPED_ATTR
 
 HTML_FILE = "report.html"
 MD_FILE = "summary.md"
@@ -111,6 +112,8 @@ class _Facts:
             line += f"; {c.running} running"
         if self.untracked:
             line += f"; {len(self.untracked)} not in MLflow: {untracked_note(self.untracked)}"
+        if stopped := self.attrs.get(STOPPED_ATTR):
+            line += f"; stopped early by study.stop.{stopped['rule']}: {stopped['reason']}"
         return line + "."
 
     def data_line(self) -> str:

@@ -108,6 +108,29 @@ class RefitSpec:
 
 
 @dataclass(frozen=True)
+class StopSpec:
+    """Study-wide stop rules (hpsearch/stopping.py); each None is a rule not in force."""
+
+    target: float | None = None  # stop once a complete trial's first metric reaches this value
+    patience: int | None = None  # stop after this many finished trials in a row without improvement
+    min_delta: float = 0.0  # an improvement smaller than this does not count (for `patience`)
+    max_minutes: float | None = None  # stop this long after the study's first trial started
+
+    @property
+    def active(self) -> bool:
+        return self.target is not None or self.patience is not None or self.max_minutes is not None
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """An earlier study to start from (hpsearch/warmstart.py)."""
+
+    study: str
+    storage: str  # resolved; this study's storage unless given
+    top_k: int = 3  # its best configurations, evaluated first here: a few, not a copy of the old search
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     metrics: tuple[MetricSpec, ...]
@@ -122,6 +145,8 @@ class StudySpec:
     grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
     max_retries: int = 2  # how often a trial whose worker died is retried with the same params
     refit: RefitSpec = field(default_factory=RefitSpec)  # off by default for multi-objective studies (see parse)
+    stop: StopSpec = field(default_factory=StopSpec)  # no rule by default: the study runs to n_trials
+    warm_start: WarmStartSpec | None = None  # start from nothing unless asked
 
     @property
     def directions(self) -> list[str]:
@@ -222,6 +247,8 @@ class Spec:
         """Return the resolved spec as plain data (JSON-safe), the storage password masked."""
         data = asdict(self)
         data["study"]["storage"] = mask_password(self.study.storage)
+        if self.study.warm_start is not None:
+            data["study"]["warm_start"]["storage"] = mask_password(self.study.warm_start.storage)
         data["tracking"]["uri"] = mask_password(self.tracking.uri)
         return json.loads(json.dumps(data, default=str))
 
@@ -541,7 +568,8 @@ def _parse_when(check: _Checker, raw: Any, where: str) -> dict[str, tuple[Any, .
 def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec, ...],
                  storage: str | None, runs: Path) -> StudySpec:
     keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
-            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "refit")
+            "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "refit", "stop",
+            "warm_start")
     m = check.mapping(raw, "study", required=("name",), optional=keys)
     name = check.string(m["name"], "study.name")
     if not _NAME_RE.match(name):
@@ -577,6 +605,46 @@ def _parse_study(check: _Checker, raw: Any, task: TaskSpec, space: tuple[ParamSp
         sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
         max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
         refit=_parse_refit(check, m.get("refit"), multi_objective=len(metrics) > 1),
+        stop=_parse_stop(check, m.get("stop"), metrics),
+        warm_start=_parse_warm_start(check, m.get("warm_start"), url, name),
+    )
+
+
+def _parse_warm_start(check: _Checker, raw: Any, storage: str, name: str) -> WarmStartSpec | None:
+    if raw is None:
+        return None
+    m = check.mapping(raw, "study.warm_start", required=("study",), optional=("study", "storage", "top_k"))
+    source = check.string(m["study"], "study.warm_start.study")
+    url = m.get("storage") or storage
+    url = check_storage_url(check.string(url, "study.warm_start.storage"),
+                            where=f"{check.source}: study.warm_start.storage")
+    if source == name and url == storage:
+        check.fail("study.warm_start.study", "must name another study than this one", source)
+    return WarmStartSpec(study=source, storage=url,
+                         top_k=check.integer(m.get("top_k", 3), "study.warm_start.top_k", low=0))
+
+
+def _parse_stop(check: _Checker, raw: Any, metrics: tuple[MetricSpec, ...]) -> StopSpec:
+    if raw is None:
+        return StopSpec()
+    m = check.mapping(raw, "study.stop", optional=("target", "patience", "min_delta", "max_minutes"))
+    # A stored spec writes rules not in force as null.
+    target, patience, max_minutes = m.get("target"), m.get("patience"), m.get("max_minutes")
+    min_delta = check.number(m.get("min_delta", 0.0) or 0.0, "study.stop.min_delta", low=0.0)
+    if len(metrics) > 1 and (target is not None or patience is not None):
+        check.fail("study.stop", "`target` and `patience` need a single-objective study (a Pareto front has no "
+                   "one best value); `max_minutes` works for any study", dict(m))
+    if min_delta and patience is None:
+        check.fail("study.stop.min_delta", "only matters with `patience`; add `patience: N`", min_delta)
+    if max_minutes is not None:
+        max_minutes = check.number(max_minutes, "study.stop.max_minutes")
+        if max_minutes <= 0:
+            check.fail("study.stop.max_minutes", "must be a positive number of minutes", max_minutes)
+    return StopSpec(
+        target=None if target is None else float(check.number(target, "study.stop.target")),
+        patience=None if patience is None else check.integer(patience, "study.stop.patience", low=1),
+        min_delta=float(min_delta),
+        max_minutes=None if max_minutes is None else float(max_minutes),
     )
 
 

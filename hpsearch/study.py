@@ -30,7 +30,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import insights, refit, space
+from hpsearch import insights, refit, space, stopping, warmstart
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
 from hpsearch.errors import DataError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
@@ -40,11 +40,9 @@ from hpsearch.storage import (claim, claims, fail_stale_trials, make_storage, re
                               swap_claim)
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import Tracker
-from hpsearch.trials import REPORTS_ATTR, Counts, auto_reports_per_epoch, count, reports_per_epoch
+from hpsearch.trials import (DATA_ATTR, FINGERPRINT_ATTR, REPORTS_ATTR, SPEC_ATTR, Counts, auto_reports_per_epoch,
+                             count, reports_per_epoch)
 
-SPEC_ATTR = "hpsearch.spec"
-FINGERPRINT_ATTR = "hpsearch.fingerprint"
-DATA_ATTR = "hpsearch.data"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TEST_ATTR = "hpsearch.test"
 WORKER_ATTR = "worker"  # host:pid of the worker that ran a trial
@@ -203,6 +201,17 @@ def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None 
     return spec_from_dict(data)
 
 
+def _load_existing(storage_url: str, study_name: str) -> optuna.Study:
+    """Return an existing study by name, or raise SpecError naming the studies that are there."""
+    storage = _plain_storage(storage_url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage=storage))
+        raise SpecError(f"study {study_name!r} does not exist in {mask_password(storage_url)} (studies there: "
+                        f"{names}).") from None
+
+
 def _plain_storage(url: str) -> optuna.storages.RDBStorage:
     from hpsearch.storage import driver_url, engine_kwargs
 
@@ -263,6 +272,10 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
             f"{stored.get('name')} (sha256 {stored.get('sha256')}, {stored.get('n_train')} training samples, from "
             f"{stored.get('source')}), this worker found {provenance['name']} (sha256 {provenance['sha256']}, "
             f"{provenance['n_train']} samples, from {provenance['source']}). Give it the same data dir.")
+    if warmstart.needed(spec, study):
+        assert spec.study.warm_start is not None
+        source = _load_existing(spec.study.warm_start.storage, spec.study.warm_start.study)
+        warmstart.warm_start(spec, study, source, provenance, warn=warn)
     per_epoch = _reports_per_epoch(spec, study, len(data.train))
     study.pruner = make_pruner(spec.study.pruner, reports_per_epoch=per_epoch)
     data = data.to(dev)
@@ -335,7 +348,10 @@ def _flat_spec_params(spec: Spec, data: SearchData) -> dict[str, Any]:
 
 def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
          warn: Warn = _stderr) -> int:
-    """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
+    """Run trials until the study's total is reached, a stop rule holds, or the timeout; return how many ran.
+
+    Stop rules (``study.stop``, see :mod:`hpsearch.stopping`) are read from the storage before each
+    new trial, so every worker of the study stops starting trials at the same point.
 
     The worker's sampler draws from a random stream of its own (see :func:`claim_sampler_stream`):
     seeded alike, racing workers, or a rerun of the study, would propose the same parameters again.
@@ -348,6 +364,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
                        reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
+    stopped = False
     n_trials = spec.study.n_trials
     signals = _StopSignals()
     surplus: set[int] = set()  # trials this worker created past the total (workers raced)
@@ -391,7 +408,11 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     with signals, _log_filters(optuna_log, signals.filter, not_a_failure, one_line):
         while deadline is None or time.monotonic() < deadline:
             signals.check()
-            c = count_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if (verdict := stopping.verdict(spec.study.stop, spec.study.metrics[0], trials)) is not None:
+                stopped = _record_stop(study, verdict, warn)
+                break
+            c = count(trials)
             if c.waiting > 0 or c.finished + c.running < n_trials:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
                 ran += 1
@@ -408,9 +429,17 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
         signals.check()
     if setup.tracker:
         track_late(study, setup.tracker, setup.parent_run_id)
-    if count_trials(study).finished >= n_trials and setup.tracker and setup.parent_run_id:
+    if (stopped or count_trials(study).finished >= n_trials) and setup.tracker and setup.parent_run_id:
         setup.tracker.end_run(setup.parent_run_id, "FINISHED")  # each worker may say so: idempotent
     return ran
+
+
+def _record_stop(study: optuna.Study, verdict: stopping.Verdict, warn: Warn) -> bool:
+    """Record (once per study) the stop rule that holds, say it, and return True."""
+    if stopping.STOPPED_ATTR not in study.user_attrs:
+        study.set_user_attr(stopping.STOPPED_ATTR, verdict.as_attr())
+    warn(f"study {study.study_name!r} stops early: {verdict.reason}; no new trial starts (running ones finish).")
+    return True
 
 
 def worker_id() -> str:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from hpsearch.augment import Augmentation, make_augmenter
 from hpsearch.errors import DataError, SpecError
 from hpsearch.mlp_step import mlp_step
 from hpsearch.tasks import Task, eval_generator, evaluating, normalize, to_unit
@@ -49,6 +50,9 @@ class TrainConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     lr_schedule: str = "none"
+    augment_shift: int = 0  # off by default: augmentation is a choice the study makes, searched or fixed
+    augment_rotate: float = 0.0
+    augment_scale: float = 0.0
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast; weights and optimizer stay fp32
@@ -64,8 +68,16 @@ class TrainConfig:
         _check_number("weight_decay", self.weight_decay, low=0.0)
         for name in ("momentum", "beta1", "beta2"):
             _check_number(name, getattr(self, name), low=0.0, high=1.0)
+        _check_int("augment_shift", self.augment_shift, low=0)
+        _check_number("augment_rotate", self.augment_rotate, low=0.0)
+        _check_number("augment_scale", self.augment_scale, low=0.0, high=1.0)
         if not isinstance(self.nesterov, bool):
             raise SpecError(f"training params: `nesterov` must be true or false, but got {self.nesterov!r}.")
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """Return how training batches are augmented (all zero: not at all)."""
+        return Augmentation(shift=self.augment_shift, rotate=self.augment_rotate, scale=self.augment_scale)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, seed: int, device: str, precision: str = "fp32",
@@ -184,6 +196,7 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     group = optimizer.param_groups[0]
     mean = data.mean if mean is None else mean
     std = data.std if std is None else std
+    augment = make_augmenter(config.augmentation, tuple(train.images.shape[1:]), generator, device)
 
     # Reports: `per_epoch` an epoch (at most one per batch), the j-th after batch ceil(j * batches / per_epoch).
     per_epoch = max(1, min(reports_per_epoch, len(bounds)))
@@ -203,7 +216,10 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
         for batch, (start, stop) in enumerate(bounds, 1):
             index = order[start:stop]
             # index_select, not images[index]: advanced indexing of uint8 rows is ~10x slower on the CPU.
-            inputs, images01, mask = task.training_batch(train.images.index_select(0, index), generator, mean, std)
+            images = train.images.index_select(0, index)
+            if augment is not None:
+                images = augment(images)
+            inputs, images01, mask = task.training_batch(images, generator, mean, std)
             labels = train.labels.index_select(0, index)
             if layout is torch.channels_last:  # conv models on CUDA: NHWC inputs; no extra call otherwise
                 inputs = inputs.contiguous(memory_format=layout)

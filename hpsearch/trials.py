@@ -36,10 +36,20 @@ def epoch_text(step: int, per_epoch: int) -> str:
     """Return report ``step`` as an epoch for people: "3", or "2.25" within an epoch."""
     return f"{step / per_epoch:.4g}"
 
+# What hpsearch stores in a study's user attrs.
+SPEC_ATTR = "hpsearch.spec"
+FINGERPRINT_ATTR = "hpsearch.fingerprint"
+DATA_ATTR = "hpsearch.data"
+
+# A trial copied from an earlier study by a warm start (hpsearch/warmstart.py): "<study>#<number>".
+# The sampler and pruner learn from it; it has no model and is not one of this study's trials.
+ORIGIN_ATTR = "warm_start_from"
+
 
 @dataclass(frozen=True)
 class Counts:
-    """Trials per state; `lost` failed through no fault of their own (a worker died, Ctrl-C)."""
+    """Trials per state; `lost` failed through no fault of their own (a worker died, Ctrl-C); `inherited`
+    were copied from an earlier study by a warm start (neither counts towards n_trials)."""
 
     complete: int = 0
     pruned: int = 0
@@ -47,6 +57,7 @@ class Counts:
     lost: int = 0
     running: int = 0
     waiting: int = 0
+    inherited: int = 0
 
     @property
     def finished(self) -> int:
@@ -55,9 +66,11 @@ class Counts:
 
 def count(trials: Sequence[FrozenTrial]) -> Counts:
     """Return the trials per state, a trial that failed for a reason of its own counts; one lost to a dead worker or Ctrl-C does not."""
-    c = {"complete": 0, "pruned": 0, "failed": 0, "lost": 0, "running": 0, "waiting": 0}
+    c = {"complete": 0, "pruned": 0, "failed": 0, "lost": 0, "running": 0, "waiting": 0, "inherited": 0}
     for t in trials:
-        if t.state == TrialState.COMPLETE:
+        if ORIGIN_ATTR in t.user_attrs:
+            c["inherited"] += 1
+        elif t.state == TrialState.COMPLETE:
             c["complete"] += 1
         elif t.state == TrialState.PRUNED:
             c["pruned"] += 1
@@ -71,8 +84,8 @@ def count(trials: Sequence[FrozenTrial]) -> Counts:
 
 
 def best_trial(spec: Spec, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
-    """Return the best complete trial by the first metric (among the Pareto front if several)."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values
+    """Return this study's best complete trial by the first metric (among the Pareto front if several)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values and ORIGIN_ATTR not in t.user_attrs
                 and all(math.isfinite(v) for v in t.values)]
     if not complete:
         return None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from hpsearch import stopping
 from hpsearch.errors import HPSearchError, SpecError
 from hpsearch.progress import Progress
 from hpsearch.spec import Spec, mask_password
@@ -243,6 +244,7 @@ class StudyStatus:
     stale: tuple[TrialLife, ...]
     grace_period: int
     untracked: tuple[int, ...] = ()  # finished trials missing from MLflow (see trials.untracked)
+    stop: tuple[str, ...] = ()  # how close each stop rule is, or which one ended the study
 
     @property
     def workers(self) -> list[str]:
@@ -258,6 +260,7 @@ class StudyStatus:
                  + (f"; {c.lost} lost (dead worker, Ctrl-C or surplus; not counted)" if c.lost else ""),
                  f"best     {self.best}",
                  f"workers  {len(self.workers)} live (a heartbeat within {self.grace_period} s)"]
+        lines += [f"{'stop' if i == 0 else '':<8} {line}" for i, line in enumerate(self.stop)]
         for t in self.live:
             lines.append(f"  {t.worker}  trial {t.number} on {t.device}, running {_clock(t.running_s)}, "
                          f"last heartbeat {t.silent_s:.0f} s ago")
@@ -297,9 +300,12 @@ def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:
     best = best_trial(spec, trials)
     metric = spec.study.metrics[0].name
     best_text = "-" if best is None else f"{metric} {best.values[0]:.6g} (trial {best.number})"
+    stop = stopping.closeness(spec.study.stop, spec.study.metrics[0], trials)
+    if stopped := study.user_attrs.get(stopping.STOPPED_ATTR):
+        stop.insert(0, f"stopped early by {stopped['rule']} at {stopped['at']}: {stopped['reason']}")
     return StudyStatus(name=spec.study.name, storage=mask_password(spec.study.storage), n_trials=spec.study.n_trials,
                        counts=count_trials(study), best=best_text, live=tuple(live), stale=tuple(stale),
-                       grace_period=spec.study.grace_period,
+                       grace_period=spec.study.grace_period, stop=tuple(stop),
                        untracked=tuple(untracked(trials, study._storage.get_study_system_attrs(study._study_id))))
 
 
