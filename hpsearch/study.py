@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -29,7 +30,7 @@ from optuna.trial import FrozenTrial
 
 from hpsearch import insights, space
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
-from hpsearch.errors import DataError, SpecError, StorageError
+from hpsearch.errors import DataError, HPSearchError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import fail_stale_trials, make_storage
@@ -301,6 +302,26 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
          shared: bool = True, warn: Warn = _stderr) -> int:
     """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
 
+    A trial that fails fails alone (see :func:`run_trial`); a fault of the whole worker ends the
+    work, and the study's MLflow parent run with it (FAILED, the reason tagged), never left RUNNING.
+    """
+    try:
+        return _work(spec, study, setup, timeout=timeout, shared=shared, warn=warn)
+    except Exception as exc:
+        if setup.tracker and setup.parent_run_id:
+            setup.tracker.end_run(setup.parent_run_id, "FAILED",
+                                  tags={"hpsearch.fail_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+        if isinstance(exc, OSError):  # a file the worker needs (artifacts, caches): one line, not a traceback
+            raise StorageError(f"this worker cannot go on: {exc.strerror or exc}"
+                               + (f": {exc.filename}" if exc.filename else "")
+                               + ". Finished trials are kept; fix it and run again.") from None
+        raise
+
+
+def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
+          shared: bool = True, warn: Warn = _stderr) -> int:
+    """Run trials until the study's total is reached (or the timeout); return how many this worker ran.
+
     ``shared``: other workers may run trials of the study at the same time. Each worker's sampler
     then draws from its own random stream (the study seed mixed with the worker's name): seeded
     alike, racing workers would propose the same parameters. Without it, the study seed as is.
@@ -336,7 +357,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
     optuna_log = logging.getLogger("optuna.study._optimize")
-    with signals, _log_filters(optuna_log, signals.filter, not_a_failure):
+    with signals, _log_filters(optuna_log, signals.filter, not_a_failure, _one_line_failures):
         while deadline is None or time.monotonic() < deadline:
             signals.check()
             c = count_trials(study)
@@ -376,6 +397,18 @@ def _log_filters(logger: logging.Logger, *filters: Callable[[logging.LogRecord],
     finally:
         for f in filters:
             logger.removeFilter(f)
+
+
+def _one_line_failures(record: logging.LogRecord) -> bool:
+    """Keep one line of Optuna's per failed trial: its reason without a traceback when the reason says it all,
+    and without the second line about a value it never had."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, (TrialFailed, HPSearchError)):
+        record.exc_info, record.exc_text = None, None
+    return not _NO_VALUE_LINE.match(record.getMessage())
+
+
+_NO_VALUE_LINE = re.compile(r"Trial \d+ failed with value None\.$")
 
 
 class _Surplus(Exception):
