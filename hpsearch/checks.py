@@ -109,22 +109,44 @@ def _model_size(family: str, params: dict[str, Any], image_shape: tuple[int, int
 
 
 def _activations_per_sample(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
-    """Return how many values the layers of ``model`` output for one sample."""
+    """Return how many values the layers of ``model`` output for one sample.
+
+    The shapes are carried through the layers by hand, in the order they were built (the order
+    they run): a forward pass on the meta device would import much of torch's compiler first,
+    seconds per process.
+    """
+    shape: tuple[int, ...] = tuple(image_shape)
     total = 0
-
-    def count(module: nn.Module, inputs: Any, output: Any) -> None:
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel()
-
-    leaves = [m for m in model.modules() if not any(m.children())]
-    hooks = [m.register_forward_hook(count) for m in leaves]
-    try:
-        model.eval()(torch.empty((1, *image_shape)))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for layer in (m for m in model.modules() if not any(m.children())):
+        shape = _output_shape(layer, shape)
+        total += math.prod(shape)
     return total
+
+
+def _output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Return the shape of one sample's output of ``layer`` for an input of ``shape``."""
+    if isinstance(layer, nn.Linear):
+        return (layer.out_features,)
+    if isinstance(layer, nn.Flatten):
+        return (math.prod(shape),)
+    if isinstance(layer, nn.Unflatten):
+        return tuple(layer.unflattened_size)  # type: ignore[arg-type]
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d)):
+        channels = getattr(layer, "out_channels", shape[0])
+        return (channels, *(_side(layer, size, axis) for axis, size in enumerate(shape[1:])))
+    return shape  # element-wise: activations, batchnorm, dropout, sigmoid
+
+
+def _side(layer: nn.Module, size: int, axis: int) -> int:
+    """Return the output size along one spatial ``axis`` of a convolution or pooling ``layer``."""
+    def at(value: Any) -> int:
+        return int(value[axis] if isinstance(value, tuple) else value)
+
+    kernel, stride, padding = at(layer.kernel_size), at(layer.stride), at(layer.padding)
+    dilation = at(getattr(layer, "dilation", 1))
+    if isinstance(layer, nn.ConvTranspose2d):
+        return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + at(layer.output_padding) + 1
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def available_memory(device: torch.device) -> int | None:
