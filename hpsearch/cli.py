@@ -72,15 +72,20 @@ def _load(spec_path: str, **overrides: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved spec as JSON.")
 def validate(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None,
              runs_dir: str | None, as_json: bool) -> None:
-    """Check SPEC and print its resolved settings; runs nothing."""
+    """Check SPEC (and that its largest model fits this machine) and print its resolved settings; runs nothing."""
+    from hpsearch.checks import check_memory, split_warnings
+
     spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
+    size = check_memory(spec)
+    for warning in split_warnings(spec):
+        click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(spec.to_dict(), indent=2))
         return
-    click.echo(_describe(spec))
+    click.echo(_describe(spec, size))
 
 
-def _describe(spec: Any) -> str:
+def _describe(spec: Any, size: Any) -> str:
     from hpsearch.spec import mask_password
 
     s, t = spec.study, spec.task
@@ -112,6 +117,7 @@ def _describe(spec: Any) -> str:
         lines.append(f"  {p.name:<15} {desc}")
     if s.enqueue:
         lines.append(f"enqueued {len(s.enqueue)} known-good configuration(s) first")
+    lines.append(f"largest  {size.describe(spec.model.family)}")
     tr = spec.tracking
     lines.append(f"tracking {'MLflow ' + mask_password(tr.uri) + ', experiment ' + tr.experiment if tr.enabled else 'off'}")
     return "\n".join(lines)
@@ -180,10 +186,12 @@ def worker(spec_path: str | None, study_name: str | None, storage: str | None, t
 
     Either SPEC (refused if the study's stored spec differs) or --storage URL --study NAME.
     """
+    from hpsearch.checks import check_memory
     from hpsearch.progress import Progress
     from hpsearch.study import open_study, setup_worker, work
 
     spec = _spec_or_stored(spec_path, storage, study_name, runs_dir, tracking_uri=tracking_uri, data_dir=data_dir)
+    check_memory(spec, device)
     study = open_study(spec)
     setup = setup_worker(spec, study, device=device, threads=threads)
     try:

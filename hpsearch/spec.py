@@ -6,6 +6,7 @@ the key path, the rule and the value before any trial runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -13,15 +14,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hpsearch.errors import SpecError
 from hpsearch.knobs import KNOBS, PER_LAYER
+from hpsearch.spec_file import read_yaml
 
 DATASETS = ("mnist", "fashion-mnist", "kmnist", "mnist-5k", "digits")
 TASKS = ("classify", "denoise", "inpaint")
@@ -222,6 +223,14 @@ class ParamSpec:
             return False
         return self.low <= value <= self.high  # type: ignore[operator]
 
+    def smallest(self) -> Any:
+        """Return the smallest value this parameter can take."""
+        return self.value if self.type == "fixed" else min(self.choices) if self.type == "categorical" else self.low
+
+    def largest(self) -> Any:
+        """Return the largest value this parameter can take."""
+        return self.value if self.type == "fixed" else max(self.choices) if self.type == "categorical" else self.high
+
 
 @dataclass(frozen=True)
 class TrackingSpec:
@@ -300,19 +309,7 @@ def load_spec(
     Raises SpecError naming the file, the key, the rule and the value for anything wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file. Expected a YAML study spec, e.g. studies/quickstart.yaml.")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read the spec file ({exc}).") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{path}: the file is not valid YAML{where}: {problem}.") from None
+    raw = read_yaml(path)
     if raw is None:
         raise SpecError(f"{path}: the spec is empty. Expected a mapping with keys study, task, model, space.")
     runs = Path(runs_dir or os.environ.get("HPSEARCH_RUNS_DIR") or "runs").resolve()
@@ -496,7 +493,24 @@ def _parse_space(check: _Checker, raw: Any, model: ModelSpec, task: TaskSpec) ->
             check.fail(f"space.{name}.per_layer", "per-layer values need `n_layers` in the space "
                        "(fixed or searched)", True)
         resolved.append(ParamSpec(**{**p.__dict__, "when": when}))
+    _check_batchnorm_batches(check, task, {p.name: p for p in resolved})
     return tuple(resolved)
+
+
+def _check_batchnorm_batches(check: _Checker, task: TaskSpec, params: Mapping[str, ParamSpec]) -> None:
+    """Refuse a space in which batchnorm may meet batches of one sample: batch statistics need two."""
+    batchnorm = params.get("batchnorm")
+    if batchnorm is None or not batchnorm.possible(True):
+        return
+    searched = params.get("batch_size")
+    # A conditional batch size leaves the task's where its condition does not hold.
+    smallest = task.batch_size if searched is None else searched.smallest()
+    if searched is not None and searched.when:
+        smallest = min(smallest, task.batch_size)
+    if smallest < 2:
+        where = "space.batch_size" if searched is not None and searched.smallest() < 2 else "task.batch_size"
+        check.fail(where, "batchnorm (which the space allows) needs batches of at least 2 samples; raise the "
+                   "smallest batch size to 2 or fix `batchnorm: false`", smallest)
 
 
 def _parse_param(check: _Checker, name: str, raw: Any) -> ParamSpec:
@@ -702,7 +716,9 @@ def _parse_sampler(check: _Checker, raw: Any, metrics: tuple[MetricSpec, ...],
     m = check.mapping(raw, "study.sampler", required=("type",), optional=None)
     kind = check.choice(m["type"], "study.sampler.type", tuple(SAMPLERS))
     options = {k: v for k, v in m.items() if k != "type"}
-    _check_options(check, "samplers", SAMPLERS[kind], options, "study.sampler", _RESERVED_SAMPLER_OPTIONS)
+    # A grid sampler cannot be built without its grid (hpsearch's): its options are checked by type only.
+    options = _check_options(check, "samplers", SAMPLERS[kind], options, "study.sampler", _RESERVED_SAMPLER_OPTIONS,
+                             build=kind != "grid")
     if kind == "grid":
         for p in space:
             if p.type in ("int", "float") and not (p.type == "int" and not p.log and (p.step or 1) >= 1
@@ -732,39 +748,129 @@ def _parse_pruner(check: _Checker, raw: Any, where: str) -> PrunerSpec:
                        None)
     elif "wrapped" in m:
         check.fail(f"{where}.wrapped", "only the `patient` pruner wraps another pruner", m["wrapped"])
-    _check_options(check, "pruners", PRUNERS[kind], options, where, _RESERVED_PRUNER_OPTIONS)
+    options = _check_options(check, "pruners", PRUNERS[kind], options, where, _RESERVED_PRUNER_OPTIONS)
     return PrunerSpec(type=kind, options=options, wrapped=wrapped)
 
 
 def _check_options(check: _Checker, module: str, class_name: str, options: Mapping[str, Any], where: str,
-                   reserved: set[str]) -> None:
-    import optuna  # only to read the option names of Optuna's own classes
+                   reserved: set[str], *, build: bool = True) -> dict[str, Any]:
+    """Return the options of an Optuna sampler or pruner, each checked against the class's signature (its
+    name and its annotated type), then all of them by building the object once, as Optuna checks values there."""
+    import optuna  # only to read (and try) Optuna's own classes
 
     cls = getattr(getattr(optuna, module), class_name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"] \
-        if cls.__init__ is not object.__init__ else []
-    allowed = [a for a in accepted if a not in reserved]
-    for key in options:
+    owner = f"optuna.{module}.{class_name}"
+    parameters = {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    allowed = [a for a in parameters if a not in reserved]
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
         if key in reserved:
-            check.fail(f"{where}.{key}", "is set by hpsearch (from study.seed and the space); remove it",
-                       options[key])
-        if key not in accepted:
-            check.fail(f"{where}.{key}", f"unknown option of optuna.{module}.{class_name}; accepted options: "
-                       f"{allowed}", options[key])
+            check.fail(f"{where}.{key}", "is set by hpsearch (from study.seed and the space); remove it", value)
+        if key not in parameters:
+            check.fail(f"{where}.{key}", f"unknown option of {owner}; accepted options: {allowed}", value)
+        checked[key] = _option_value(check, f"{where}.{key}", parameters[key].annotation, value, owner)
+    if build:
+        # The patient pruner wraps another, checked on its own: any pruner stands in for it here.
+        args = (optuna.pruners.NopPruner(),) if class_name == "PatientPruner" else ()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notes on experimental features are no problem of the spec
+            try:
+                cls(*args, **checked)
+            except Exception as exc:  # noqa: BLE001 - whatever Optuna refuses, the spec is wrong
+                check.fail(where, f"{owner} cannot be built from the options {checked}: {str(exc).rstrip('.')}",
+                           None)
+    return checked
+
+
+# The types an option's annotation may name that YAML can give: (what to say, the test of a value).
+_YAML_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "None": ("null", lambda v: v is None),
+    "dict": ("a mapping", lambda v: isinstance(v, Mapping)),
+    "Mapping": ("a mapping", lambda v: isinstance(v, Mapping)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "Sequence": ("a list", lambda v: isinstance(v, list)),
+    "Any": ("anything", lambda v: True),
+}
+
+
+def _option_value(check: _Checker, where: str, annotation: Any, value: Any, owner: str) -> Any:
+    """Return ``value`` if it has a type the option's annotation allows (YAML's 1e-3 string read as a number)."""
+    if annotation is inspect.Parameter.empty:
+        return value
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    kinds = [_YAML_TYPES.get(alternative.split("[", 1)[0].strip()) for alternative in _union_members(text)]
+    if "float" in _union_members(text) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if any(kind is not None and kind[1](value) for kind in kinds):
+        return value
+    words = list(dict.fromkeys(kind[0] for kind in kinds if kind is not None))
+    if words in ([], ["null"]):  # a callable or an Optuna object, or nothing
+        check.fail(where, f"takes a Python object ({text}), which a YAML spec cannot give; remove it", value)
+    check.fail(where, f"must be {' or '.join(words)} ({owner} takes {text})", value)
+    raise AssertionError  # unreachable
+
+
+def _union_members(annotation: str) -> list[str]:
+    """Return the members of a ``A | B[C | D]`` annotation, split only at its top level."""
+    members, depth, start = [], 0, 0
+    for i, char in enumerate(annotation):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "|" and depth == 0:
+            members.append(annotation[start:i].strip())
+            start = i + 1
+    return [*members, annotation[start:].strip()]
 
 
 def _parse_enqueue(check: _Checker, raw: Any, where: str, space: tuple[ParamSpec, ...]) -> dict[str, Any]:
-    names = {p.name: p for p in space if p.type != "fixed"}
+    """Return one enqueued configuration; refuse a name or value the declared space cannot produce."""
+    params = {p.name: p for p in space}
+    searched = {name: p for name, p in params.items() if p.type != "fixed"}
     m = check.mapping(raw, where, optional=None)
     for key, value in m.items():
-        base = re.sub(r"_\d+$", "", key)
-        spec = names.get(key) or (names.get(base) if names.get(base, None) and names[base].per_layer else None)
-        if spec is None:
-            check.fail(f"{where}.{key}", f"is not a searched parameter (searched: {sorted(names)})", value)
-        problem = KNOBS[spec.name].problem(value)
+        base, _, index = key.rpartition("_")
+        p = searched.get(key)
+        if p is None and index.isdigit() and base in searched and searched[base].per_layer:
+            p = searched[base]
+            _check_enqueued_layer(check, f"{where}.{key}", int(index), m, params)
+        if p is None:
+            check.fail(f"{where}.{key}", f"is not a searched parameter (searched: {sorted(searched)})", value)
+        problem = KNOBS[p.name].problem(value) or _outside_space(p, value)
         if problem:
-            check.fail(f"{where}.{key}", f"{spec.name} {problem}", value)
+            check.fail(f"{where}.{key}", f"{p.name} {problem}", value)
+        for parent, values in p.when.items():
+            if parent in m and m[parent] not in values:
+                check.fail(f"{where}.{key}", f"{p.name} is searched only when {parent} is one of {list(values)}, "
+                           f"but this configuration sets {parent}: {m[parent]!r}, so its value would be ignored",
+                           value)
     return dict(m)
+
+
+def _outside_space(p: ParamSpec, value: Any) -> str | None:
+    """Return why the searched parameter ``p`` can never take ``value`` (None if it can)."""
+    if p.type == "categorical":
+        return None if value in p.choices else f"must be one of the searched choices {list(p.choices)}"
+    if not p.low <= value <= p.high:  # type: ignore[operator]
+        return f"must lie in the searched range [{p.low}, {p.high}]"
+    if p.step is not None and not math.isclose((value - p.low) / p.step, round((value - p.low) / p.step),
+                                               abs_tol=1e-9):
+        return f"must lie on the searched grid {p.low} + k * {p.step}"
+    return None
+
+
+def _check_enqueued_layer(check: _Checker, where: str, index: int, m: Mapping[str, Any],
+                          params: Mapping[str, ParamSpec]) -> None:
+    """Refuse a per-layer value (``width_3``) for a layer the enqueued configuration cannot have."""
+    n_layers = params["n_layers"]  # per-layer params need it: checked with the space
+    most = m.get("n_layers", n_layers.largest())
+    if isinstance(most, int) and index >= most:
+        check.fail(where, f"sets layer {index}, but " + (f"this configuration sets n_layers: {most}"
+                   if "n_layers" in m else f"the space allows at most {most} layers"), m[where.rsplit(".", 1)[1]])
 
 
 def _parse_tracking(check: _Checker, raw: Any, study: StudySpec, tracking_uri: str | None,

@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -32,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import insights, refit, space, stopping, warmstart
 from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
-from hpsearch.errors import DataError, SpecError, StorageError
+from hpsearch.errors import DataError, HPSearchError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.refit import Refit
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
@@ -350,6 +351,26 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
          warn: Warn = _stderr) -> int:
     """Run trials until the study's total is reached, a stop rule holds, or the timeout; return how many ran.
 
+    A trial that fails fails alone (see :func:`run_trial`); a fault of the whole worker ends the
+    work, and the study's MLflow parent run with it (FAILED, the reason tagged), never left RUNNING.
+    """
+    try:
+        return _work(spec, study, setup, timeout=timeout, warn=warn)
+    except Exception as exc:
+        if setup.tracker and setup.parent_run_id:
+            setup.tracker.end_run(setup.parent_run_id, "FAILED",
+                                  tags={"hpsearch.fail_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+        if isinstance(exc, OSError):  # a file the worker needs (artifacts, caches): one line, not a traceback
+            raise StorageError(f"this worker cannot go on: {exc.strerror or exc}"
+                               + (f": {exc.filename}" if exc.filename else "")
+                               + ". Finished trials are kept; fix it and run again.") from None
+        raise
+
+
+def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
+          warn: Warn = _stderr) -> int:
+    """Run trials until the study's total is reached, a stop rule holds, or the timeout; return how many ran.
+
     Stop rules (``study.stop``, see :mod:`hpsearch.stopping`) are read from the storage before each
     new trial, so every worker of the study stops starting trials at the same point.
 
@@ -368,7 +389,6 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
     n_trials = spec.study.n_trials
     signals = _StopSignals()
     surplus: set[int] = set()  # trials this worker created past the total (workers raced)
-    failed: dict[int, str] = {}  # trials that failed for a reason of their own, until Optuna has logged them
     stream, seed = claim_sampler_stream(spec, study)
     study.sampler = make_sampler(spec, seed=seed)
 
@@ -382,30 +402,14 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
                 raise _Surplus()
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(setup.device)  # this trial's peak, not the worker's
-            try:
-                return run_trial(trial, ctx)
-            except TrialFailed as exc:
-                failed[trial.number] = str(exc)
-                raise
+            return run_trial(trial, ctx)
 
     def not_a_failure(record: logging.LogRecord) -> bool:
         # Optuna reports a surplus trial as failed, with a traceback; it is no failure.
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
-    def one_line(record: logging.LogRecord) -> bool:
-        # A trial that failed for a reason of its own (diverged) is one line, not a traceback and a second line.
-        number = next((n for n in failed if record.getMessage().startswith(f"Trial {n} failed")), None)
-        if number is None:
-            return True
-        if record.exc_info is None:  # Optuna's second line: "Trial N failed with value None."
-            del failed[number]
-            return False
-        record.msg, record.args = f"Trial {number} failed: {failed[number]}", ()
-        record.exc_info, record.exc_text = None, None
-        return True
-
     optuna_log = logging.getLogger("optuna.study._optimize")
-    with signals, _log_filters(optuna_log, signals.filter, not_a_failure, one_line):
+    with signals, _log_filters(optuna_log, signals.filter, not_a_failure, _one_line_failures):
         while deadline is None or time.monotonic() < deadline:
             signals.check()
             trials = study.get_trials(deepcopy=False)
@@ -489,6 +493,18 @@ def _log_filters(logger: logging.Logger, *filters: Callable[[logging.LogRecord],
     finally:
         for f in filters:
             logger.removeFilter(f)
+
+
+def _one_line_failures(record: logging.LogRecord) -> bool:
+    """Keep one line of Optuna's per failed trial: its reason without a traceback when the reason says it all,
+    and without the second line about a value it never had."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, (TrialFailed, HPSearchError)):
+        record.exc_info, record.exc_text = None, None
+    return not _NO_VALUE_LINE.match(record.getMessage())
+
+
+_NO_VALUE_LINE = re.compile(r"Trial \d+ failed with value None\.$")
 
 
 class _Surplus(Exception):

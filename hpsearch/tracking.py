@@ -228,6 +228,8 @@ class Tracker:
                     return runs[0].info.run_id  # its creator logs its params
             winner = runs[0]
             _log_missing_params(client, winner, params)  # all of them if new; on resume, only new keys
+            if winner.info.status != "RUNNING":  # resumed after it ended (done, or failed): it runs again
+                client.update_run(winner.info.run_id, status="RUNNING")
             return winner.info.run_id
 
         return self._call(f"find or create the parent run of study {study_name!r}", find_or_create)

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpsearch import stopping
+from hpsearch.checks import check_memory, split_warnings
 from hpsearch.errors import HPSearchError, SpecError
 from hpsearch.progress import Progress
 from hpsearch.spec import Spec, mask_password
@@ -124,6 +125,11 @@ def run_study(spec: Spec, *, workers: int | None = None, gpus: str | None = None
     running trial closed as interrupted, then raises KeyboardInterrupt.
     """
     placements = plan(workers, gpus=gpus, workers_per_gpu=workers_per_gpu, threads=spec.task.threads)
+    # A bad spec never starts a study: its largest model must fit every device it will train on.
+    for dev in [f"cuda:{g}" for g in parse_gpus(gpus)] if gpus else [device]:
+        check_memory(spec, dev)
+    for warning in split_warnings(spec):
+        warn(warning)
     study = open_study(spec, allow_space_change=allow_space_change, warn=warn)
     # This process sets up first what every worker would otherwise race to do (the study's data
     # provenance, its MLflow parent run, inpainting's reference classifier) and, on CPUs, goes on

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpsearch.data import (DATASETS, Provenance, SearchData, Split, load_search_data, load_test_split,
-                           resolve_data_dir)
+from hpsearch.data import (DATASETS, IMAGE_SHAPES, N_CLASSES, Provenance, SearchData, Split, load_search_data,
+                           load_test_split, resolve_data_dir, split_sizes)
 from hpsearch.errors import DataError
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
@@ -317,3 +317,13 @@ def test_provenance_params_are_flat_strings() -> None:
     assert all(isinstance(v, str) for v in params.values())
     assert params["data.n_train"] == str(len(data.train)) and params["data.fallback"] == "false"
     assert len(params["data.sha256"]) == 16
+
+
+@pytest.mark.parametrize("name,val_fraction,train_limit", [("digits", 0.1, None), ("mnist-5k", 0.2, None),
+                                                           ("mnist-5k", 0.25, 333), ("fashion-mnist", 0.1, None)])
+def test_split_sizes_known_before_loading_are_the_loaded_ones(name: str, val_fraction: float,
+                                                              train_limit: int | None) -> None:
+    # `validate` warns about small splits from these numbers without loading anything.
+    data = load_search_data(name, val_fraction=val_fraction, train_limit=train_limit, download=False)
+    assert split_sizes(name, val_fraction=val_fraction, train_limit=train_limit) == (len(data.train), len(data.val))
+    assert data.image_shape == IMAGE_SHAPES[name] and data.n_classes == N_CLASSES
