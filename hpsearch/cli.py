@@ -275,7 +275,7 @@ def dashboard(spec_path: str, storage: str | None, runs_dir: str | None, host: s
 
     spec = _load(spec_path, storage=storage, runs_dir=runs_dir)
     sys.exit(servers.serve(servers.dashboard_command(spec, host, port), servers.browser_url(host, port),
-                           click.echo, ready_path="/api/studies"))
+                           click.echo, host=host, port=port, ready_path="/api/studies"))
 
 
 @cli.command()
@@ -293,7 +293,7 @@ def ui(spec_path: str, tracking_uri: str | None, runs_dir: str | None, host: str
         click.echo(f"{spec.path} tracks to the MLflow server at {remote}: open it there.")
         return
     sys.exit(servers.serve(servers.ui_command(spec, host, port), servers.browser_url(host, port), click.echo,
-                           ready_path="/health"))
+                           host=host, port=port, ready_path="/health"))
 
 
 @cli.command("report")

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures
 from hpsearch.errors import SpecError, StorageError
-from hpsearch.spec import Spec, mask_password
+from hpsearch.spec import Spec, hide_secrets, mask_password, without_credentials
 from hpsearch.trials import Counts, best_trial, count, epoch_text, reports_per_epoch  # noqa: F401 - re-exported for report.py
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `hpsearch ui` serves a local MLflow store
@@ -52,21 +52,22 @@ def _stderr(message: str) -> None:
 
 def open_existing(spec: Spec) -> optuna.Study:
     """Return the spec's study from its storage, without creating it (for looking, not running)."""
-    from hpsearch.storage import engine_kwargs
+    from hpsearch.storage import engine_kwargs, opening
 
     url = spec.study.storage
     if url.startswith("sqlite:///") and not Path(url.split(":///", 1)[1]).is_file():
         raise SpecError(f"{spec.path}: study {spec.study.name!r} has not run yet: {url} does not exist. "
                         f"Start it with `hpsearch run {spec.path}`.")
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
-        return optuna.load_study(study_name=spec.study.name, storage=storage)
+        with opening(url):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+            return optuna.load_study(study_name=spec.study.name, storage=storage)
     except KeyError:
         raise SpecError(f"{spec.path}: study {spec.study.name!r} does not exist in {mask_password(url)}. "
                         f"Start it with `hpsearch run {spec.path}`.") from None
     except Exception as exc:  # noqa: BLE001 - any driver error means: cannot read this storage
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: {first}.") from None
+        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(first, url)}.") from None
 
 
 def artifact_store(spec: Spec) -> FileSystemArtifactStore:
@@ -107,7 +108,7 @@ def experiment_link(study_attrs: Mapping[str, Any], ui_url: str) -> str | None:
 def ui_url_for(spec: Spec) -> str:
     """Return where a person opens the MLflow UI of the spec: its server, or `hpsearch ui`'s default."""
     uri = spec.tracking.uri
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+    return without_credentials(uri).rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
 
 # --------------------------------------------------------------------------- dashboard notes

@@ -8,9 +8,10 @@ dashboard can edit notes and delete artifacts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,10 +19,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpsearch.errors import HPSearchError
-from hpsearch.spec import Spec, mask_password
+from hpsearch.spec import Spec, mask_password, without_credentials
+from hpsearch.storage import CONNECT_TIMEOUT_S, driver_url
 
 DEFAULT_HOST = "127.0.0.1"  # local only: neither UI asks for a password
 DASHBOARD_PORT = 8080  # optuna-dashboard's own default
@@ -30,23 +33,36 @@ START_TIMEOUT_S = 120.0  # the MLflow server migrates its database on first star
 STOP_TIMEOUT_S = 10.0  # then SIGKILL: Ctrl-C must not leave a server behind
 
 
-def dashboard_command(spec: Spec, host: str = DEFAULT_HOST, port: int = DASHBOARD_PORT) -> list[str]:
-    """Return the optuna-dashboard command line for the spec's study storage and artifact folder.
+@dataclass(frozen=True)
+class ServerCommand:
+    """A server's command line and the environment it adds: URLs with passwords travel in the
+    environment, never on the command line, which every user of the machine sees (`ps`)."""
 
-    The storage URL (with any password) is on the command line, as optuna-dashboard takes it.
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def dashboard_command(spec: Spec, host: str = DEFAULT_HOST, port: int = DASHBOARD_PORT) -> ServerCommand:
+    """Return how to run optuna-dashboard on the spec's study storage and artifact folder.
+
+    optuna-dashboard takes the storage URL as an argument; `hpsearch._dashboard` hands it over
+    from the environment instead.
     """
-    return [_script("optuna-dashboard"), spec.study.storage, "--host", host, "--port", str(port),
-            "--artifact-dir", spec.artifacts_dir]
+    from hpsearch._dashboard import STORAGE_ENV
+
+    return ServerCommand([sys.executable, "-m", "hpsearch._dashboard", "--host", host, "--port", str(port),
+                          "--artifact-dir", spec.artifacts_dir],
+                         {STORAGE_ENV: driver_url(spec.study.storage), **_connect_timeout()})
 
 
 def remote_ui_url(spec: Spec) -> str | None:
-    """Return the tracking server's URL when the spec tracks to one over http(s), else None."""
+    """Return the tracking server's URL (without credentials) when the spec tracks to one over http(s), else None."""
     uri = spec.tracking.uri
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+    return without_credentials(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
 
 
-def ui_command(spec: Spec, host: str = DEFAULT_HOST, port: int = UI_PORT) -> list[str]:
-    """Return the command line of an MLflow server showing the spec's local tracking store.
+def ui_command(spec: Spec, host: str = DEFAULT_HOST, port: int = UI_PORT) -> ServerCommand:
+    """Return how to run an MLflow server showing the spec's local tracking store.
 
     Raises HPSearchError when tracking is off or goes to a server (see `remote_ui_url`).
     """
@@ -55,14 +71,20 @@ def ui_command(spec: Spec, host: str = DEFAULT_HOST, port: int = UI_PORT) -> lis
     if remote := remote_ui_url(spec):
         raise HPSearchError(f"{spec.path}: tracking goes to the MLflow server {remote}; open it there, "
                             "there is nothing to start.")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", spec.tracking.uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     if spec.tracking.artifact_root:
         # The runs' artifacts are local files: serve them from where the trials wrote them, and
         # put experiments created in the UI there too.
         root = spec.tracking.artifact_root
         command += ["--default-artifact-root", Path(root).as_uri(), "--artifacts-destination", root]
-    return command
+    # `mlflow server --backend-store-uri` reads this variable when the option is not given.
+    return ServerCommand(command, {"MLFLOW_BACKEND_STORE_URI": spec.tracking.uri, **_connect_timeout()})
+
+
+def _connect_timeout() -> dict[str, str]:
+    """Return the variable that makes a server's PostgreSQL driver give up on a host that never answers."""
+    # libpq reads it where the URL sets no connect_timeout; a value the user set is left alone.
+    return {} if "PGCONNECT_TIMEOUT" in os.environ else {"PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S)}
 
 
 def browser_url(host: str, port: int) -> str:
@@ -71,26 +93,33 @@ def browser_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def serve(cmd: Sequence[str], url: str, echo: Callable[[str], None], *, ready_path: str = "/",
-          timeout: float = START_TIMEOUT_S) -> int:
+def serve(cmd: ServerCommand, url: str, echo: Callable[[str], None], *, host: str, port: int,
+          ready_path: str = "/", timeout: float = START_TIMEOUT_S) -> int:
     """Run ``cmd`` until Ctrl-C (or until it exits); return its exit code, 0 after Ctrl-C.
 
-    Echoes ``url`` once ``url + ready_path`` answers. The server runs in its own process group,
-    so stopping it also stops the workers it forked (gunicorn, uvicorn).
+    Echoes ``url`` once ``url + ready_path`` answers, and only if it is this server that answers:
+    a port already taken is refused before anything starts. The server runs in its own process
+    group, so stopping it also stops the workers it forked (gunicorn, uvicorn).
     """
-    echo(f"starting: {mask_password(' '.join(cmd))}")
+    check_port_free(host, port)
+    name = _name(cmd.argv)
+    echo(f"starting: {mask_password(' '.join(cmd.argv))}")
+    echo(f"waiting for {name} to answer at {url} (up to {timeout:.0f} s)...")
     try:
-        process = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(cmd.argv, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env={**os.environ, **cmd.env})
     except OSError as exc:
-        raise HPSearchError(f"cannot start {cmd[0]}: {exc}. Is it installed in this environment?") from None
+        raise HPSearchError(f"cannot start {cmd.argv[0]}: {exc}. Is it installed in this environment?") from None
     with _stopped_by_term_and_hangup(), _stopping(process):
         try:
-            if not _wait_ready(url.rstrip("/") + ready_path, process, timeout):
-                code = process.poll()
-                if code is not None:
-                    raise HPSearchError(f"{Path(cmd[0]).name} exited with code {code} before {url} answered "
-                                        "(its messages are above).")
-                raise HPSearchError(f"{Path(cmd[0]).name} did not answer at {url} within {timeout:.0f} s.")
+            ready = _wait_ready(url.rstrip("/") + ready_path, process, timeout)
+            # Whatever answered, it was not ours if ours is gone (it lost the port in a race).
+            code = process.poll()
+            if code is not None:
+                raise HPSearchError(f"{name} exited with code {code} before it answered at {url} (its messages "
+                                    "are above).")
+            if not ready:
+                raise HPSearchError(f"{name} did not answer at {url} within {timeout:.0f} s.")
             echo(f"open {url}  (Ctrl-C stops it)")
             return process.wait()
         except KeyboardInterrupt:
@@ -140,6 +169,32 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise HPSearchError unless a server can listen on ``host:port`` (nothing else listens there)."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise HPSearchError(f"--host {host!r} is not an address of this machine ({exc.strerror}).") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port's TIME_WAIT is free
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                taken = exc.errno == errno.EADDRINUSE
+                problem = (f"port {port} on {host} is already in use by another program" if taken
+                           else f"cannot listen on {host}:{port} ({exc.strerror})")
+                raise HPSearchError(f"{problem}; nothing was started. Pass another --port"
+                                    + (", or stop the program that holds it." if taken else ".")) from None
+
+
+def _name(argv: Sequence[str]) -> str:
+    """Return what a person calls the server ``argv`` runs."""
+    if "mlflow" in argv[:3]:
+        return "the MLflow UI"
+    return "optuna-dashboard" if "hpsearch._dashboard" in argv[:3] else Path(argv[0]).name
+
+
 def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,9 +211,3 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> b
             pass
         time.sleep(0.25)
     return False
-
-
-def _script(name: str) -> str:
-    """Return console script ``name`` of this interpreter's environment, else the one on PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else (shutil.which(name) or name)

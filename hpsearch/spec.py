@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from hpsearch.errors import SpecError
 from hpsearch.knobs import KNOBS, PER_LAYER
@@ -288,9 +289,71 @@ class Spec:
         return str(Path(self.runs_dir) / "cache")
 
 
-def mask_password(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]+:)([^@]*)(@)", r"\1***\3", url)
+# --------------------------------------------------------------------------- secrets in URLs
+
+# A URL in a message runs to the next whitespace; its user info ends at its last "@" (so a password
+# with "@", ":" or "/" in it is masked whole, and a user name such as "user@server" stays readable).
+_URL_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://(\S+)")
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
+# Query parameters whose value is a secret, whatever a driver or a server calls it (password,
+# sslpassword, passwd, pwd, token, access_key, api_key, secret, auth, credentials, signature, sig).
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|^sig$", re.IGNORECASE)
+_MASK = "***"
+
+
+def mask_password(text: str) -> str:
+    """Return ``text`` (a URL, or a message quoting URLs) with every secret a URL can carry replaced by ``***``.
+
+    The password of the user info, however it is written (``user:pw@``, ``:pw@``, percent-escaped
+    or not, with ``@``, ``:`` or ``/`` in it), a bare http(s) user info (a token), and the values of
+    query parameters that look secret (``?password=...``, ``token=``, ``sslpassword=``...).
+    """
+    return _URL_IN_TEXT.sub(lambda m: f"{m[1]}://{_mask_url_rest(m[1], m[2])}", text)
+
+
+def _mask_url_rest(scheme: str, rest: str) -> str:
+    userinfo, at, host = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            rest = f"{user}:{_MASK}@{host}"
+        elif scheme.lower() in ("http", "https"):  # https://TOKEN@host: the user name is the secret
+            rest = f"{_MASK}@{host}"
+    return _QUERY_PARAM.sub(
+        lambda m: f"{m[1]}{m[2]}={_MASK}" if _SECRET_PARAM.search(unquote_plus(m[2])) else m[0], rest)
+
+
+def url_secrets(url: str) -> set[str]:
+    """Return the secrets ``url`` carries (see :func:`mask_password`), each as written, decoded and re-escaped."""
+    found = set()
+    for m in _URL_IN_TEXT.finditer(url):
+        userinfo, at, _ = m[2].rpartition("@")
+        if at:
+            user, colon, password = userinfo.partition(":")
+            found.add(password if colon else user if m[1].lower() in ("http", "https") else "")
+        found.update(q[3] for q in _QUERY_PARAM.finditer(m[2]) if _SECRET_PARAM.search(unquote_plus(q[2])))
+    forms = set()
+    for secret in found:
+        forms |= {secret, unquote(secret), unquote_plus(secret), quote(unquote(secret), safe=""),
+                  quote_plus(unquote_plus(secret), safe="")}
+    return {f for f in forms if f}
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """Return ``text`` (e.g. a driver's error about ``url``) with ``url``'s secrets masked wherever they appear."""
+    text = mask_password(text)
+    for secret in sorted(url_secrets(url), key=len, reverse=True):  # longest first: no half-masked form
+        text = text.replace(secret, _MASK)
+    return text
+
+
+def without_credentials(url: str) -> str:
+    """Return ``url`` without user info or query, for a link a person opens (a browser needs neither)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -900,9 +963,20 @@ def check_storage_url(url: str, *, where: str = "storage") -> str:
     if scheme == "sqlite":
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if not path:
-            raise SpecError(f"{where}: {url!r} names no database file. Expected sqlite:///path/to/file.db.")
+            raise SpecError(f"{where}: {mask_password(url)!r} names no database file. Expected "
+                            "sqlite:///path/to/file.db.")
         return "sqlite:///" + str(Path(path).resolve())
+    _check_userinfo(url, where)
     return url
+
+
+def _check_userinfo(url: str, where: str) -> None:
+    """Refuse a password with a raw "@": drivers end it at its first "@" and take the rest for the host."""
+    userinfo = url.split("://", 1)[1].rpartition("@")[0]
+    if "@" in userinfo.partition(":")[2]:
+        raise SpecError(f"{where}: the password in {mask_password(url)!r} contains a raw '@', which a database "
+                        "driver reads as the end of the password. Percent-escape it: '@' as %40 (and ':' as "
+                        "%3A, '/' as %2F).")
 
 
 def check_tracking_uri(uri: str, *, where: str = "tracking.uri") -> str:
@@ -917,10 +991,14 @@ def check_tracking_uri(uri: str, *, where: str = "tracking.uri") -> str:
     if scheme == "sqlite":
         path = uri.split(":///", 1)[1] if ":///" in uri else ""
         if not path:
-            raise SpecError(f"{where}: {uri!r} names no database file. Expected sqlite:///path/to/mlflow.db.")
+            raise SpecError(f"{where}: {mask_password(uri)!r} names no database file. Expected "
+                            "sqlite:///path/to/mlflow.db.")
         return "sqlite:///" + str(Path(path).resolve())
-    if scheme in ("http", "https") and not re.match(r"^https?://[^/\s:]+(:\d+)?(/.*)?$", uri):
-        raise SpecError(f"{where}: {uri!r} is not a valid http(s) URL. Expected e.g. http://127.0.0.1:5000.")
+    if scheme in ("http", "https") and not re.match(r"^https?://([^/@\s]+@)?[^/@\s:]+(:\d+)?(/\S*)?$", uri):
+        raise SpecError(f"{where}: {mask_password(uri)!r} is not a valid http(s) URL. Expected e.g. "
+                        "http://127.0.0.1:5000 (a user and password, if any, percent-escaped: user:pw@host).")
+    if scheme in ("postgresql", "mysql"):
+        _check_userinfo(uri, where)
     return uri
 
 

@@ -4,24 +4,27 @@ and a database that goes away for a while (a restart, a network blip) and comes 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import functools
 import json
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from hpsearch.errors import StorageError
-from hpsearch.spec import StudySpec, mask_password
+from hpsearch.spec import StudySpec, hide_secrets, mask_password
 
 T = TypeVar("T")
 Warn = Callable[[str], None]
@@ -36,17 +39,51 @@ _BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # then 10 s between tries, with jitter s
 _OPEN_TRIES = 8  # creating the tables of a fresh database races with the other workers: retry that
 
 
+# A database host that accepts the connection and never answers is given up on after this long
+# (then a worker's outage wait, or the command's error, takes over), rather than hanging for ever.
+CONNECT_TIMEOUT_S = 10
+# What a PostgreSQL connection is opened with, unless its URL sets the same option:
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    # A peer that vanished (host down, network cut) is noticed in about a minute, not hours.
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    # A statement stuck behind a lock (or on a wedged server) fails after 2 minutes and is retried
+    # like a lost connection; Optuna's statements take milliseconds.
+    "options": "-c statement_timeout=120000",
+}
+NOTICE_AFTER_S = 3.0  # a wait longer than this says what it waits for; a quick one says nothing
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     """Return SQLAlchemy engine settings for ``url`` that suit long trials and many workers."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    return {
+    kwargs: dict[str, Any] = {
         "pool_pre_ping": True,  # a connection dropped during a long trial is replaced, not failed
         "pool_size": 2,  # a worker needs one connection plus one for its heartbeat thread
         "max_overflow": 2,  # bounded: 100 workers stay under PostgreSQL's default 100 x 4 connections
         "pool_recycle": 300,  # below common server/proxy idle timeouts
         "pool_timeout": 60,
     }
+    # Options the URL sets itself win: SQLAlchemy would let connect_args override them.
+    given = set(parse_qs(url.partition("?")[2]))
+    if url.startswith("postgres"):
+        kwargs["connect_args"] = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in given}
+    elif url.startswith("mysql") and "connect_timeout" not in given:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+@contextlib.contextmanager
+def announced_wait(what: str, warn: Warn | None = None, *, after_s: float = NOTICE_AFTER_S) -> Iterator[None]:
+    """Run the block; should it last longer than ``after_s``, say once that it waits for ``what``."""
+    timer = threading.Timer(after_s, warn or _stderr, (f"waiting for {what}...",))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def prepare_sqlite(url: str, *, timeout: float = SQLITE_TIMEOUT_S) -> bool:
@@ -90,6 +127,59 @@ def driver_url(url: str) -> str:
         except ImportError:
             return "postgresql+psycopg2://" + url.split("://", 1)[1]
     return url
+
+
+def opening(url: str, warn: Warn | None = None) -> contextlib.AbstractContextManager[None]:
+    """Return a context for opening the Optuna storage ``url`` that says what it waits for, if it is slow."""
+    if url.startswith("sqlite"):
+        return contextlib.nullcontext()  # a local file: its lock waits are no news
+    return announced_wait(f"the Optuna storage {mask_password(url)} (given up on after {CONNECT_TIMEOUT_S} s "
+                          "without an answer)", warn)
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+_DISK_FULL = ("database or disk is full", "sqlite_full", "no space left on device", "could not extend file",
+              "disk full", "disk is full", "disk quota exceeded")
+
+
+def disk_full_cause(exc: BaseException) -> BaseException | None:
+    """Return the error in ``exc``'s chain that says a disk is full (no wait helps: someone must free
+    space), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        if getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return current
+        if any(s in str(current).lower() for s in _DISK_FULL):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full_error(exc: BaseException, what: str) -> StorageError:
+    """Return the error that stops a worker on a full disk, naming it as such: ``what`` could not be written."""
+    cause = disk_full_cause(exc) or exc
+    if isinstance(cause, StorageError):  # already said (by the storage)
+        return cause
+    return StorageError(f"{what}: the disk is full: {_first_line(cause)}. Finished trials are kept; free some "
+                        "space (or point --runs-dir or the storage elsewhere), then run the same command again "
+                        "to resume.")
+
+
+def shrink_sqlite(storage: RDBStorage) -> None:
+    """Give a SQLite storage's write-ahead log back to the disk (its pages are copied into the database).
+
+    The log grows until a checkpoint, so on a full disk it is most of what the study took lately;
+    after this, closing a trial fits again. No-op for other databases.
+    """
+    if storage.url.startswith("sqlite"):
+        with contextlib.suppress(Exception), storage.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 # --------------------------------------------------------------------------- a storage that waits
@@ -144,13 +234,15 @@ class ResilientStorage(RDBStorage):
                 try:
                     result = call()
                 except Exception as exc:  # noqa: BLE001 - sorted below: only connection errors wait
+                    if disk_full_cause(exc) is not None:  # not an outage: waiting would not free the disk
+                        raise disk_full_error(exc, f"the Optuna storage {mask_password(self.url)}") from None
                     if not is_connection_error(exc):
                         raise
                     waited = time.monotonic() - started
                     if waited >= self.outage_s:
                         raise StorageError(
                             f"lost the Optuna storage {mask_password(self.url)} for {waited:.0f} s "
-                            f"({_safe(_first_line(exc), self.url)}). Finished trials are kept; start the worker "
+                            f"({hide_secrets(_first_line(exc), self.url)}). Finished trials are kept; start the worker "
                             "again once the database is back."
                         ) from None
                     self._went_down(exc)
@@ -169,7 +261,7 @@ class ResilientStorage(RDBStorage):
                 return
             self._down_since = time.monotonic()
         self._warn(f"warning: lost the Optuna storage {mask_password(self.url)} "
-                   f"({_safe(_first_line(exc), self.url)}); waiting up to {self.outage_s:g} s for it to come back.")
+                   f"({hide_secrets(_first_line(exc), self.url)}); waiting up to {self.outage_s:g} s for it to come back.")
 
     def _came_back(self) -> None:
         if self._down_since is None:  # the common case, without taking the lock
@@ -191,6 +283,8 @@ class ResilientStorage(RDBStorage):
         try:
             super().record_heartbeat(trial_id)
         except Exception as exc:  # noqa: BLE001 - the heartbeat thread must outlive an outage
+            if disk_full_cause(exc) is not None:
+                return  # the worker's own next write says so, and stops
             if not is_connection_error(exc):
                 raise
             self._went_down(exc)  # no waiting: the next beat is one interval away
@@ -242,17 +336,18 @@ def make_storage(
     url = driver_url(url or study.storage)
     for attempt in range(_OPEN_TRIES):
         try:
-            if url.startswith("sqlite"):
-                prepare_sqlite(url)
-            storage = ResilientStorage(
-                url,
-                outage_s=outage_s,
-                warn=warn,
-                engine_kwargs=engine_kwargs(url),
-                heartbeat_interval=study.heartbeat_interval,
-                grace_period=study.grace_period,
-                heartbeat_stale_trial_callback=stale_trial_callback,
-            )
+            with opening(url, warn):
+                if url.startswith("sqlite"):
+                    prepare_sqlite(url)
+                storage = ResilientStorage(
+                    url,
+                    outage_s=outage_s,
+                    warn=warn,
+                    engine_kwargs=engine_kwargs(url),
+                    heartbeat_interval=study.heartbeat_interval,
+                    grace_period=study.grace_period,
+                    heartbeat_stale_trial_callback=stale_trial_callback,
+                )
             if url.startswith("sqlite"):
                 sync_on_checkpoint(storage.engine)
             return storage
@@ -263,7 +358,7 @@ def make_storage(
                 time.sleep(random.uniform(0.2, 1.0))
                 continue
             raise StorageError(
-                f"cannot open the Optuna storage {mask_password(url)}: {_safe(_first_line(exc), url)}. Check that "
+                f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(_first_line(exc), url)}. Check that "
                 "the database server is running and reachable, that the user and password (from the environment) "
                 "are right, and that the URL has the form sqlite:///path.db or postgresql://user@host:5432/db."
             ) from None
@@ -457,14 +552,6 @@ def _stderr(message: str) -> None:
     import sys
 
     print(message, file=sys.stderr, flush=True)
-
-
-def _safe(text: str, url: str) -> str:
-    """Return ``text`` without the URL's password, wherever a driver quoted it."""
-    masked = mask_password(url)
-    password = url.split("://", 1)[-1].split("@", 1)[0].partition(":")[2] if "@" in url else ""
-    text = text.replace(url, masked)
-    return text.replace(password, "***") if password else text
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,9 @@ from hpsearch.data import Provenance, SearchData, load_search_data, load_test_sp
 from hpsearch.errors import DataError, HPSearchError, SpecError, StorageError
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.refit import Refit
-from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
-from hpsearch.storage import (claim, claims, fail_stale_trials, make_storage, read_claim, release_claim,
-                              swap_claim)
+from hpsearch.spec import PrunerSpec, Spec, hide_secrets, mask_password, spec_from_dict
+from hpsearch.storage import (claim, claims, disk_full_cause, disk_full_error, fail_stale_trials, make_storage,
+                              rdb, read_claim, release_claim, shrink_sqlite, swap_claim)
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import Tracker
 from hpsearch.trials import (DATA_ATTR, FINGERPRINT_ATTR, REPORTS_ATTR, SPEC_ATTR, Counts, auto_reports_per_epoch,
@@ -178,7 +178,8 @@ def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None 
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot read studies from {mask_password(storage_url)}: {exc}") from None
+        raise StorageError(f"cannot read studies from {mask_password(storage_url)}: "
+                           f"{hide_secrets(str(exc), storage_url)}") from None
     found = [s for s in summaries if s.study_name == study_name]
     if not found:
         names = sorted(s.study_name for s in summaries)
@@ -214,14 +215,15 @@ def _load_existing(storage_url: str, study_name: str) -> optuna.Study:
 
 
 def _plain_storage(url: str) -> optuna.storages.RDBStorage:
-    from hpsearch.storage import driver_url, engine_kwargs
+    from hpsearch.storage import driver_url, engine_kwargs, opening
 
     url = driver_url(url)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+        with opening(url):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(first, url)}.") from None
 
 
 # --------------------------------------------------------------------------- counting
@@ -381,7 +383,7 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     """
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
-                       artifact_store=optuna.artifacts.FileSystemArtifactStore(_artifacts_dir(spec)),
+                       artifact_store=_TidyArtifactStore(_artifacts_dir(spec)),
                        reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
@@ -392,7 +394,10 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     stream, seed = claim_sampler_stream(spec, study)
     study.sampler = make_sampler(spec, seed=seed)
 
+    current: list[optuna.Trial] = []  # the trial this worker runs now
+
     def objective(trial: optuna.Trial) -> float | list[float]:
+        current[:] = [trial]
         with signals.trial(trial):
             set_user_attrs(trial, {WORKER_ATTR: worker_id(), SAMPLER_STREAM_ATTR: stream})
             if _surplus(study, trial, n_trials):
@@ -418,7 +423,12 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
                 break
             c = count(trials)
             if c.waiting > 0 or c.finished + c.running < n_trials:
-                study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
+                try:
+                    study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
+                except Exception as exc:  # noqa: BLE001 - a full disk ends the worker, anything else as it was
+                    if disk_full_cause(exc) is None:
+                        raise
+                    raise _stop_on_full_disk(spec, study, current, setup.tracker, exc, warn) from None
                 ran += 1
                 if setup.tracker and setup.tracker.failures:  # MLflow failed at some point: is it back?
                     track_late(study, setup.tracker, setup.parent_run_id)
@@ -444,6 +454,47 @@ def _record_stop(study: optuna.Study, verdict: stopping.Verdict, warn: Warn) -> 
         study.set_user_attr(stopping.STOPPED_ATTR, verdict.as_attr())
     warn(f"study {study.study_name!r} stops early: {verdict.reason}; no new trial starts (running ones finish).")
     return True
+
+
+def _stop_on_full_disk(spec: Spec, study: optuna.Study, trials: list[optuna.Trial], tracker: Tracker | None,
+                       exc: BaseException, warn: Warn) -> StorageError:
+    """Close the trial a full disk cut short (FAIL; its MLflow run FAILED); return the error that ends the worker.
+
+    Optuna could not close it itself, and a waiting worker would only write to the full disk again.
+    """
+    error = disk_full_error(exc, f"worker {worker_id()} of study {spec.study.name!r}")
+    reason = f"stopped: {error}"[:500]
+    shrink_sqlite(rdb(study))
+    for trial in trials:
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        except Exception:  # noqa: BLE001 - the storage itself is on the full disk
+            warn(f"warning: trial {trial.number} could not be closed either (the disk is full); once its heartbeat "
+                 f"is {spec.study.grace_period} s old, the next run or `hpsearch cleanup` fails and retries it.")
+            continue
+        with suppress(Exception):  # a reason is a bonus on a full disk
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        run_id = study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
+        if tracker is not None and run_id:
+            tracker.end_run(run_id, "FAILED", tags={"hpsearch.state": "FAIL", "hpsearch.fail_reason": reason})
+    return error
+
+
+class _TidyArtifactStore(optuna.artifacts.FileSystemArtifactStore):
+    """Optuna's file store, minus the half-written file a failed write (a full disk) would leave behind.
+
+    Removing it gives back the space the study needs to close the trial as failed.
+    """
+
+    def write(self, artifact_id: str, content_body: Any) -> None:
+        try:
+            super().write(artifact_id, content_body)
+        except BaseException:
+            with suppress(Exception):
+                self.remove(artifact_id)
+            raise
 
 
 def worker_id() -> str:

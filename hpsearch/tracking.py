@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpsearch.errors import StorageError
-from hpsearch.spec import mask_password
+from hpsearch.spec import hide_secrets, mask_password, without_credentials
+from hpsearch.storage import CONNECT_TIMEOUT_S, announced_wait
 
 try:
     import fcntl
@@ -71,6 +72,9 @@ _HTTP_LIMITS = {
     # second) and a 15 s timeout make it milliseconds when refused, 30 s at most when silent.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    # MLflow prints "View run ... at: <tracking URI>" as each run ends: noise under the progress line,
+    # and the URI as given, with any password in it.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
@@ -111,7 +115,9 @@ class Tracker:
         self.experiment_name = experiment
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
         self._remote = scheme in ("http", "https")
-        self._env = _http_limits if self._remote else _file_store if scheme == "file" else contextlib.nullcontext
+        self._network = self._remote or scheme.startswith(("postgres", "mysql"))  # a server that may not answer
+        self._env = (_http_limits if self._remote else _file_store if scheme == "file"
+                     else _pg_limits if scheme.startswith("postgres") else contextlib.nullcontext)
         # A tracking server decides where artifacts go; a local store puts them under the caller's root.
         self.artifact_root = None if self._remote else artifact_root
         self._shown = mask_password(uri)
@@ -127,7 +133,9 @@ class Tracker:
     def _call(self, what: str, fn: Callable[[MlflowClient], T]) -> T | None:
         """Return fn(client), retrying a busy SQLite store; on any failure warn and return None."""
         deadline = time.monotonic() + _BUSY_BUDGET_S
-        with self._env():
+        waiting = (announced_wait(f"the MLflow store {self._shown} (to {what})", self._warn) if self._network
+                   else contextlib.nullcontext())  # a local store's lock waits are no news
+        with self._env(), waiting:
             for attempt in range(1, _TRIES + 1):
                 try:
                     return fn(self._mlflow())
@@ -137,7 +145,8 @@ class Tracker:
                         time.sleep(0.1 * 2**attempt * (1 + random.random()))
                         continue
                     self.failures += 1
-                    self._warn_once(f"warning: MLflow store {self._shown} could not {what}: {_reason(exc)}. "
+                    self._warn_once(f"warning: MLflow store {self._shown} could not {what}: "
+                                    f"{hide_secrets(_reason(exc), self.uri)}. "
                                     "The study goes on without it.")
                     return None
         return None
@@ -316,7 +325,7 @@ class Tracker:
         """Return the run's page on the MLflow server for an http(s) URI, else None."""
         if not self._remote or self.experiment_id is None:
             return None
-        return f"{self._shown.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def end_run(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None,
                 epochs: Sequence[tuple[int, int, Mapping[str, float]]] = ()) -> None:
@@ -443,7 +452,7 @@ def _reason(exc: BaseException) -> str:
     cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted|Remote end closed", text)
     if request and cause:
         text = f"API request to {request.group(1)} failed: {cause.group(0).strip()}"
-    return mask_password(text)[:300]
+    return text[:300]
 
 
 def _quote(value: str) -> str:
@@ -608,6 +617,8 @@ _http_limits = _ScopedEnv(_HTTP_LIMITS)
 # MLflow 3 refuses a directory store unless this is set, to steer people off an accidental
 # ./mlruns; a user who names a directory store has chosen it.
 _file_store = _ScopedEnv({"MLFLOW_ALLOW_FILE_STORE": "true"})
+# MLflow opens its own PostgreSQL connections: libpq reads this, so a host that never answers is given up on.
+_pg_limits = _ScopedEnv({"PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S)})
 _URIS_LOCK = threading.Lock()
 
 

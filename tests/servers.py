@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +45,7 @@ __all__ = [
     "mlflow_url",
     "port_is_open",
     "postgres_server",
+    "silent_server",
     "postgres_url",
     "wait_http",
     "with_database",
@@ -108,6 +110,36 @@ def wait_http(
             last_problem = str(error)
         time.sleep(0.2)
     raise ServerStartError(f"{url} did not answer 200 within {timeout:.0f} s (last: {last_problem}).")
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """Yield the port of a TCP server on 127.0.0.1 that accepts every connection and never answers.
+
+    What a wedged database host or a half-dead proxy looks like from a client: the connection
+    is made, then nothing comes back, ever.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: done
+            while True:
+                held.append(listener.accept()[0])  # accepted, kept open, never read from nor written to
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+        listener.close()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
 
 
 def with_database(url: str, database: str) -> str:

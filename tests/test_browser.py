@@ -42,20 +42,21 @@ _QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # no phon
 def test_dashboard_command(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, "denoise")
     cmd = servers.dashboard_command(spec, port=8123)
-    assert Path(cmd[0]).name == "optuna-dashboard"
-    assert cmd[1:] == [spec.study.storage, "--host", "127.0.0.1", "--port", "8123",
-                       "--artifact-dir", spec.artifacts_dir]
+    assert cmd.argv == [sys.executable, "-m", "hpsearch._dashboard", "--host", "127.0.0.1", "--port", "8123",
+                        "--artifact-dir", spec.artifacts_dir]
+    assert cmd.env["HPSEARCH_DASHBOARD_STORAGE"] == spec.study.storage  # the URL: in the environment, not in `ps`
 
 
 def test_ui_command_serves_the_local_store_and_its_artifacts(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, "denoise")
     cmd = servers.ui_command(spec, host="0.0.0.0", port=5123)
-    assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
-    options = dict(zip(cmd[4::2], cmd[5::2]))
+    assert cmd.argv[:4] == [sys.executable, "-m", "mlflow", "server"]
+    options = dict(zip(cmd.argv[4::2], cmd.argv[5::2]))
     assert options == {
-        "--backend-store-uri": spec.tracking.uri, "--host": "0.0.0.0", "--port": "5123", "--workers": "1",
+        "--host": "0.0.0.0", "--port": "5123", "--workers": "1",
         "--default-artifact-root": Path(spec.tracking.artifact_root).as_uri(),
         "--artifacts-destination": spec.tracking.artifact_root}
+    assert cmd.env["MLFLOW_BACKEND_STORE_URI"] == spec.tracking.uri  # the store URL: in the environment
     assert servers.remote_ui_url(spec) is None
 
 
@@ -101,6 +102,50 @@ def test_browser_url(host: str, expected: str) -> None:
     assert servers.browser_url(host, 80) == expected
 
 
+@contextlib.contextmanager
+def _someone_elses_server() -> Iterator[int]:
+    """Yield the port of another program's web server on 127.0.0.1: it answers 200 to everything."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["dashboard", "ui"])
+def test_a_taken_port_is_refused_not_reported_open(tmp_path: Path, command: str) -> None:
+    import yaml
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"study": {"name": "s"}, "task": {"type": "classify", "dataset": "digits"},
+                                    "model": {"family": "mlp"}}))
+    with _someone_elses_server() as port:
+        result = subprocess.run([sys.executable, "-m", "hpsearch", command, str(spec), "--port", str(port)],
+                                capture_output=True, text=True, timeout=120, cwd=REPO,
+                                env={**os.environ, **_QUIET, "PYTHONPATH": str(REPO),
+                                     "HPSEARCH_RUNS_DIR": str(tmp_path / "runs")})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"Error: port {port} on 127.0.0.1 is already in use by another program; nothing was started." in output
+    assert "open http" not in output and "Traceback" not in output, output
+
+
 # --------------------------------------------------------------------------- real servers, real browser
 
 
@@ -129,16 +174,16 @@ def page(seen: Built) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], ready_url: str, log: Path) -> Iterator[None]:
-    """Run a server command line until the block exits (stopped as `hpsearch dashboard/ui` stop it)."""
+def running(cmd: servers.ServerCommand, ready_url: str, log: Path) -> Iterator[None]:
+    """Run a server command until the block exits (stopped as `hpsearch dashboard/ui` stop it)."""
     with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **_QUIET}, start_new_session=True)
+        process = subprocess.Popen(cmd.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **_QUIET, **cmd.env}, start_new_session=True)
     try:
         try:
             wait_http(ready_url, process=process)
         except Exception as exc:
-            raise AssertionError(f"{cmd[0]} did not start: {exc}\n{log.read_text()[-3000:]}") from None
+            raise AssertionError(f"{cmd.argv[0]} did not start: {exc}\n{log.read_text()[-3000:]}") from None
         yield
     finally:
         servers.stop(process)
@@ -237,7 +282,8 @@ def test_serve_answers_then_stops_with_its_server(seen: Built, signum: int) -> N
         "from tests.test_figures import make_spec; from hpsearch import servers;"
         "spec = make_spec(Path(sys.argv[2]), 'denoise'); port = int(sys.argv[3]);"
         "sys.exit(servers.serve(servers.dashboard_command(spec, port=port),"
-        " servers.browser_url('127.0.0.1', port), lambda m: print(m, flush=True), ready_path='/api/studies'))"
+        " servers.browser_url('127.0.0.1', port), lambda m: print(m, flush=True), host='127.0.0.1', port=port,"
+        " ready_path='/api/studies'))"
     )
     process = subprocess.Popen([sys.executable, "-c", script, str(REPO), str(Path(seen.spec.runs_dir).parent),
                                 str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

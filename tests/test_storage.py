@@ -7,8 +7,10 @@ import multiprocessing
 import os
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -18,10 +20,10 @@ import yaml
 
 from hpsearch.errors import StorageError
 from hpsearch.spec import parse_spec
-from hpsearch.storage import (engine_kwargs, is_connection_error, make_storage,
-                              prepare_sqlite)
+from hpsearch.storage import (CONNECT_TIMEOUT_S, PG_CONNECT_ARGS, engine_kwargs, is_connection_error,
+                              make_storage, prepare_sqlite)
 
-from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, postgres_url  # noqa: F401  (a fixture)
+from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, postgres_url, silent_server  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,13 +39,20 @@ def _study_spec(storage: str, name: str = "s", **study: object):
 # --------------------------------------------------------------------------- settings
 
 
+_POOL = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 300, "pool_timeout": 60}
+
+
 @pytest.mark.parametrize(("url", "expected"), [
     ("sqlite:////tmp/x.db", {"connect_args": {"timeout": 120}}),  # waited for, never "database is locked"
-    ("postgresql+psycopg2://u@h/db", {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2,
-                                      "pool_recycle": 300, "pool_timeout": 60}),
+    # A host that never answers is given up on; a vanished peer and a stuck statement are noticed.
+    ("postgresql+psycopg2://u@h/db", {**_POOL, "connect_args": PG_CONNECT_ARGS}),
+    # What the URL sets itself wins (SQLAlchemy would let connect_args override it).
+    ("postgresql+psycopg2://u@h/db?connect_timeout=60&sslmode=require",
+     {**_POOL, "connect_args": {k: v for k, v in PG_CONNECT_ARGS.items() if k != "connect_timeout"}}),
 ])
 def test_engine_kwargs_suit_long_trials_and_many_workers(url: str, expected: dict) -> None:
     assert engine_kwargs(url) == expected
+    assert PG_CONNECT_ARGS["connect_timeout"] == CONNECT_TIMEOUT_S
 
 
 def test_sqlite_storage_is_in_wal_mode(tmp_path: Path) -> None:
@@ -256,3 +265,95 @@ def _wait_until(condition, worker: subprocess.Popen[bytes], *, what: str, timeou
             pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------- nothing hangs silently
+
+
+def _hpsearch(args: list[str], tmp_path: Path, *, timeout: float, **env: str) -> tuple[int, str, float]:
+    """Run the `hpsearch` command; return its exit code, its output and how long it took."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "hpsearch", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                  "HPSEARCH_RUNS_DIR": str(tmp_path / "runs"),
+                                                  "MLFLOW_DISABLE_TELEMETRY": "true", **env})
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
+def _small_spec(tmp_path: Path, **tracking: object) -> Path:
+    spec = {"study": {"name": "small", "n_trials": 2, "sampler": "random", "pruner": "none"},
+            "task": {"type": "classify", "dataset": "digits", "epochs": 1, "batch_size": 64, "train_limit": 300},
+            "model": {"family": "mlp"}, "space": {"width": {"type": "int", "low": 8, "high": 16}},
+            "tracking": tracking or {"enabled": False}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_database_host_that_never_answers_is_named_and_given_up_on(command: str, tmp_path: Path) -> None:
+    with silent_server() as port:
+        url = f"postgresql://hpsearch:s3cret-pw@127.0.0.1:{port}/hpsearch"
+        code, output, took = _hpsearch([command, str(_small_spec(tmp_path)), "--storage", url], tmp_path,
+                                       timeout=120)
+    assert code == 1, output
+    # While it waits it says for what; then one clear error, no traceback, within the connect timeout.
+    assert f"waiting for the Optuna storage postgresql+psycopg2://hpsearch:***@127.0.0.1:{port}/hpsearch" in output
+    assert "Error: cannot open the Optuna storage" in output and "timeout expired" in output, output
+    assert "Traceback" not in output and "s3cret-pw" not in output
+    assert took < 60  # imports (~10 s on a busy 2-core box) + the 10 s connect timeout
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_never_answers_costs_a_bounded_wait(tmp_path: Path) -> None:
+    with silent_server() as port:
+        # A user's own MLflow HTTP settings win over hpsearch's defaults: 2 s, one retry.
+        code, output, took = _hpsearch(["run", str(_small_spec(tmp_path, uri=f"http://127.0.0.1:{port}")),
+                                        "--no-finish"], tmp_path, timeout=300, MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    assert code == 0, output  # tracking is a bonus: the study itself ran
+    assert f"waiting for the MLflow store http://127.0.0.1:{port} (to create or find the experiment" in output
+    assert f"warning: MLflow store http://127.0.0.1:{port} could not create or find the experiment" in output
+    assert "Read timed out" in output and "2 of 2 trials finished" in output, output
+    assert took < 150, output  # ~40 s on an idle 2-core box: imports, a 4 s wait, two tiny trials
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """Yield a folder on a real 600 KiB file system of its own (a tmpfs), removed afterwards.
+
+    Needs the right to mount (root, as in CI's container); there is no full disk to be had otherwise.
+    """
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a small tmpfs (needs root): {mounted.stderr}"
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_study_with_a_clear_error_and_no_running_trial(small_disk: Path,
+                                                                              tmp_path: Path) -> None:
+    spec = _small_spec(tmp_path)
+    spec.write_text(spec.read_text().replace("n_trials: 2", "n_trials: 60").replace("epochs: 1", "epochs: 2"))
+    started = time.monotonic()
+    code, output, _ = _hpsearch(["run", str(spec), "--runs-dir", str(small_disk / "runs")], tmp_path,
+                                timeout=300)
+    took = time.monotonic() - started
+    assert code == 1, output
+    # Named as a full disk, at once: not taken for a database outage (no 2-minute wait, no "is back").
+    assert "the disk is full" in output and ("database or disk is full" in output
+                                             or "No space left on device" in output), output
+    assert "lost the Optuna storage" not in output and "is back" not in output
+    assert "Traceback" not in output and "Should not reach" not in output, output
+    assert took < 120, output
+    study = optuna.load_study(study_name="small", storage=f"sqlite:///{small_disk / 'runs' / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and 0 < states.count("COMPLETE") < 60, states
