@@ -67,7 +67,8 @@ def open_existing(spec: Spec) -> optuna.Study:
                         f"Start it with `hpsearch run {spec.path}`.") from None
     except Exception as exc:  # noqa: BLE001 - any driver error means: cannot read this storage
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(first, url)}.") from None
+        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: "
+                           f"{hide_secrets(first, url)}.") from None
 
 
 def artifact_store(spec: Spec) -> FileSystemArtifactStore:

@@ -177,7 +177,8 @@ def check_port_free(host: str, port: int) -> None:
         raise HPSearchError(f"--host {host!r} is not an address of this machine ({exc.strerror}).") from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port's TIME_WAIT is free
+            # As servers do: a port whose last connection is in TIME_WAIT is free, a listened-on one is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(address)
             except OSError as exc:

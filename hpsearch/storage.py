@@ -51,6 +51,8 @@ PG_CONNECT_ARGS: dict[str, Any] = {
     # like a lost connection; Optuna's statements take milliseconds.
     "options": "-c statement_timeout=120000",
 }
+# Drivers on libpq, which takes the options above (another driver, such as pg8000, gets none).
+_LIBPQ_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+psycopg2cffi")
 NOTICE_AFTER_S = 3.0  # a wait longer than this says what it waits for; a quick one says nothing
 
 
@@ -67,9 +69,10 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     }
     # Options the URL sets itself win: SQLAlchemy would let connect_args override them.
     given = set(parse_qs(url.partition("?")[2]))
-    if url.startswith("postgres"):
+    scheme = url.partition("://")[0]
+    if scheme in _LIBPQ_SCHEMES:
         kwargs["connect_args"] = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in given}
-    elif url.startswith("mysql") and "connect_timeout" not in given:
+    elif scheme in ("mysql", "mysql+pymysql", "mysql+mysqldb") and "connect_timeout" not in given:
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     return kwargs
 
@@ -161,14 +164,15 @@ def disk_full_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def disk_full_error(exc: BaseException, what: str) -> StorageError:
-    """Return the error that stops a worker on a full disk, naming it as such: ``what`` could not be written."""
+def disk_full_error(exc: BaseException, what: str, url: str) -> StorageError:
+    """Return the error that stops a worker on a full disk, naming it as such: ``what`` could not be
+    written (the message hides the secrets of the storage ``url``)."""
     cause = disk_full_cause(exc) or exc
     if isinstance(cause, StorageError):  # already said (by the storage)
         return cause
-    return StorageError(f"{what}: the disk is full: {_first_line(cause)}. Finished trials are kept; free some "
-                        "space (or point --runs-dir or the storage elsewhere), then run the same command again "
-                        "to resume.")
+    return StorageError(f"{what}: the disk is full: {hide_secrets(_first_line(cause), url)}. Finished trials are "
+                        "kept; free some space (or point --runs-dir or the storage elsewhere), then run the same "
+                        "command again to resume.")
 
 
 def shrink_sqlite(storage: RDBStorage) -> None:
@@ -235,7 +239,7 @@ class ResilientStorage(RDBStorage):
                     result = call()
                 except Exception as exc:  # noqa: BLE001 - sorted below: only connection errors wait
                     if disk_full_cause(exc) is not None:  # not an outage: waiting would not free the disk
-                        raise disk_full_error(exc, f"the Optuna storage {mask_password(self.url)}") from None
+                        raise disk_full_error(exc, f"the Optuna storage {mask_password(self.url)}", self.url) from None
                     if not is_connection_error(exc):
                         raise
                     waited = time.monotonic() - started
@@ -261,7 +265,8 @@ class ResilientStorage(RDBStorage):
                 return
             self._down_since = time.monotonic()
         self._warn(f"warning: lost the Optuna storage {mask_password(self.url)} "
-                   f"({hide_secrets(_first_line(exc), self.url)}); waiting up to {self.outage_s:g} s for it to come back.")
+                   f"({hide_secrets(_first_line(exc), self.url)}); waiting up to {self.outage_s:g} s for it to come "
+                   "back.")
 
     def _came_back(self) -> None:
         if self._down_since is None:  # the common case, without taking the lock
@@ -358,9 +363,10 @@ def make_storage(
                 time.sleep(random.uniform(0.2, 1.0))
                 continue
             raise StorageError(
-                f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(_first_line(exc), url)}. Check that "
-                "the database server is running and reachable, that the user and password (from the environment) "
-                "are right, and that the URL has the form sqlite:///path.db or postgresql://user@host:5432/db."
+                f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(_first_line(exc), url)}. "
+                "Check that the database server is running and reachable, that the user and password (from the "
+                "environment) are right, and that the URL has the form sqlite:///path.db or "
+                "postgresql://user@host:5432/db."
             ) from None
     raise AssertionError  # unreachable
 

@@ -223,7 +223,8 @@ def _plain_storage(url: str) -> optuna.storages.RDBStorage:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: {hide_secrets(first, url)}.") from None
+        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: "
+                           f"{hide_secrets(first, url)}.") from None
 
 
 # --------------------------------------------------------------------------- counting
@@ -410,7 +411,10 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
             return run_trial(trial, ctx)
 
     def not_a_failure(record: logging.LogRecord) -> bool:
-        # Optuna reports a surplus trial as failed, with a traceback; it is no failure.
+        # Optuna reports a surplus trial as failed, with a traceback; it is no failure. Nor is a
+        # full disk the trial's: the worker stops with one line that says so.
+        if record.exc_info and record.exc_info[1] is not None and disk_full_cause(record.exc_info[1]):
+            return False
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
     optuna_log = logging.getLogger("optuna.study._optimize")
@@ -462,22 +466,28 @@ def _stop_on_full_disk(spec: Spec, study: optuna.Study, trials: list[optuna.Tria
 
     Optuna could not close it itself, and a waiting worker would only write to the full disk again.
     """
-    error = disk_full_error(exc, f"worker {worker_id()} of study {spec.study.name!r}")
+    error = disk_full_error(exc, f"worker {worker_id()} of study {spec.study.name!r}", spec.study.storage)
     reason = f"stopped: {error}"[:500]
-    shrink_sqlite(rdb(study))
+    storage = rdb(study)
+    shrink_sqlite(storage)
     for trial in trials:
-        try:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        except Exception:  # noqa: BLE001 - the storage itself is on the full disk
-            warn(f"warning: trial {trial.number} could not be closed either (the disk is full); once its heartbeat "
-                 f"is {spec.study.grace_period} s old, the next run or `hpsearch cleanup` fails and retries it.")
-            continue
-        with suppress(Exception):  # a reason is a bonus on a full disk
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        run_id = study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
-        if tracker is not None and run_id:
+        if not storage.get_trial(trial._trial_id).state.is_finished():  # else Optuna could close it after all
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+            except Exception:  # noqa: BLE001 - the storage itself is on the full disk
+                warn(f"warning: trial {trial.number} could not be closed either (the disk is full); once its "
+                     f"heartbeat is {spec.study.grace_period} s old, the next run or `hpsearch cleanup` fails and "
+                     "retries it.")
+                continue
+            with suppress(Exception):  # a reason is a bonus on a full disk
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        frozen = storage.get_trial(trial._trial_id)
+        run_id = frozen.user_attrs.get("mlflow_run_id")
+        # The trial's own clean-up may have stopped before its run's end: end it, unless it did end.
+        if tracker is not None and run_id and frozen.state == optuna.trial.TrialState.FAIL \
+                and tracker.run_status(run_id) == "RUNNING":
             tracker.end_run(run_id, "FAILED", tags={"hpsearch.state": "FAIL", "hpsearch.fail_reason": reason})
     return error
 

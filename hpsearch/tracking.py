@@ -130,15 +130,21 @@ class Tracker:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, what: str, fn: Callable[[MlflowClient], T]) -> T | None:
-        """Return fn(client), retrying a busy SQLite store; on any failure warn and return None."""
+    def _call(self, what: str, fn: Callable[[MlflowClient], T], *, local_work: bool = False) -> T | None:
+        """Return fn(client), retrying a busy SQLite store; on any failure warn and return None.
+
+        A call to a server that takes long says what it waits for, unless ``local_work`` (the call
+        computes for seconds before it sends anything).
+        """
         deadline = time.monotonic() + _BUSY_BUDGET_S
-        waiting = (announced_wait(f"the MLflow store {self._shown} (to {what})", self._warn) if self._network
-                   else contextlib.nullcontext())  # a local store's lock waits are no news
-        with self._env(), waiting:
+        with self._env():
             for attempt in range(1, _TRIES + 1):
                 try:
-                    return fn(self._mlflow())
+                    client = self._mlflow()
+                    # A local store's lock waits are no news; a server that may never answer is.
+                    with (announced_wait(f"the MLflow store {self._shown} (to {what})", self._warn)
+                          if self._network and not local_work else contextlib.nullcontext()):
+                        return fn(client)
                 except Exception as exc:  # noqa: BLE001 - tracking must never stop a study
                     if attempt < _TRIES and time.monotonic() < deadline and any(b in str(exc) for b in _BUSY):
                         # Jittered, so processes that collided do not collide again.
@@ -146,7 +152,7 @@ class Tracker:
                         continue
                     self.failures += 1
                     self._warn_once(f"warning: MLflow store {self._shown} could not {what}: "
-                                    f"{hide_secrets(_reason(exc), self.uri)}. "
+                                    f"{_reason(exc, self.uri)}. "
                                     "The study goes on without it.")
                     return None
         return None
@@ -401,7 +407,8 @@ class Tracker:
         of one would fix the saved model's batch size to 1.
         """
         return self._call("log and register the model" if registered_name else "log the model",
-                          lambda client: self._log_model(client, run_id, model, input_example, registered_name))
+                          lambda client: self._log_model(client, run_id, model, input_example, registered_name),
+                          local_work=True)  # torch.export first: seconds of work that are no wait
 
     def _log_model(self, client: MlflowClient, run_id: str, model: torch.nn.Module, input_example: np.ndarray,
                    registered_name: str | None) -> str | None:
@@ -444,15 +451,16 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _reason(exc: BaseException) -> str:
-    """Return a one-line, stable account of a failure (object addresses would defeat the rate limit)."""
+def _reason(exc: BaseException, uri: str) -> str:
+    """Return a one-line, stable account of a failure (object addresses would defeat the rate limit),
+    without the secrets of ``uri``."""
     text = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split())) or type(exc).__name__
     # A failed HTTP call buries its cause deep in urllib3's text: lift it out, without the query.
     request = re.match(r"API request to ([^?\s]+)\S* failed", text)
     cause = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted|Remote end closed", text)
     if request and cause:
         text = f"API request to {request.group(1)} failed: {cause.group(0).strip()}"
-    return text[:300]
+    return hide_secrets(text, uri)[:300]  # masked first: a cut must not leave half a password
 
 
 def _quote(value: str) -> str:

@@ -248,8 +248,8 @@ def test_the_mlflow_ui_gets_its_store_url_out_of_sight(pg: str, tmp_path: Path, 
     rest = pg.split("@", 1)[1].rsplit("/", 1)[0]
     tracking = f"postgresql+psycopg2://hpsearch:{quote(PASSWORD, safe='')}@{rest}/mlflow"
     served, cmdlines = _serve_and_read_cmdlines(
-        ["ui", str(_spec(tmp_path)), "--tracking-uri", tracking, "--port", str(free_port())],
+        ["ui", str(_spec(tmp_path)), "--port", str(free_port())],
         {**os.environ, "PYTHONPATH": str(REPO), "HPSEARCH_RUNS_DIR": str(_isolated_runs_dir),
-         "MLFLOW_DISABLE_TELEMETRY": "true"})
+         "HPSEARCH_TRACKING_URI": tracking, "MLFLOW_DISABLE_TELEMETRY": "true"})  # a user's secret: not in argv
     assert any("mlflow" in c for c in cmdlines), cmdlines
     assert _leaks(served + "\n".join(cmdlines)) == [], (served, cmdlines)

@@ -49,6 +49,7 @@ _POOL = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle
     # What the URL sets itself wins (SQLAlchemy would let connect_args override it).
     ("postgresql+psycopg2://u@h/db?connect_timeout=60&sslmode=require",
      {**_POOL, "connect_args": {k: v for k, v in PG_CONNECT_ARGS.items() if k != "connect_timeout"}}),
+    ("postgresql+pg8000://u@h/db", _POOL),  # not libpq: its options would be refused
 ])
 def test_engine_kwargs_suit_long_trials_and_many_workers(url: str, expected: dict) -> None:
     assert engine_kwargs(url) == expected
