@@ -293,7 +293,7 @@ def ui(spec_path: str, tracking_uri: str | None, runs_dir: str | None, host: str
         click.echo(f"{spec.path} tracks to the MLflow server at {remote}: open it there.")
         return
     sys.exit(servers.serve(servers.ui_command(spec, host, port), servers.browser_url(host, port), click.echo,
-                           host=host, port=port, ready_path="/health"))
+                           host=host, port=port, ready_path="/health", page=servers.study_page(spec, click.echo)))
 
 
 @cli.command("report")

@@ -86,6 +86,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def digest(self) -> str:
+        """Return a content hash of the split (its images and labels, in order), 16 hex digits."""
+        digest = hashlib.sha256()
+        for tensor in (self.images, self.labels):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class SearchData:

@@ -27,14 +27,14 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import figures
 from hpsearch.errors import SpecError, StorageError
 from hpsearch.spec import Spec, hide_secrets, mask_password, without_credentials
+from hpsearch.tracking import experiment_url, run_page_url
 from hpsearch.trials import Counts, best_trial, count, epoch_text, reports_per_epoch  # noqa: F401 - re-exported for report.py
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `hpsearch ui` serves a local MLflow store
 FIGURES_ATTR = "hpsearch.figures"  # study user attr: how many trials had finished when figures were drawn
 _NOTE_SHA_KEY = "hpsearch:note_sha:"  # study system attr: hash of the note hpsearch last wrote
 _ARTIFACTS_KEY = "artifacts:"  # Optuna's system-attr prefix for artifact metadata
-# MLflow 3's UI opens experiments and runs in its GenAI view (traces) unless asked for model training.
-_TRAINING_VIEW = "?workflowType=machine_learning"
+VIEW_ATTR = "mlflow_runs_view"  # study user attr: the id of the study's saved view in the MLflow UI
 RECONSTRUCTION_ATTR = "artifact:reconstruction.png"  # the trial images objective.py uploads
 CONFUSION_ATTR = "artifact:confusion_matrix.png"
 IMAGE_ATTRS = (RECONSTRUCTION_ATTR, CONFUSION_ATTR)
@@ -52,9 +52,9 @@ def _stderr(message: str) -> None:
 
 def open_existing(spec: Spec) -> optuna.Study:
     """Return the spec's study from its storage, without creating it (for looking, not running)."""
-    from hpsearch.storage import engine_kwargs, opening
+    from hpsearch.storage import checked_driver_url, engine_kwargs, opening
 
-    url = spec.study.storage
+    url = checked_driver_url(spec.study.storage, what="the Optuna storage")
     if url.startswith("sqlite:///") and not Path(url.split(":///", 1)[1]).is_file():
         raise SpecError(f"{spec.path}: study {spec.study.name!r} has not run yet: {url} does not exist. "
                         f"Start it with `hpsearch run {spec.path}`.")
@@ -95,15 +95,15 @@ def run_link(study_attrs: Mapping[str, Any], trial: FrozenTrial, ui_url: str) ->
     experiment = study_attrs.get("mlflow_experiment_id")
     if not run_id or not experiment:
         return None
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}{_TRAINING_VIEW}"
+    return run_page_url(ui_url, str(experiment), str(run_id))
 
 
 def experiment_link(study_attrs: Mapping[str, Any], ui_url: str) -> str | None:
-    """Return the MLflow UI address of the study's experiment, or None before the first run."""
+    """Return the MLflow UI address of the study's runs table (its saved view), or None before the first run."""
     experiment = study_attrs.get("mlflow_experiment_id")
     if not experiment:
         return None
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs{_TRAINING_VIEW}"
+    return experiment_url(ui_url, str(experiment), study_attrs.get(VIEW_ATTR))
 
 
 def ui_url_for(spec: Spec) -> str:

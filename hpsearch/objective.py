@@ -14,7 +14,7 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from hpsearch.errors import DataError, StorageError
 from hpsearch.models import build_model, count_params
 from hpsearch.spec import Spec
 from hpsearch.storage import claim, is_connection_error, rdb, release_claim, swap_claim
-from hpsearch.tracking import Tracker
+from hpsearch.tracking import DatasetRecord, Tracker
 from hpsearch.train import Diverged, TrainConfig, fit
 from hpsearch.trials import TRACKED_LATE_KEY, UNTRACKED_ATTR, epoch_text, untracked
 
@@ -56,6 +56,7 @@ class TrialContext:
     reference: torch.nn.Module | None = None  # inpaint's reference classifier
     reports_per_epoch: int = 1  # the study's: see trials.REPORTS_ATTR
     warn: Callable[[str], None] = print
+    datasets: Sequence[DatasetRecord] = ()  # the splits trials train and validate on, as MLflow inputs
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
@@ -214,6 +215,9 @@ def _start_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], s
     if ctx.tracker is not None and ctx.parent_run_id is not None:
         run_id = _start_mlflow_run(trial, ctx, params, seed, n_params, retried_from)
         if run_id:
+            if ctx.spec.tracking.system_metrics:
+                ctx.tracker.monitor_system(run_id)  # stopped by end_run
+            ctx.tracker.log_datasets(run_id, ctx.datasets)
             attrs["mlflow_run_id"] = run_id
             if url := ctx.tracker.run_url(run_id):
                 attrs["mlflow_run_url"] = url

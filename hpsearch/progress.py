@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import optuna
 
+from hpsearch.insights import experiment_link, ui_url_for
 from hpsearch.refit import describe
 from hpsearch.spec import Spec, mask_password
 from hpsearch.stopping import STOPPED_ATTR
@@ -103,7 +104,8 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
         lines.append(f"Test split ({result['n_test']} samples, touched once, by this model): "
                      + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result["metrics"].items())))
         if result.get("model_version"):
-            lines.append(f"Registered model: {result['registered_model']} version {result['model_version']}")
+            lines.append(f"Registered model: {result['registered_model']} version {result['model_version']}"
+                         + (f"; {result['champion']}" if result.get("champion") else ""))
     elif (best := best_trial(spec, study.get_trials(deepcopy=False))) is not None:
         names = [m.name for m in spec.study.metrics]
         values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, best.values))
@@ -118,7 +120,8 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
     lines.append("Look at it:")
     lines.append(f"  hpsearch dashboard {spec.path}    # optuna-dashboard on {mask_password(spec.study.storage)}")
     if spec.tracking.enabled:
-        lines.append(f"  hpsearch ui {spec.path}           # the MLflow UI")
+        link = experiment_link(study.user_attrs, ui_url_for(spec))
+        lines.append(f"  hpsearch ui {spec.path}           # the MLflow UI" + (f", then open {link}" if link else ""))
     return "\n".join(lines)
 
 

@@ -147,6 +147,9 @@ class _Facts:
                 rows.append((key, a[key]))
         return rows
 
+    def experiment_link(self) -> str | None:
+        return insights.experiment_link(self.attrs, self.ui_url) if self.spec.tracking.enabled else None
+
     def run_link(self, trial: FrozenTrial) -> str | None:
         return insights.run_link(self.attrs, trial, self.ui_url) if self.spec.tracking.enabled else None
 
@@ -265,7 +268,8 @@ def _html(f: _Facts, images: Mapping[str, bytes]) -> str:
     if s.tracking.enabled:
         parts.append(f"<p class=\"muted\">MLflow experiment <code>{e(s.tracking.experiment)}</code> at "
                      f"<code>{e(mask_password(s.tracking.uri))}</code>; per-epoch curves and images of every trial "
-                     f"are there (<code>hpsearch ui {e(s.path)}</code>).</p>")
+                     f"are there (<code>hpsearch ui {e(s.path)}</code>"
+                     + (f", then <code>{e(link)}</code>" if (link := f.experiment_link()) else "") + ").</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -281,7 +285,8 @@ def _test_html(f: _Facts) -> str:
              "test images the search never saw:</p>", _html_table(["test", "value"], rows, numeric=(1,))]
     if test.get("model_version"):
         lines.append(f"<p>Registered model <code>{e(str(test.get('registered_model')))}</code> version "
-                     f"{e(str(test['model_version']))}.</p>")
+                     f"{e(str(test['model_version']))}" + (f"; {e(test['champion'])}" if test.get("champion") else "")
+                     + ".</p>")
     return "\n".join(lines)
 
 
@@ -323,7 +328,8 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
         lines += [f"{describe(f.test)}, evaluated once on {f.test.get('n_test')} test images:", ""]
         lines += _md_table(["test", "value"], [(k, _fmt(v)) for k, v in sorted(f.test["metrics"].items())])
         if f.test.get("model_version"):
-            lines += [f"Registered model `{f.test.get('registered_model')}` version {f.test['model_version']}.", ""]
+            lines += [f"Registered model `{f.test.get('registered_model')}` version {f.test['model_version']}"
+                      + (f"; {f.test['champion']}" if f.test.get("champion") else "") + ".", ""]
     else:
         lines += ["Not evaluated yet (`hpsearch run` does it when the study ends).", ""]
     if images:
@@ -336,6 +342,8 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
                        [[t.number, _STATE.get(t.state, t.state.name.lower()), _value(t, f.per_epoch),
                          *(_fmt(t.params[p]) if p in t.params else "" for p in params), _reason(t, f.per_epoch)]
                         for t in f.table()])
+    if link := f.experiment_link():
+        lines += [f"MLflow: the study's runs at <{link}> (`hpsearch ui {s.path}`)", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

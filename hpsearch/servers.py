@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from hpsearch.errors import HPSearchError
 from hpsearch.spec import Spec, mask_password, without_credentials
-from hpsearch.storage import CONNECT_TIMEOUT_S, driver_url
+from hpsearch.storage import CONNECT_TIMEOUT_S, checked_driver_url
 
 DEFAULT_HOST = "127.0.0.1"  # local only: neither UI asks for a password
 DASHBOARD_PORT = 8080  # optuna-dashboard's own default
@@ -52,7 +54,7 @@ def dashboard_command(spec: Spec, host: str = DEFAULT_HOST, port: int = DASHBOAR
 
     return ServerCommand([sys.executable, "-m", "hpsearch._dashboard", "--host", host, "--port", str(port),
                           "--artifact-dir", spec.artifacts_dir],
-                         {STORAGE_ENV: driver_url(spec.study.storage), **_connect_timeout()})
+                         {STORAGE_ENV: checked_driver_url(spec.study.storage, what="the Optuna storage"), **_connect_timeout()})
 
 
 def remote_ui_url(spec: Spec) -> str | None:
@@ -78,13 +80,38 @@ def ui_command(spec: Spec, host: str = DEFAULT_HOST, port: int = UI_PORT) -> Ser
         root = spec.tracking.artifact_root
         command += ["--default-artifact-root", Path(root).as_uri(), "--artifacts-destination", root]
     # `mlflow server --backend-store-uri` reads this variable when the option is not given.
-    return ServerCommand(command, {"MLFLOW_BACKEND_STORE_URI": spec.tracking.uri, **_connect_timeout()})
+    backend = checked_driver_url(spec.tracking.uri, what="the MLflow tracking URI")
+    return ServerCommand(command, {"MLFLOW_BACKEND_STORE_URI": backend, **_connect_timeout()})
 
 
 def _connect_timeout() -> dict[str, str]:
     """Return the variable that makes a server's PostgreSQL driver give up on a host that never answers."""
     # libpq reads it where the URL sets no connect_timeout; a value the user set is left alone.
     return {} if "PGCONNECT_TIMEOUT" in os.environ else {"PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S)}
+
+
+def study_page(spec: Spec, echo: Callable[[str], None]) -> Callable[[str], str]:
+    """Return what gives the MLflow UI page of the spec's study: its runs table, in the model-training view.
+
+    The experiment's id and the study's saved view are asked of the running server; before the
+    study's first run there is neither, and the answer is the server's own address.
+    """
+    from hpsearch.tracking import VIEW_TAG, experiment_url, study_view_id
+
+    def page(url: str) -> str:
+        query = urllib.parse.urlencode({"experiment_name": spec.tracking.experiment})
+        try:
+            with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=10) as r:
+                experiment = json.load(r)["experiment"]
+        except (OSError, ValueError, KeyError):  # 404: no such experiment yet
+            echo(f"the MLflow experiment {spec.tracking.experiment!r} is not in this store yet "
+                 f"(run `hpsearch run {spec.path}` first).")
+            return url
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        view = study_view_id(spec.study.name)
+        return experiment_url(url, experiment["experiment_id"], view if VIEW_TAG + view in tags else None)
+
+    return page
 
 
 def browser_url(host: str, port: int) -> str:
@@ -94,12 +121,14 @@ def browser_url(host: str, port: int) -> str:
 
 
 def serve(cmd: ServerCommand, url: str, echo: Callable[[str], None], *, host: str, port: int,
-          ready_path: str = "/", timeout: float = START_TIMEOUT_S) -> int:
+          ready_path: str = "/", timeout: float = START_TIMEOUT_S,
+          page: Callable[[str], str] | None = None) -> int:
     """Run ``cmd`` until Ctrl-C (or until it exits); return its exit code, 0 after Ctrl-C.
 
     Echoes ``url`` once ``url + ready_path`` answers, and only if it is this server that answers:
     a port already taken is refused before anything starts. The server runs in its own process
-    group, so stopping it also stops the workers it forked (gunicorn, uvicorn).
+    group, so stopping it also stops the workers it forked (gunicorn, uvicorn). With ``page``, the
+    address echoed is ``page(url)``: the page to open first, asked of the running server.
     """
     check_port_free(host, port)
     name = _name(cmd.argv)
@@ -120,7 +149,7 @@ def serve(cmd: ServerCommand, url: str, echo: Callable[[str], None], *, host: st
                                     "are above).")
             if not ready:
                 raise HPSearchError(f"{name} did not answer at {url} within {timeout:.0f} s.")
-            echo(f"open {url}  (Ctrl-C stops it)")
+            echo(f"open {page(url) if page else url}  (Ctrl-C stops it)")
             return process.wait()
         except KeyboardInterrupt:
             echo("stopping...")

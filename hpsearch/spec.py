@@ -241,6 +241,7 @@ class TrackingSpec:
     experiment: str = ""
     log_images_every: int = 1  # epochs between reconstruction grids (and always at the end)
     register_model: bool = True
+    system_metrics: bool = False  # MLflow's CPU/memory/GPU sampling on each trial run: a thread per worker
 
 
 @dataclass(frozen=True)
@@ -938,7 +939,7 @@ def _check_enqueued_layer(check: _Checker, where: str, index: int, m: Mapping[st
 
 def _parse_tracking(check: _Checker, raw: Any, study: StudySpec, tracking_uri: str | None,
                     runs: Path) -> TrackingSpec:
-    keys = ("enabled", "uri", "experiment", "log_images_every", "register_model")
+    keys = ("enabled", "uri", "experiment", "log_images_every", "register_model", "system_metrics")
     m = check.mapping(raw, "tracking", optional=keys)
     uri = tracking_uri or m.get("uri") or f"sqlite:///{runs / 'mlflow.db'}"
     uri = check_tracking_uri(check.string(uri, "tracking.uri"), where=f"{check.source}: tracking.uri")
@@ -950,6 +951,7 @@ def _parse_tracking(check: _Checker, raw: Any, study: StudySpec, tracking_uri: s
         experiment=check.string(m.get("experiment") or study.name, "tracking.experiment"),
         log_images_every=check.integer(m.get("log_images_every", 1), "tracking.log_images_every", low=1),
         register_model=check.boolean(m.get("register_model", True), "tracking.register_model"),
+        system_metrics=check.boolean(m.get("system_metrics", False), "tracking.system_metrics"),
     )
 
 

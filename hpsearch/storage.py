@@ -186,6 +186,37 @@ def shrink_sqlite(storage: RDBStorage) -> None:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
+# The pip package of each database driver SQLAlchemy may ask for, for the error message.
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                    "pymysql": "PyMySQL", "mysql": "mysql-connector-python", "asyncpg": "asyncpg"}
+
+
+def checked_driver_url(url: str, *, what: str) -> str:
+    """Return :func:`driver_url` of a database URL once its driver imports; raise StorageError naming it.
+
+    Without this, a missing driver shows up late and in another shape: as an import traceback in
+    optuna-dashboard, or, for an MLflow store, as warnings while nothing is recorded. ``what``
+    names the URL in the message ("the Optuna storage", "the MLflow tracking URI").
+    """
+    url = driver_url(url)
+    if "://" not in url or url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql"):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        module = exc.name or str(exc)
+        package = _DRIVER_PACKAGES.get(module.split(".", 1)[0], module)
+        raise StorageError(
+            f"{what} {mask_password(url)} needs the Python database driver {module!r}, which is not installed "
+            f"here ({exc}). Install it (pip install '{package}'), or name an installed driver in the URL: "
+            "postgresql://... and postgresql+psycopg2://... use psycopg2, which hpsearch installs.") from None
+    except Exception:  # noqa: BLE001, S110 - a malformed URL: whoever opens it says what is wrong
+        pass
+    return url
+
+
 # --------------------------------------------------------------------------- a storage that waits
 
 
@@ -338,7 +369,7 @@ def make_storage(
     warn: Warn | None = None,
 ) -> ResilientStorage:
     """Return a storage on the study's URL with heartbeats that rides out outages, or raise StorageError."""
-    url = driver_url(url or study.storage)
+    url = checked_driver_url(url or study.storage, what="the Optuna storage")
     for attempt in range(_OPEN_TRIES):
         try:
             with opening(url, warn):

@@ -32,19 +32,21 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import insights, refit, space, stopping, warmstart
-from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
+from hpsearch.data import Provenance, SearchData, Split, load_search_data, load_test_split
 from hpsearch.errors import DataError, HPSearchError, SpecError, StorageError
+from hpsearch.insights import VIEW_ATTR
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.refit import Refit
-from hpsearch.spec import PrunerSpec, Spec, hide_secrets, mask_password, spec_from_dict
+from hpsearch.spec import STATIC_METRICS, PrunerSpec, Spec, hide_secrets, mask_password, spec_from_dict
 from hpsearch.storage import (claim, claims, disk_full_cause, disk_full_error, fail_stale_trials, make_storage,
                               rdb, read_claim, release_claim, shrink_sqlite, swap_claim)
 from hpsearch.tasks import input_stats
-from hpsearch.tracking import Tracker
+from hpsearch.tracking import DatasetRecord, Tracker, check_store
 from hpsearch.trials import (DATA_ATTR, FINGERPRINT_ATTR, REPORTS_ATTR, SPEC_ATTR, Counts, auto_reports_per_epoch,
                              count, reports_per_epoch)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+EXPERIMENT_ATTR = "mlflow_experiment_id"
 TEST_ATTR = "hpsearch.test"
 WORKER_ATTR = "worker"  # host:pid of the worker that ran a trial
 SAMPLER_STREAM_ATTR = "sampler_stream"  # the sampler stream a trial was drawn from (see claim_sampler_stream)
@@ -215,9 +217,9 @@ def _load_existing(storage_url: str, study_name: str) -> optuna.Study:
 
 
 def _plain_storage(url: str) -> optuna.storages.RDBStorage:
-    from hpsearch.storage import driver_url, engine_kwargs, opening
+    from hpsearch.storage import checked_driver_url, engine_kwargs, opening
 
-    url = driver_url(url)
+    url = checked_driver_url(url, what="the Optuna storage")
     try:
         with opening(url):
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
@@ -251,6 +253,7 @@ class WorkerSetup:
     reference: torch.nn.Module | None = None
     reports_per_epoch: int = 1  # the study's (trials.REPORTS_ATTR)
     notes: list[str] = field(default_factory=list)
+    datasets: list[DatasetRecord] = field(default_factory=list)  # the training and validation splits, for MLflow
 
 
 def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, threads: int | None = None,
@@ -283,18 +286,18 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
     per_epoch = _reports_per_epoch(spec, study, len(data.train))
     study.pruner = make_pruner(spec.study.pruner, reports_per_epoch=per_epoch)
     data = data.to(dev)
-    tracker, parent = None, None
+    tracker, parent, datasets = None, None, []
     if spec.tracking.enabled:
         tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
                           warn=warn)
+        datasets = dataset_records(data.provenance, {"training": data.train, "validation": data.val})
         parent = tracker.study_run(spec.study.name, params=_flat_spec_params(spec, data),
                                    tags={"hpsearch.study": spec.study.name,
                                          "optuna.storage": mask_password(spec.study.storage),
                                          "hpsearch.fingerprint": spec.fingerprint()})
-        if parent and study.user_attrs.get(PARENT_RUN_ATTR) != parent:
-            study.set_user_attr(PARENT_RUN_ATTR, parent)
-            if tracker.experiment_id:
-                study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+        if parent:
+            tracker.log_datasets(parent, datasets)  # logged once: MLflow keeps one input per dataset and run
+            _link_experiment(spec, study, tracker, parent)
     reference = None
     if spec.task.type == "inpaint":
         from hpsearch.tasks import load_or_train_reference
@@ -302,7 +305,7 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
         reference = load_or_train_reference(data, Path(spec.cache_dir), device=dev)
     return WorkerSetup(device=dev, threads=n_threads, data=data, tracker=tracker, parent_run_id=parent,
                        input_stats=input_stats(data.mean, data.std, standardise=spec.task.normalize),
-                       reference=reference, reports_per_epoch=per_epoch)
+                       reference=reference, reports_per_epoch=per_epoch, datasets=datasets)
 
 
 def _reports_per_epoch(spec: Spec, study: optuna.Study, n_train: int) -> int:
@@ -316,6 +319,36 @@ def _reports_per_epoch(spec: Spec, study: optuna.Study, n_train: int) -> int:
         per_epoch = spec.task.reports_per_epoch or auto_reports_per_epoch(n_train)
     study.set_user_attr(REPORTS_ATTR, per_epoch)
     return per_epoch
+
+def _link_experiment(spec: Spec, study: optuna.Study, tracker: Tracker, parent: str) -> None:
+    """Store where the study is in MLflow (parent run, experiment, the saved view of its runs) on the study."""
+    primary = spec.study.metrics[0]
+    view = tracker.study_view(
+        spec.study.name, order_by=primary.name, ascending=primary.direction == "minimize",
+        metrics=[m.name for m in spec.study.metrics if m.name not in STATIC_METRICS] + [test_metric(primary.name)],
+        params=[p.name for p in spec.space if p.type != "fixed" and not p.per_layer])
+    attrs = {PARENT_RUN_ATTR: parent, EXPERIMENT_ATTR: tracker.experiment_id, VIEW_ATTR: view}
+    for key, value in attrs.items():
+        if value and study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+
+
+def test_metric(name: str) -> str:
+    """Return the name the test split's measure of validation metric ``name`` is logged under."""
+    return "test_" + name[4:] if name.startswith("val_") else "test_" + name
+
+
+def dataset_records(provenance: Provenance, splits: dict[str, Split]) -> list[DatasetRecord]:
+    """Return the MLflow dataset inputs of ``splits`` ({context: split}): name, content digest, source, sizes.
+
+    A fallback dataset says so in its name, so the UI's Dataset column shows it at a glance.
+    """
+    name = f"{provenance.name} (fallback for {provenance.requested})" if provenance.fallback else provenance.name
+    sizes = {"train": provenance.n_train, "validation": provenance.n_val, "test": provenance.n_test}
+    return [DatasetRecord(name=name, digest=split.digest(), source=provenance.source, context=context,
+                          profile={"rows": len(split), **sizes, "dataset_sha256": provenance.sha256,
+                                   "requested": provenance.requested, "fallback": provenance.fallback})
+            for context, split in splits.items()]
 
 
 def _check_fits_images(spec: Spec, data: SearchData) -> None:
@@ -385,7 +418,8 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
                        artifact_store=_TidyArtifactStore(_artifacts_dir(spec)),
-                       reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn)
+                       reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn,
+                       datasets=setup.datasets)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
     stopped = False
@@ -728,7 +762,7 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_re
     with on_stop_signals(interrupt), _finish_claim(study, best.number, warn) as done:
         if done is not None:
             return done
-        model, test_metrics, example, n_test, refitted = _test_model(
+        model, test_metrics, example, n_test, refitted, test_data = _test_model(
             spec, study, best, device, use_refit=spec.study.refit.enabled if use_refit is None else use_refit)
         result: dict[str, Any] = {"trial": best.number, "metrics": test_metrics, "params": best.params,
                                   "values": best.values, "n_test": n_test}
@@ -740,15 +774,18 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_re
                 tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
                                   artifact_root=spec.tracking.artifact_root, warn=warn)
                 track_late(study, tracker, study.user_attrs.get(PARENT_RUN_ATTR))
-                result.update(_record_test(spec, study, tracker, best, model, test_metrics, example, refitted))
+                result.update(_record_test(spec, study, tracker, best, model, test_metrics, example, refitted,
+                                           test_data))
             study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
     insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True, warn=warn)
     return result
 
 
 def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str | None, *,
-                use_refit: bool) -> tuple[torch.nn.Module, dict[str, float], Any, int, Refit | None]:
-    """Return the final model, its test metrics, an input example, the test split's size and the refit (or None).
+                use_refit: bool) -> tuple[torch.nn.Module, dict[str, float], Any, int, Refit | None,
+                                          list[DatasetRecord]]:
+    """Return the final model, its test metrics, an input example, the test split's size, the refit (or None)
+    and the test split as an MLflow dataset input.
 
     The final model is the best trial's configuration refit on training + validation data
     (:mod:`hpsearch.refit`) when ``use_refit``, else the best trial's own saved model.
@@ -787,13 +824,14 @@ def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str 
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,
                            noise_kind=spec.task.noise.kind, reference=reference)
     metrics = evaluate(model, test, task, mean=mean, std=std, device=dev)
-    test_metrics = {("test_" + k[4:] if k.startswith("val_") else "test_" + k): v for k, v in metrics.items()}
+    test_metrics = {test_metric(k): v for k, v in metrics.items()}
     example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
-    return model, test_metrics, example, len(test), refitted
+    return model, test_metrics, example, len(test), refitted, dataset_records(provenance, {"test": test})
 
 
 def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: FrozenTrial, model: torch.nn.Module,
-                 test_metrics: dict[str, float], example: Any, refitted: Refit | None) -> dict[str, Any]:
+                 test_metrics: dict[str, float], example: Any, refitted: Refit | None,
+                 test_data: list[DatasetRecord]) -> dict[str, Any]:
     """Log the test metrics and the model, register it; return what to add to the result.
 
     The test metrics go on the study's parent run. The model goes on the refit's own run (a child
@@ -819,6 +857,10 @@ def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: Frozen
             model_run = out["refit_run_id"] = run_id
     version = tracker.log_model(model_run, model.cpu(), input_example=example,
                                 registered_name=spec.study.name if spec.tracking.register_model else None)
+    for run_id in dict.fromkeys((parent, model_run)):  # the study's run, and the refit's that was tested
+        tracker.log_datasets(run_id, test_data)
+    if version:
+        out["champion"] = _crown(spec, study, tracker, version, best, test_metrics, test_data[0].digest)
     if refitted is not None and model_run != parent:
         tracker.end_run(model_run, "FINISHED")
     return {**out, "model_version": version, "registered_model": spec.study.name if version else None,
@@ -917,6 +959,21 @@ def _search_data(spec: Spec, provenance: Provenance) -> SearchData:
     """Return the study's training and validation splits again, as its trials had them."""
     return load_search_data(provenance.name, data_dir=spec.task.data_dir, val_fraction=spec.task.val_fraction,
                             seed=spec.study.seed, train_limit=spec.task.train_limit)
+
+
+def _crown(spec: Spec, study: optuna.Study, tracker: Tracker, version: str, best: FrozenTrial,
+           test_metrics: dict[str, float], test_digest: str) -> str | None:
+    """Tag the registered version with where it comes from and give it the champion alias if it is the best."""
+    from hpsearch.tracking import VERSION_METRIC_TAG
+
+    primary = spec.study.metrics[0]
+    data = study.user_attrs.get(DATA_ATTR) or {}
+    tags = {"hpsearch.study": spec.study.name, "hpsearch.trial": str(best.number),
+            "hpsearch.data_sha256": str(data.get("sha256")), "hpsearch.data": str(data.get("name")),
+            **{f"{VERSION_METRIC_TAG}{m.name}": f"{v:.8g}" for m, v in zip(spec.study.metrics, best.values)},
+            **{f"{VERSION_METRIC_TAG}{k}": f"{v:.8g}" for k, v in test_metrics.items()}}
+    return tracker.crown(spec.study.name, version, tags=tags, metric=test_metric(primary.name),
+                         maximize=primary.direction == "maximize", data=test_digest)
 
 
 def _cached_reference(spec: Spec, provenance: Provenance, device: torch.device) -> torch.nn.Module:

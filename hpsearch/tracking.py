@@ -18,6 +18,7 @@ default waits for the disk on every commit, and a trial makes several.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -27,12 +28,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 from hpsearch.errors import StorageError
 from hpsearch.spec import hide_secrets, mask_password, without_credentials
-from hpsearch.storage import CONNECT_TIMEOUT_S, announced_wait
+from hpsearch.storage import CONNECT_TIMEOUT_S, announced_wait, checked_driver_url
 
 try:
     import fcntl
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-__all__ = ["Tracker", "check_uri"]
+__all__ = ["DatasetRecord", "Tracker", "check_uri", "experiment_url", "run_page_url"]
 
 T = TypeVar("T")
 
@@ -56,6 +59,20 @@ ROLE_TAG = "hpsearch.role"  # "study" or "trial": tells the parent run apart fro
 TRIAL_TAG = "hpsearch.trial"  # the Optuna trial number of a child run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows trial runs under the study's run
 NONFINITE_TAG = "hpsearch.nonfinite_"  # + metric name: the last NaN/inf value that was not logged, and its step
+# MLflow 3's UI says what an experiment is for with this tag; "custom_model_development" is its
+# "Machine learning" kind (the GenAI kinds open on traces). The 3.17 UI decides the view from the
+# page address instead (TRAINING_VIEW), but reads the tag where its workflow switch is off.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# The MLflow UI's own query: open the model-training view (the runs table), not the GenAI one.
+TRAINING_VIEW = "workflowType=machine_learning"
+# Saved views of the runs table live in experiment tags with this prefix (the UI's "Views" menu);
+# `viewStateShareKey=<id>` in the address opens one.
+VIEW_TAG = "mlflow.sharedViewState."
+CHAMPION = "champion"  # the registered model alias of the best tested version (see Tracker.crown)
+VERSION_METRIC_TAG = "hpsearch."  # + metric name (val_..., test_...): a registered version's measures
+RANKED_TAG = "hpsearch.ranked_by"  # the test metric versions are compared on for the alias...
+DIRECTION_TAG = "hpsearch.direction"  # ...which way is better...
+DATA_TAG = "hpsearch.test_data"  # ...and the content hash of the test split it was measured on
 
 _SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql")
 _URI_RULE = ("an MLflow tracking URI must be sqlite:///path/mlflow.db, file:///dir, http(s)://host[:port], "
@@ -99,6 +116,46 @@ def check_uri(uri: str) -> None:
         raise bad
 
 
+def check_store(uri: str) -> str:
+    """Return the URI to give MLflow for ``uri``: checked, and a database URL with an installed driver.
+
+    Raises StorageError for a malformed URI, or one whose database driver is not installed (MLflow
+    would otherwise fail on every call, and a study would record nothing but warnings).
+    """
+    check_uri(uri)
+    return checked_driver_url(uri, what="the MLflow tracking URI")
+
+
+def experiment_url(ui_url: str, experiment_id: str, view: str | None = None) -> str:
+    """Return the MLflow UI page of an experiment's runs table, in the model-training view.
+
+    With ``view``, the page opens that saved view of the table (see :meth:`Tracker.study_view`).
+    """
+    query = TRAINING_VIEW + (f"&viewStateShareKey={quote(view, safe='')}" if view else "")
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def study_view_id(study_name: str) -> str:
+    """Return the id of a study's saved view of the runs table (see :meth:`Tracker.study_view`)."""
+    return f"hpsearch-{study_name}"
+
+
+def run_page_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    """Return the MLflow UI page of one run, in the model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One split of the data as an MLflow dataset input: what a run trained, validated or tested on."""
+
+    name: str  # the dataset's name; a fallback says so in it
+    digest: str  # content hash of the split's images and labels
+    source: str  # where it was read: a folder, a URL, or a package
+    context: str  # "training", "validation" or "test" (MLflow's mlflow.data.context)
+    profile: Mapping[str, Any] = field(default_factory=dict)  # sizes and provenance, shown on the run page
+
+
 class Tracker:
     """Records a study and its trials in MLflow; store failures become warnings, never exceptions.
 
@@ -110,8 +167,8 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, *, artifact_root: str | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
-        check_uri(uri)
         self.uri = uri
+        self._store_uri = check_store(uri)  # what MLflow is given: a database URL with an installed driver
         self.experiment_name = experiment
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
         self._remote = scheme in ("http", "https")
@@ -127,6 +184,7 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self.failures = 0  # calls that failed so far: a caller tells whether its records reached the store
+        self._monitors: dict[str, Any] = {}  # run id -> its running system metrics monitor
 
     # ------------------------------------------------------------------ plumbing
 
@@ -162,9 +220,9 @@ class Tracker:
         if self._client is None:
             from mlflow import MlflowClient
 
-            with _schema_lock(self.uri):
-                client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-                _tune_sqlite(self.uri, client)
+            with _schema_lock(self._store_uri):
+                client = MlflowClient(tracking_uri=self._store_uri, registry_uri=self._store_uri)
+                _tune_sqlite(self._store_uri, client)
                 self._client = client
         return self._client
 
@@ -190,7 +248,8 @@ class Tracker:
         if found is None:
             location = Path(self.artifact_root).resolve().as_uri() if self.artifact_root else None
             try:
-                return str(client.create_experiment(self.experiment_name, artifact_location=location))
+                return str(client.create_experiment(self.experiment_name, artifact_location=location,
+                                                    tags={KIND_TAG: MODEL_TRAINING}))
             except Exception:
                 # Another process created it between our look and our create: use theirs.
                 found = client.get_experiment_by_name(self.experiment_name)
@@ -200,6 +259,8 @@ class Tracker:
             client.restore_experiment(found.experiment_id)
             self._warn_once(f"warning: the MLflow experiment {self.experiment_name!r} in {self._shown} had been "
                             "deleted; restored it to record this study.")
+        if KIND_TAG not in found.tags:  # made before hpsearch set it, or by someone else: say what it holds
+            client.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
         return str(found.experiment_id)
 
     def _search(self, client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
@@ -331,17 +392,55 @@ class Tracker:
         """Return the run's page on the MLflow server for an http(s) URI, else None."""
         if not self._remote or self.experiment_id is None:
             return None
-        return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return run_page_url(without_credentials(self.uri), self.experiment_id, run_id)
 
     def end_run(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None,
                 epochs: Sequence[tuple[int, int, Mapping[str, float]]] = ()) -> None:
         """Close a run as FINISHED, FAILED or KILLED, first logging the ``epochs`` not logged yet (see
-        :meth:`log_epochs`) and tags that say why (hpsearch.state=...), in one batch."""
+        :meth:`log_epochs`) and tags that say why (hpsearch.state=...), in one batch. A system metrics
+        monitor on the run (:meth:`monitor_system`) is stopped first, with its last samples logged."""
+        self._stop_monitor(run_id)
         if epochs or tags:
             self._call("log a run's last metrics and tags",
                        lambda client: _log_epochs(client, run_id, epochs, tags=tags or {}))
         # Apart: a batch MLflow refuses must not leave the run RUNNING.
         self._call(f"end a run as {status}", lambda client: client.set_terminated(run_id, status))
+
+    # ------------------------------------------------------------------ what a person opens first
+
+    def study_view(self, study_name: str, *, order_by: str, ascending: bool, metrics: Sequence[str],
+                   params: Sequence[str]) -> str | None:
+        """Return the id of the study's saved view of the runs table, saved in the experiment if new or changed.
+
+        The MLflow UI cannot open a parent run expanded, so the view lists the study's runs flat:
+        its trials best first by the metric ``order_by`` (then the parent run, which has no such
+        metric), with ``metrics`` and ``params`` as the first columns. It is written as the UI's own
+        "Views" menu writes one (an experiment tag ``mlflow.sharedViewState.<id>``), so it is listed
+        there too, and :func:`experiment_url` with ``view=`` opens it.
+        """
+        exp = self.experiment_id
+        if exp is None:
+            return None
+        view_id = study_view_id(study_name)
+        columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in params]
+        state = {"searchFilter": f"tags.`{STUDY_TAG}` = {_quote(study_name)}",
+                 "orderByKey": f"metrics.`{order_by}`", "orderByAsc": ascending,
+                 "selectedColumns": [*columns, "attributes.`Dataset`", "attributes.`Models`"],
+                 "columnOrder": columns}
+
+        def save(client: MlflowClient) -> str:
+            key = VIEW_TAG + view_id
+            saved = client.get_experiment(exp).tags.get(key)
+            with contextlib.suppress(Exception):
+                if saved and json.loads(json.loads(saved)["state"]) == state:
+                    return view_id  # every worker asks; the first one wrote it
+            now = int(time.time() * 1000)
+            client.set_experiment_tag(exp, key, json.dumps({
+                "name": f"hpsearch: study {study_name}, best {order_by} first", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(state)}))
+            return view_id
+
+        return self._call("save the study's view of the runs table", save)
 
     # ------------------------------------------------------------------ values
 
@@ -370,6 +469,88 @@ class Tracker:
 
         self._call("set tags", lambda client: _log_batch(
             client, run_id, tags=[RunTag(k, v) for k, v in _strings(tags).items()]))
+
+    def log_datasets(self, run_id: str, datasets: Sequence[DatasetRecord]) -> None:
+        """Log the data a run used as MLflow dataset inputs, each with its context (training, validation, test).
+
+        Only a description is stored (name, digest, source, sizes), never the data: the UI's Dataset
+        column and the run page show it, and runs can be searched by it.
+        """
+        def log(client: MlflowClient) -> None:
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            client.log_inputs(run_id, datasets=[
+                DatasetInput(_dataset_entity(d), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d.context)])
+                for d in datasets])
+
+        self._call("log the datasets", log)
+
+    def monitor_system(self, run_id: str, *, interval_s: float = 10.0) -> None:
+        """Log MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml is installed) on the run.
+
+        Sampled every ``interval_s`` seconds (MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins)
+        until :meth:`end_run`, which logs the samples of a run shorter than one interval too.
+        """
+        def start(client: MlflowClient) -> None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self._store_uri)
+            monitor.start()
+            self._monitors[run_id] = monitor
+
+        self._call("start logging system metrics (they need psutil)", start)
+
+    def _stop_monitor(self, run_id: str) -> None:
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is None:
+            return
+
+        def stop(client: MlflowClient) -> None:
+            monitor.finish()
+            if monitor._logging_step == 0:  # shorter than one interval: one point from what was sampled
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+
+        self._call("log the last system metrics", stop)
+
+    # ------------------------------------------------------------------ the registry
+
+    def crown(self, name: str, version: str, *, tags: Mapping[str, str], metric: str, maximize: bool,
+              data: str) -> str | None:
+        """Tag a registered model version and give it the alias ``champion`` if it beats the holder.
+
+        The version is compared on ``metric`` (a test metric, higher is better when ``maximize``)
+        with every version that recorded the same metric on the same ``data`` (the test split's
+        hash), and takes the alias only when it is strictly better than all of them and than the
+        version holding the alias. Test results on other data say nothing about each other, so a
+        holder tested on other data (or without hpsearch's tags, e.g. set by hand) keeps the alias.
+        Returns a one-line account of the decision, or None when the registry failed.
+        """
+
+        def decide(client: MlflowClient) -> str:
+            for key, text in {**tags, RANKED_TAG: metric, DIRECTION_TAG: "maximize" if maximize else "minimize",
+                              DATA_TAG: data}.items():
+                client.set_model_version_tag(name, version, key, text)
+            aliases = client.get_registered_model(name).aliases  # {alias: version}
+            holder = client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
+            kept = f"{CHAMPION} stays on version {holder.version}" if holder else f"no version is {CHAMPION}"
+            if holder is not None and str(holder.version) != str(version) \
+                    and not _comparable(holder.tags, metric, maximize, data):
+                return (f"{kept}: it was not tested on the same data by {metric}, so this version cannot be "
+                        "compared with it (move the alias with MlflowClient.set_registered_model_alias)")
+            new = float(tags[f"{VERSION_METRIC_TAG}{metric}"])
+            rivals = [(float(v.tags[f"{VERSION_METRIC_TAG}{metric}"]), str(v.version))
+                      for v in client.search_model_versions(f"name = {_quote(name)}")
+                      if str(v.version) != str(version) and _comparable(v.tags, metric, maximize, data)]
+            best = (max if maximize else min)(rivals, default=None)
+            if best is not None and not _beats(new, best[0], maximize):
+                return f"{kept}: version {best[1]} has {metric} {best[0]:.5g}, this one {new:.5g}"
+            client.set_registered_model_alias(name, CHAMPION, version)
+            return f"{CHAMPION} (models:/{name}@{CHAMPION}): the best {metric} of its versions, {new:.5g}"
+
+        return self._call(f"tag version {version} of the registered model {name!r}", decide)
 
     # ------------------------------------------------------------------ artifacts
 
@@ -432,7 +613,7 @@ class Tracker:
             # experiment; the URIs are set for the call only (see _process_uris).
             experiment_id = client.get_run(run_id).info.experiment_id
             logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
-            with _process_uris(self.uri):
+            with _process_uris(self._store_uri):
                 info = mlflow.pytorch.log_model(
                     model, name="model", model_id=logged.model_id, run_id=run_id, signature=signature,
                     input_example=example, registered_model_name=registered_name,
@@ -461,6 +642,38 @@ def _reason(exc: BaseException, uri: str) -> str:
     if request and cause:
         text = f"API request to {request.group(1)} failed: {cause.group(0).strip()}"
     return hide_secrets(text, uri)[:300]  # masked first: a cut must not leave half a password
+
+
+def _comparable(tags: Mapping[str, str], metric: str, maximize: bool, data: str) -> bool:
+    """Return whether a version's tags hold ``metric``, measured the same way on the same test data."""
+    try:
+        float(tags[f"{VERSION_METRIC_TAG}{metric}"])
+    except (KeyError, ValueError):
+        return False
+    return tags.get(RANKED_TAG) == metric and tags.get(DATA_TAG) == data \
+        and tags.get(DIRECTION_TAG) == ("maximize" if maximize else "minimize")
+
+
+def _beats(value: float, other: float, maximize: bool) -> bool:
+    return value > other if maximize else value < other
+
+
+def _dataset_entity(record: DatasetRecord) -> Any:
+    """Return the MLflow Dataset entity describing ``record`` (its source typed as MLflow's data sources are)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.entities import Dataset
+
+    source: Any = CodeDatasetSource({"source": record.source})  # a package that ships the data
+    if record.source.startswith(("http://", "https://")):
+        source = HTTPDatasetSource(record.source)
+    elif record.source.startswith("/"):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with contextlib.suppress(Exception):  # no local source registered: the code source above
+            source = resolve_dataset_source(Path(record.source).as_uri())
+    return Dataset(name=record.name, digest=record.digest, source_type=source._get_source_type(),
+                   source=source.to_json(), profile=json.dumps(dict(record.profile)))
 
 
 def _quote(value: str) -> str:
