@@ -305,3 +305,86 @@ def test_serve_answers_then_stops_with_its_server(seen: Built, signum: int) -> N
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.slow
+def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: Path) -> None:
+    """After a tiny real study, the page `hpsearch ui` prints shows the runs table first: every trial
+    run (a child of the study's parent run) with its validation accuracy, best first; a trial's image
+    is a click away."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import expect, sync_playwright
+
+    from hpsearch.tracking import experiment_url
+
+    from .test_tracking import run_cli, tiny_spec
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    runs_dir = tmp_path / "runs"
+    spec_path = tiny_spec(tmp_path)
+    assert run_cli("run", str(spec_path), "--runs-dir", str(runs_dir)).exit_code == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("tiny").experiment_id
+    runs = client.search_runs([experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["hpsearch.role"] == "study"]
+    trials = [r for r in runs if r.data.tags["hpsearch.role"] == "trial"]
+    assert len(trials) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "hpsearch", "ui", str(spec_path), "--port", str(port),
+                                "--runs-dir", str(runs_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, **_QUIET}, start_new_session=True)
+    shots = []
+    try:
+        lines = []
+        deadline = time.monotonic() + servers.START_TIMEOUT_S + 30
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith("open ")):
+            lines.append(process.stdout.readline())
+            assert lines[-1] or process.poll() is None, "".join(lines)
+        printed = lines[-1].split()[1]
+        assert printed == experiment_url(f"http://127.0.0.1:{port}", experiment_id, "hpsearch-tiny"), lines
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.goto(printed)  # exactly what `hpsearch ui` printed
+                # 1. The first page is the model-training runs table: every run of the study, the
+                #    trials best first, with their validation accuracy as a column.
+                def row_link(run: Any) -> Any:
+                    return page.locator(f'[role=row] a[href$="/runs/{run.info.run_id}"]').first
+
+                for run in trials + [parent]:
+                    expect(row_link(run)).to_have_text(run.info.run_name, timeout=UI_TIMEOUT_MS)
+                expect(page.locator('[role=columnheader][col-id="metrics.`val_accuracy`"]')).to_be_visible()
+                shots.append(SHOTS / "mlflow-ui-first-page.png")
+                SHOTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=shots[-1])
+                shown = page.eval_on_selector_all(
+                    '[role=row][row-id] [col-id="metrics.`val_accuracy`"]',
+                    "cells => cells.map(c => [c.closest('[role=row]').getAttribute('row-id'),"
+                    " Number(c.closest('[role=row]').getAttribute('row-index')), c.innerText.trim()])")
+                order = [run_id for run_id, _, _ in sorted(shown, key=lambda cell: cell[1])]
+                values = {run_id: text for run_id, _, text in shown}
+                best_first = sorted(trials, key=lambda r: -r.data.metrics["val_accuracy"])
+                assert order == [r.info.run_id for r in best_first] + [parent.info.run_id]
+                for run in trials:
+                    assert float(values[run.info.run_id]) == pytest.approx(run.data.metrics["val_accuracy"])
+                assert values[parent.info.run_id] == "-"  # the study's run has test metrics only
+                expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()  # not GenAI's overview
+
+                # 2. A trial's image, from its row: its run page, then its artifacts. (MLflow 3.17's row
+                #    links drop the model-training view, so the run page shows GenAI's side bar.)
+                row_link(best_first[0]).click()
+                page.get_by_role("tab", name="Artifacts").click(timeout=UI_TIMEOUT_MS)
+                page.get_by_text("images", exact=True).click(timeout=UI_TIMEOUT_MS)
+                page.get_by_text("confusion_matrix.png", exact=True).click()
+                _wait_image(page, 'img[src^="blob:"]')
+                shots.append(SHOTS / "mlflow-ui-trial-image.png")
+                page.screenshot(path=shots[-1])
+            finally:
+                browser.close()
+        print("screenshots:", *shots)
+    finally:
+        servers.stop(process)
