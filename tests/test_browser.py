@@ -60,6 +60,17 @@ def test_ui_command_serves_the_local_store_and_its_artifacts(tmp_path: Path) -> 
     assert servers.remote_ui_url(spec) is None
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:pw@db:5432/x", "postgresql+psycopg2://u:pw@db:5432/x"])
+def test_server_command_lines_name_an_installed_postgresql_driver(tmp_path: Path, url: str) -> None:
+    # SQLAlchemy reads postgresql:// as psycopg (3), which is not installed: the servers get psycopg2's form.
+    raw = {"study": {"name": "s", "storage": url}, "task": {"type": "classify", "dataset": "digits"},
+           "model": {"family": "mlp"}, "tracking": {"uri": url}}
+    spec = parse_spec(raw, source="s.yaml", runs_dir=tmp_path)
+    assert servers.dashboard_command(spec)[1] == "postgresql+psycopg2://u:pw@db:5432/x"
+    cmd = servers.ui_command(spec)
+    assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql+psycopg2://u:pw@db:5432/x"
+
+
 @pytest.mark.parametrize("tracking, message", [
     ({"uri": "http://mlflow.example:5000/"}, "open it there"),
     ({"enabled": False}, "tracking.enabled is false"),

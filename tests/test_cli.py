@@ -3,6 +3,7 @@ MLflow store are read back through their own APIs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -12,6 +13,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from hpsearch.cli import cli
+
+from .servers import postgres_url  # noqa: F401  (a fixture)
 
 SMALL = {
     "study": {
@@ -137,3 +140,62 @@ def test_normalize_false_tests_the_model_on_the_inputs_it_was_trained_on(tmp_pat
     # Trained on standardised pixels and tested on raw ones, the model lost ~0.12 (0.90 -> 0.78);
     # on the inputs it was trained on, test and validation agree to a few points.
     assert val > 0.8 and abs(test - val) < 0.06, (val, test)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg2"])
+def test_every_command_takes_the_documented_postgresql_url_forms(scheme: str, postgres_url: str,
+                                                                  tmp_path: Path) -> None:
+    """The URL forms docs/spec.md documents work as the Optuna storage and as the MLflow tracking URI,
+    for run, status, cleanup, worker, report and dashboard (psycopg (3), SQLAlchemy's default
+    driver for postgresql://, is not installed: hpsearch uses psycopg2)."""
+    import subprocess
+    import sys
+    import urllib.request
+    import uuid
+
+    from hpsearch import servers
+
+    from .servers import free_port, with_database
+    from .test_tracking import run_cli, tiny_spec
+
+    storage = f"{scheme}://{postgres_url.split('://', 1)[1]}"
+    tracking = with_database(storage, "mlflow")  # MLflow's own database: both keep `alembic_version`
+    name = f"urls-{uuid.uuid4().hex[:8]}"
+    spec = str(tiny_spec(tmp_path, name, tracking={"experiment": name}))
+    stores = ["--storage", storage, "--tracking-uri", tracking, "--runs-dir", str(tmp_path / "runs")]
+
+    result = run_cli("run", spec, *stores)
+    assert result.exit_code == 0, result.output
+    assert f"Registered model: {name} version 1" in result.output
+    # The MLflow store holds the study: its parent run and both trial runs, and the model.
+    client = MlflowClient(with_database(postgres_url, "mlflow"))
+    experiment = client.get_experiment_by_name(name)
+    assert len(client.search_runs([experiment.experiment_id])) == 3
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+    status = run_cli("status", spec, *stores)
+    assert status.exit_code == 0 and "2" in status.output, status.output
+    cleanup = run_cli("cleanup", spec, *stores)
+    assert cleanup.exit_code == 0 and "no stale trials" in cleanup.output, cleanup.output
+    worker = run_cli("worker", "--storage", storage, "--study", name, "--tracking-uri", tracking,
+                     "--runs-dir", str(tmp_path / "runs"), "--quiet")
+    assert worker.exit_code == 0, worker.output
+    report = run_cli("report", spec, *stores, "--out", str(tmp_path / "report"))
+    assert report.exit_code == 0, report.output
+    assert "Test split" in (tmp_path / "report" / "summary.md").read_text()
+
+    port = free_port()
+    dashboard = subprocess.Popen([sys.executable, "-m", "hpsearch", "dashboard", spec, "--storage", storage,
+                                  "--runs-dir", str(tmp_path / "runs"), "--port", str(port)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+    try:
+        lines: list[str] = []  # "starting: ...", the server's own lines, then "open ..." once it answers
+        while not (lines and lines[-1].startswith("open ")) and (not lines or lines[-1]):
+            lines.append(dashboard.stdout.readline())
+        assert lines[-1].startswith(f"open http://127.0.0.1:{port}"), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
+            assert name in {s["study_name"] for s in json.load(response)["study_summaries"]}
+    finally:
+        servers.stop(dashboard)
