@@ -103,9 +103,11 @@ def study_page(spec: Spec, echo: Callable[[str], None]) -> Callable[[str], str]:
         try:
             with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=10) as r:
                 experiment = json.load(r)["experiment"]
-        except (OSError, ValueError, KeyError):  # 404: no such experiment yet
-            echo(f"the MLflow experiment {spec.tracking.experiment!r} is not in this store yet "
-                 f"(run `hpsearch run {spec.path}` first).")
+        except (OSError, ValueError, KeyError) as exc:
+            missing = isinstance(exc, urllib.error.HTTPError) and exc.code == 404
+            echo(f"the MLflow experiment {spec.tracking.experiment!r} is not in this store yet (run `hpsearch run "
+                 f"{spec.path}` first)." if missing else f"could not look up the MLflow experiment "
+                 f"{spec.tracking.experiment!r} on the server ({exc}); showing the server's first page.")
             return url
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         view = study_view_id(spec.study.name)
