@@ -171,7 +171,8 @@ def test_every_command_takes_the_documented_postgresql_url_forms(scheme: str, po
     # The MLflow store holds the study: its parent run and both trial runs, and the model.
     client = MlflowClient(with_database(postgres_url, "mlflow"))
     experiment = client.get_experiment_by_name(name)
-    assert len(client.search_runs([experiment.experiment_id])) == 3
+    roles = [r.data.tags.get("hpsearch.role") for r in client.search_runs([experiment.experiment_id])]
+    assert (roles.count("study"), roles.count("trial")) == (1, 2), roles
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     status = run_cli("status", spec, *stores)
