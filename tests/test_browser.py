@@ -66,9 +66,10 @@ def test_server_command_lines_name_an_installed_postgresql_driver(tmp_path: Path
     raw = {"study": {"name": "s", "storage": url}, "task": {"type": "classify", "dataset": "digits"},
            "model": {"family": "mlp"}, "tracking": {"uri": url}}
     spec = parse_spec(raw, source="s.yaml", runs_dir=tmp_path)
-    assert servers.dashboard_command(spec)[1] == "postgresql+psycopg2://u:pw@db:5432/x"
-    cmd = servers.ui_command(spec)
-    assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql+psycopg2://u:pw@db:5432/x"
+    from hpsearch._dashboard import STORAGE_ENV
+
+    assert servers.dashboard_command(spec).env[STORAGE_ENV] == "postgresql+psycopg2://u:pw@db:5432/x"
+    assert servers.ui_command(spec).env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://u:pw@db:5432/x"
 
 
 @pytest.mark.parametrize("tracking, message", [
