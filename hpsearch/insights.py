@@ -209,7 +209,7 @@ def trial_note(spec: Spec, study_attrs: Mapping[str, Any], trial: FrozenTrial, *
         lines.append("")
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         step = max(trial.intermediate_values)
-        lines.append(f"Stopped by the pruner at epoch {epoch_text(step, reports_per_epoch(study_attrs))} "
+        lines.append(f"Stopped by the pruner after epoch {epoch_text(step, reports_per_epoch(study_attrs))} "
                      f"(`{spec.study.metrics[0].name}` {trial.intermediate_values[step]:.5g}).")
         lines.append("")
     if reason := trial.user_attrs.get("fail_reason") or trial.user_attrs.get("interrupted"):

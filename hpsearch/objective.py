@@ -129,7 +129,7 @@ def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
         if not spec.study.multi_objective and math.isfinite(value):
             trial.report(value, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch_text(step, per_epoch)}: {primary}={value:.5g}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch_text(step, per_epoch)}: {primary}={value:.5g}")
 
     config = TrainConfig.from_params(params, seed=seed, device=str(ctx.device), precision=spec.task.precision,
                                     channels_last=spec.task.channels_last)

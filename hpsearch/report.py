@@ -179,7 +179,7 @@ def _value(t: FrozenTrial, per_epoch: int) -> str:
 
 def _reason(t: FrozenTrial, per_epoch: int) -> str:
     if t.state == TrialState.PRUNED and t.intermediate_values:
-        return f"pruned at epoch {epoch_text(max(t.intermediate_values), per_epoch)}"
+        return f"pruned after epoch {epoch_text(max(t.intermediate_values), per_epoch)}"
     return str(t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted") or "")[:200]
 
 

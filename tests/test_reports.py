@@ -104,7 +104,7 @@ def test_a_report_within_the_first_epoch_prunes_a_trial_before_that_epoch_ends(t
     assert all(list(t.intermediate_values) == [1] for t in trials)  # a quarter epoch: judged at once
     report = CliRunner().invoke(cli, ["report", str(path), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
-    assert "pruned at epoch 0.25" in (tmp_path / "report" / "summary.md").read_text()
+    assert "pruned after epoch 0.25" in (tmp_path / "report" / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(("value", "ok"), [("auto", True), (1, True), (6, True), (0, False), (2.5, False),
