@@ -38,6 +38,7 @@ class Refit:
     seed: int
     seconds: float
     history: tuple[dict[str, float], ...]  # per epoch: train_loss, epoch_seconds, lr
+    data: SearchData  # what it trained on: training + validation as its training split
 
     def as_record(self) -> dict[str, Any]:
         """Return what the study and the summary keep of it (no model)."""
@@ -99,4 +100,4 @@ def refit(spec: Spec, best: FrozenTrial, params: dict[str, Any], data: SearchDat
     started = time.perf_counter()
     result = fit(model, full, task, config, lambda step, metrics: None, mean=mean, std=std)
     return Refit(model=model.eval(), trial=best.number, epochs=epochs, epochs_rule=rule, n_train=len(full.train),
-                 seed=seed, seconds=time.perf_counter() - started, history=result.history)
+                 seed=seed, seconds=time.perf_counter() - started, history=result.history, data=full)

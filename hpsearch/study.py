@@ -857,6 +857,7 @@ def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: Frozen
             tracker.log_epochs(run_id, [(epoch, now_ms, metrics) for epoch, metrics in enumerate(refitted.history, 1)])
             tracker.log_metrics(run_id, {**test_metrics, "refit_seconds": refitted.seconds}, step=refitted.epochs)
             model_run = out["refit_run_id"] = run_id
+            tracker.log_datasets(run_id, dataset_records(refitted.data.provenance, {"training": refitted.data.train}))
     version = tracker.log_model(model_run, model.cpu(), input_example=example,
                                 registered_name=spec.study.name if spec.tracking.register_model else None)
     for run_id in dict.fromkeys((parent, model_run)):  # the study's run, and the refit's that was tested

@@ -172,17 +172,27 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture(scope="module")
-def page(seen: Built) -> Iterator[Any]:
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module: Playwright's sync API allows one instance per thread at a time."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        launched = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+            yield launched
         finally:
-            browser.close()
+            launched.close()
+
+
+@pytest.fixture(scope="module")
+def page(seen: Built, browser: Any) -> Iterator[Any]:
+    opened = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @contextlib.contextmanager
@@ -320,12 +330,12 @@ def test_serve_answers_then_stops_with_its_server(seen: Built, signum: int) -> N
 
 
 @pytest.mark.slow
-def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: Path) -> None:
+def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: Path, browser: Any) -> None:
     """After a tiny real study, the page `hpsearch ui` prints shows the runs table first: every trial
     run (a child of the study's parent run) with its validation accuracy, best first; a trial's image
     is a click away."""
     from mlflow import MlflowClient
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from hpsearch.tracking import experiment_url
 
@@ -357,46 +367,44 @@ def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: P
         printed = lines[-1].split()[1]
         assert printed == experiment_url(f"http://127.0.0.1:{port}", experiment_id, "hpsearch-tiny"), lines
 
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1600, "height": 1000})
-                page.goto(printed)  # exactly what `hpsearch ui` printed
-                # 1. The first page is the model-training runs table: every run of the study, the
-                #    trials best first, with their validation accuracy as a column.
-                def row_link(run: Any) -> Any:
-                    return page.locator(f'[role=row] a[href$="/runs/{run.info.run_id}"]').first
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        try:
+            page.goto(printed)  # exactly what `hpsearch ui` printed
+            # 1. The first page is the model-training runs table: every run of the study, the
+            #    trials best first, with their validation accuracy as a column.
+            def row_link(run: Any) -> Any:
+                return page.locator(f'[role=row] a[href$="/runs/{run.info.run_id}"]').first
 
-                for run in trials + [parent]:
-                    expect(row_link(run)).to_have_text(run.info.run_name, timeout=UI_TIMEOUT_MS)
-                expect(page.locator('[role=columnheader][col-id="metrics.`val_accuracy`"]')).to_be_visible()
-                shots.append(SHOTS / "mlflow-ui-first-page.png")
-                SHOTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=shots[-1])
-                shown = page.eval_on_selector_all(
-                    '[role=row][row-id] [col-id="metrics.`val_accuracy`"]',
-                    "cells => cells.map(c => [c.closest('[role=row]').getAttribute('row-id'),"
-                    " Number(c.closest('[role=row]').getAttribute('row-index')), c.innerText.trim()])")
-                order = [run_id for run_id, _, _ in sorted(shown, key=lambda cell: cell[1])]
-                values = {run_id: text for run_id, _, text in shown}
-                best_first = sorted(trials, key=lambda r: -r.data.metrics["val_accuracy"])
-                assert order == [r.info.run_id for r in best_first] + [parent.info.run_id]
-                for run in trials:
-                    assert float(values[run.info.run_id]) == pytest.approx(run.data.metrics["val_accuracy"])
-                assert values[parent.info.run_id] == "-"  # the study's run has test metrics only
-                expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()  # not GenAI's overview
+            for run in trials + [parent]:
+                expect(row_link(run)).to_have_text(run.info.run_name, timeout=UI_TIMEOUT_MS)
+            expect(page.locator('[role=columnheader][col-id="metrics.`val_accuracy`"]')).to_be_visible()
+            shots.append(SHOTS / "mlflow-ui-first-page.png")
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=shots[-1])
+            shown = page.eval_on_selector_all(
+                '[role=row][row-id] [col-id="metrics.`val_accuracy`"]',
+                "cells => cells.map(c => [c.closest('[role=row]').getAttribute('row-id'),"
+                " Number(c.closest('[role=row]').getAttribute('row-index')), c.innerText.trim()])")
+            order = [run_id for run_id, _, _ in sorted(shown, key=lambda cell: cell[1])]
+            values = {run_id: text for run_id, _, text in shown}
+            best_first = sorted(trials, key=lambda r: -r.data.metrics["val_accuracy"])
+            assert order == [r.info.run_id for r in best_first] + [parent.info.run_id]
+            for run in trials:
+                assert float(values[run.info.run_id]) == pytest.approx(run.data.metrics["val_accuracy"])
+            assert values[parent.info.run_id] == "-"  # the study's run has test metrics only
+            expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()  # not GenAI's overview
 
-                # 2. A trial's image, from its row: its run page, then its artifacts. (MLflow 3.17's row
-                #    links drop the model-training view, so the run page shows GenAI's side bar.)
-                row_link(best_first[0]).click()
-                page.get_by_role("tab", name="Artifacts").click(timeout=UI_TIMEOUT_MS)
-                page.get_by_text("images", exact=True).click(timeout=UI_TIMEOUT_MS)
-                page.get_by_text("confusion_matrix.png", exact=True).click()
-                _wait_image(page, 'img[src^="blob:"]')
-                shots.append(SHOTS / "mlflow-ui-trial-image.png")
-                page.screenshot(path=shots[-1])
-            finally:
-                browser.close()
+            # 2. A trial's image, from its row: its run page, then its artifacts. (MLflow 3.17's row
+            #    links drop the model-training view, so the run page shows GenAI's side bar.)
+            row_link(best_first[0]).click()
+            page.get_by_role("tab", name="Artifacts").click(timeout=UI_TIMEOUT_MS)
+            page.get_by_text("images", exact=True).click(timeout=UI_TIMEOUT_MS)
+            page.get_by_text("confusion_matrix.png", exact=True).click()
+            _wait_image(page, 'img[src^="blob:"]')
+            shots.append(SHOTS / "mlflow-ui-trial-image.png")
+            page.screenshot(path=shots[-1])
+        finally:
+            page.close()
         print("screenshots:", *shots)
     finally:
         servers.stop(process)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,13 @@ def _run(tmp_path: Path, *args: str) -> tuple[Any, optuna.Study, MlflowClient]:
     return result, study, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _use_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Point MLflow's fluent API (``models:/`` URIs) at the study's store, for this test only."""
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+
+
 def _weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
 
@@ -109,7 +117,8 @@ def _trial_model(study: optuna.Study, tmp_path: Path) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_the_refit_model_trains_on_train_and_val_and_is_the_one_registered(tmp_path: Path) -> None:
+def test_the_refit_model_trains_on_train_and_val_and_is_the_one_registered(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     result, study, client = _run(tmp_path)
     test = study.user_attrs["hpsearch.test"]
     data = study.user_attrs["hpsearch.data"]
@@ -125,23 +134,28 @@ def test_the_refit_model_trains_on_train_and_val_and_is_the_one_registered(tmp_p
     assert run.data.tags["hpsearch.role"] == "refit" and run.data.tags["hpsearch.refit_of"] == str(best.number)
     assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
     assert run.data.params["refit.n_train"] == str(test["refit"]["n_train"])
+    # Its MLflow dataset inputs: what it trained on (training + validation, as one training split) and the test.
+    inputs = {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context"))
+              : json.loads(d.dataset.profile) for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {("digits", "training"), ("digits", "test")}
+    assert inputs[("digits", "training")]["rows"] == test["refit"]["n_train"]
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == test["refit"]["epochs"]
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["metrics"]["test_accuracy"])
     # The registered model is the refit, not the trial's own model.
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    _use_store(monkeypatch, tmp_path)
     registered = mlflow.pytorch.load_model(f"models:/rf/{version.version}", map_location="cpu")
     assert not torch.allclose(_weights(registered), _trial_model(study, tmp_path))
 
 
 @pytest.mark.slow
-def test_no_refit_registers_the_best_trials_own_model(tmp_path: Path) -> None:
+def test_no_refit_registers_the_best_trials_own_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result, study, client = _run(tmp_path, "--no-refit")
     test = study.user_attrs["hpsearch.test"]
     assert "refit" not in test and "Final model: Trial #%d's own model" % study.best_trial.number in result.output
     (version,) = client.search_model_versions("name = 'rf'")
     assert version.run_id == study.user_attrs["mlflow_parent_run_id"]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    _use_store(monkeypatch, tmp_path)
     registered = mlflow.pytorch.load_model(f"models:/rf/{version.version}", map_location="cpu")
     assert torch.equal(_weights(registered), _trial_model(study, tmp_path))
     exp = client.get_experiment_by_name("rf")
