@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
