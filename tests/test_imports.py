@@ -108,6 +108,18 @@ def test_the_package_imports_point_one_way() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
+def test_only_tracking_imports_mlflow() -> None:
+    importers = set()
+    for name, path in module_names().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(name)
+    assert importers, "the reader found no import of mlflow at all"
+    assert {n for n in importers if n != "hpsearch.tracking" and not n.startswith("hpsearch.tracking.")} == set()
+
+
 def test_modules_stay_under_the_size_limit() -> None:
     sizes = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
     over = {name for name, size in sizes.items() if size > MAX_LINES}
