@@ -324,7 +324,7 @@ def _text_size(font: Any, text: str) -> tuple[int, int]:
 def grid_bands(grid: np.ndarray, n_bands: int = 3) -> list[np.ndarray]:
     """Return the ``n_bands`` rows of an image grid, top to bottom, without the gaps between them.
 
-    Gaps are rows of the grid's corner colour across the whole width (as `tasks.reconstruction_grid`
+    Gaps are rows of the grid's corner colour across the whole width (as `pictures.reconstruction_grid`
     draws them); a grid without such gaps is cut into equal heights.
     """
     pixels = grid if grid.ndim == 3 else grid[..., None]

@@ -8,7 +8,8 @@ blocks, then the output Linear), in float32 on the CPU, :func:`mlp_step` gives a
 the same forward ops and writes the gradients itself. It draws the dropout masks from the same
 generator in the same order, so its forward pass is bit for bit the layer-by-layer one, and its
 gradients agree with autograd's to float rounding (``tests/test_mlp_step.py`` holds it to that).
-Every other model, task, device or precision trains through autograd.
+Every other model, device or precision trains through autograd, and so does every task but
+classify: :func:`hpsearch.train.fit` asks for the step only when the loss is cross-entropy.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpsearch.models import Dropout, keep_mask
-from hpsearch.tasks import Classify, Task
 
 
-def mlp_step(model: nn.Module, task: Task, device: torch.device,
-             precision: str) -> Callable[[Tensor, Tensor], Tensor] | None:
+def mlp_step(model: nn.Module, device: torch.device, precision: str) -> Callable[[Tensor, Tensor], Tensor] | None:
     """Return ``step(inputs, labels) -> loss``, which sets the gradients of one training step, or None.
 
-    None unless ``model`` is a plain MLP classifier as :func:`hpsearch.models.build_model` makes it
-    with ReLU and no batchnorm, ``task`` is classify, the device the CPU and the precision fp32,
-    and no hook is registered that autograd or the modules would have run. The loss returned is
-    ``F.cross_entropy``'s, detached; the model must be in training mode, as in ``fit``.
+    None unless ``model`` is a plain MLP as :func:`hpsearch.models.build_model` makes it with ReLU
+    and no batchnorm, the device the CPU and the precision fp32, and no hook is registered that
+    autograd or the modules would have run. The loss is ``F.cross_entropy`` of the model's output
+    against the labels (returned detached), so the caller asks only when that is the task's loss:
+    ``fit`` does for classify. The model must be in training mode, as in ``fit``.
     """
     plan = _plan(model)
-    if (plan is None or type(task) is not Classify or device.type != "cpu" or precision != "fp32"
-            or _has_hooks(model)):
+    if plan is None or device.type != "cpu" or precision != "fp32" or _has_hooks(model):
         return None
     linears, rates = plan
 

@@ -24,7 +24,7 @@ import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
-from hpsearch import space, tasks
+from hpsearch import pictures, space, tasks
 from hpsearch.data import SearchData
 from hpsearch.errors import DataError, StorageError
 from hpsearch.models import build_model, count_params
@@ -267,7 +267,7 @@ def _log_images(ctx: TrialContext, run_id: str, model: torch.nn.Module, task: An
                 epoch: int) -> None:
     if ctx.spec.task.type == "classify" or ctx.tracker is None:
         return
-    grid = tasks.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
+    grid = pictures.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
     ctx.tracker.log_image(run_id, grid, f"images/reconstruction_epoch_{epoch:03d}.png")
 
 
@@ -303,11 +303,11 @@ def _final_images(ctx: TrialContext, run_id: str | None, model: torch.nn.Module,
     from hpsearch.figures import confusion_matrix_image, save_png
 
     if ctx.spec.task.type == "classify":
-        counts = tasks.confusion_matrix(model, ctx.data.val, mean=mean, std=std, device=ctx.device,
+        counts = pictures.confusion_matrix(model, ctx.data.val, mean=mean, std=std, device=ctx.device,
                                         n_classes=ctx.data.n_classes)
         image, name = confusion_matrix_image(counts), "confusion_matrix.png"
     else:
-        image = tasks.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
+        image = pictures.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
         name = "reconstruction.png"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name

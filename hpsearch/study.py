@@ -302,7 +302,7 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
             _link_experiment(spec, study, tracker, parent)
     reference = None
     if spec.task.type == "inpaint":
-        from hpsearch.tasks import load_or_train_reference
+        from hpsearch.reference import load_or_train_reference
 
         reference = load_or_train_reference(data, Path(spec.cache_dir), device=dev)
     return WorkerSetup(device=dev, threads=n_threads, data=data, tracker=tracker, parent_run_id=parent,
@@ -980,7 +980,7 @@ def _crown(spec: Spec, study: optuna.Study, tracker: Tracker, version: str, best
 
 
 def _cached_reference(spec: Spec, provenance: Provenance, device: torch.device) -> torch.nn.Module:
-    from hpsearch.tasks import load_or_train_reference
+    from hpsearch.reference import load_or_train_reference
 
     return load_or_train_reference(_search_data(spec, provenance).to(device), Path(spec.cache_dir), device=device)
 

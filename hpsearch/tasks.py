@@ -1,4 +1,4 @@
-"""What classify, denoise and inpaint feed the model, what they minimise, measure and draw.
+"""What classify, denoise and inpaint feed the model, what they minimise and what they measure.
 
 A :class:`Task` corrupts a batch of clean images (pixels in [0, 1]), gives the training loss,
 and turns a model's outputs into summed statistics that :func:`hpsearch.train.evaluate`
@@ -10,27 +10,16 @@ seed, so every epoch of every trial, on any device, is scored on the same noisy 
 
 from __future__ import annotations
 
-import hashlib
-
-import math
 import numbers
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpsearch.errors import SpecError
-from hpsearch.models import build_model
-
-if TYPE_CHECKING:
-    from hpsearch.data import SearchData, Split
 
 TASKS = ("classify", "denoise", "inpaint")
 NOISE_KINDS = ("gaussian", "salt_pepper")
@@ -264,8 +253,9 @@ def make_task(name: str, params: Mapping[str, Any], *, mask_placement: str = "ce
               noise_kind: str = "gaussian", reference: nn.Module | None = None) -> Task:
     """Return the task ``name`` configured from a trial's params.
 
-    ``reference`` (inpaint only) is the classifier from :func:`load_or_train_reference`; without
-    it, inpaint reports no ``val_inpaint_success``.
+    ``reference`` (inpaint only) is the classifier from
+    :func:`hpsearch.reference.load_or_train_reference`; without it, inpaint reports no
+    ``val_inpaint_success``.
     """
     if name == "classify":
         return Classify()
@@ -287,146 +277,3 @@ def make_task(name: str, params: Mapping[str, Any], *, mask_placement: str = "ce
                             f"but got {mask_placement!r}.")
         return Inpaint(size=int(size), placement=mask_placement, reference=reference)
     raise SpecError(f"task.type must be one of {list(TASKS)}, but got {name!r}.")
-
-
-# --------------------------------------------------------------------------- reference classifier
-
-# Small and quick (about 0.8 MFLOP per 28x28 digit), yet ~98% on MNIST after 3 epochs.
-REFERENCE_PARAMS: dict[str, Any] = {
-    "n_layers": 1, "width": 64, "dropout": 0.0, "batchnorm": False, "activation": "relu",
-    "conv_blocks": 2, "conv_channels": 8, "kernel_size": 3,
-}
-
-REFERENCE_BATCH_SIZE = 128
-REFERENCE_MIN_STEPS = 600  # 3 epochs of 4k digits are ~100 steps: too few for a judge worth trusting
-
-
-class Reference(nn.Module):
-    """A classifier of [0, 1] pixels: it carries the normalisation it was trained with."""
-
-    def __init__(self, net: nn.Module, *, mean: float, std: float) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
-
-    def forward(self, images01: Tensor) -> Tensor:
-        return self.net((images01 - self.mean) / self.std)
-
-
-def _reference_net(data: SearchData) -> nn.Module:
-    return build_model("cnn", REFERENCE_PARAMS, image_shape=tuple(data.image_shape), n_classes=data.n_classes)
-
-
-def train_reference_classifier(data: SearchData, *, device: str | torch.device, seed: int = 0,
-                               epochs: int = 3) -> Reference:
-    """Return a small CNN trained on ``data.train`` to judge in-painted digits (eval mode, frozen).
-
-    Small datasets get more epochs than ``epochs``: at least ``REFERENCE_MIN_STEPS`` batches.
-    """
-    from hpsearch.train import TrainConfig, fit  # train builds on tasks; import here to keep one direction
-
-    torch.manual_seed(seed)
-    net = _reference_net(data)
-    epochs = max(epochs, math.ceil(REFERENCE_MIN_STEPS * REFERENCE_BATCH_SIZE / len(data.train)))
-    config = TrainConfig(epochs=epochs, batch_size=REFERENCE_BATCH_SIZE, optimizer="adam", lr=2e-3, seed=seed,
-                         device=str(device))
-    fit(net, data, Classify(), config, lambda step, metrics: None)
-    return _frozen(Reference(net, mean=data.mean, std=data.std), device)
-
-
-def reference_path(data: SearchData, cache_dir: Path) -> Path:
-    """Return where the reference classifier of ``data`` is cached.
-
-    Keyed by the exact training images and labels: a study with another seed, validation fraction
-    or train limit gets its own judge, which never saw that study's validation digits.
-    """
-    digest = hashlib.sha256()
-    digest.update(data.train.images.cpu().numpy().tobytes())
-    digest.update(data.train.labels.cpu().numpy().tobytes())
-    return Path(cache_dir) / f"reference-{data.provenance.sha256}-{digest.hexdigest()[:12]}.pt"
-
-
-def load_or_train_reference(data: SearchData, cache_dir: Path, *, device: str | torch.device) -> Reference:
-    """Return the cached reference classifier of ``data``, training (and caching) it the first time."""
-    path = reference_path(data, cache_dir)
-    if path.exists():
-        model = Reference(_reference_net(data), mean=data.mean, std=data.std)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return _frozen(model, device)
-    model = train_reference_classifier(data, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: workers starting together must never read a half-written file.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return model
-
-
-def _frozen(model: Reference, device: str | torch.device) -> Reference:
-    model = model.to(device).eval()
-    model.requires_grad_(False)
-    return model
-
-
-# --------------------------------------------------------------------------- pictures
-
-_HIDDEN_RGB = (40, 90, 200)  # the hidden square in the corrupted row: blue, so it shows on black
-_GAP_GRAY = 128
-
-
-def reconstruction_grid(model: nn.Module, split: Split, task: Task, *, mean: float, std: float,
-                        device: str | torch.device, n: int = 10) -> np.ndarray:
-    """Return an RGB uint8 picture: rows clean | corrupted | reconstruction of the split's first n digits.
-
-    The digits and their corruption are the same in every trial and epoch, so runs compare side by side.
-    """
-    if isinstance(task, Classify):
-        raise SpecError("reconstruction_grid needs a denoise or inpaint task, but got 'classify'.")
-    images01 = to_unit(split.images[:n].to(device))
-    inputs01, mask = task.corrupt(images01, eval_generator())
-    with evaluating(model), torch.inference_mode():
-        output = model(normalize(inputs01, mean, std)).clamp(0.0, 1.0)
-    rows = [_gray_rgb(images01), _gray_rgb(inputs01), _gray_rgb(output)]
-    if mask is not None:
-        hidden = mask[:, 0].cpu().numpy()
-        rows[1][hidden] = _HIDDEN_RGB
-    height, width = images01.shape[-2:]
-    scale = max(1, math.ceil(28 / min(height, width)))  # 8x8 digits drawn 4x: big enough to see
-    return _tile(rows, scale)
-
-
-def _gray_rgb(images01: Tensor) -> np.ndarray:
-    """Return [N, H, W, 3] uint8 from [N, C, H, W] pixels in [0, 1] (channels averaged)."""
-    gray = (images01.mean(dim=1) * 255.0).round().to(torch.uint8).cpu().numpy()
-    return np.repeat(gray[..., None], 3, axis=-1)
-
-
-def _tile(rows: list[np.ndarray], scale: int, gap: int = 2) -> np.ndarray:
-    n, height, width, _ = rows[0].shape
-    cell_h, cell_w = height * scale, width * scale
-    grid = np.full((len(rows) * (cell_h + gap) + gap, n * (cell_w + gap) + gap, 3), _GAP_GRAY, np.uint8)
-    for r, row in enumerate(rows):
-        big = row.repeat(scale, axis=1).repeat(scale, axis=2)
-        for i in range(n):
-            top, left = gap + r * (cell_h + gap), gap + i * (cell_w + gap)
-            grid[top:top + cell_h, left:left + cell_w] = big[i]
-    return grid
-
-
-def confusion_matrix(model: nn.Module, split: Split, *, mean: float, std: float, device: str | torch.device,
-                     n_classes: int, batch_size: int = 1024) -> np.ndarray:
-    """Return the [true, predicted] counts of ``model`` on ``split`` (int64, n_classes x n_classes)."""
-    counts = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
-    with evaluating(model), torch.inference_mode():
-        for start in range(0, len(split), batch_size):
-            images = split.images[start:start + batch_size].to(device)
-            labels = split.labels[start:start + batch_size].to(device)
-            predicted = model(normalize(to_unit(images), mean, std)).argmax(dim=1)
-            counts += torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
-    return counts.view(n_classes, n_classes).cpu().numpy()
-

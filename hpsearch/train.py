@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hpsearch.augment import Augmentation, make_augmenter
 from hpsearch.errors import DataError, SpecError
 from hpsearch.mlp_step import mlp_step
-from hpsearch.tasks import Task, eval_generator, evaluating, normalize, to_unit
+from hpsearch.tasks import Classify, Task, eval_generator, evaluating, normalize, to_unit
 
 if TYPE_CHECKING:
     from hpsearch.data import SearchData, Split
@@ -191,7 +191,7 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     optimizer = make_optimizer(model.parameters(), config, device)
     optimizer_step = fused_step(optimizer)
     # A plain MLP classifier on the CPU sets its gradients without autograd: same numbers, less overhead.
-    plain_step = mlp_step(model, task, device, config.precision)
+    plain_step = mlp_step(model, device, config.precision) if type(task) is Classify else None
     scheduler, per_batch = make_scheduler(optimizer, config, steps_per_epoch=len(bounds))
     group = optimizer.param_groups[0]
     mean = data.mean if mean is None else mean

@@ -2,7 +2,7 @@
 
 `build_study` (used by test_insights, test_report and test_browser too) makes a study through
 `study.ask()/tell()` with per-epoch intermediate values, the user attrs objective.py sets and
-real PNG artifacts: reconstruction grids drawn by `tasks.reconstruction_grid`, or confusion matrices
+real PNG artifacts: reconstruction grids drawn by `pictures.reconstruction_grid`, or confusion matrices
 (`figures.confusion_matrix_image`).
 """
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from hpsearch import figures, tasks
+from hpsearch import figures, pictures, tasks
 from hpsearch.spec import Spec, parse_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -199,8 +199,8 @@ def build_study(tmp_path: Path, kind: str = "denoise", *, tracking: bool = True)
             continue
         if kind == "denoise":
             model = _Remembering(clean.float() / 255.0, value)
-            image = tasks.reconstruction_grid(model, types.SimpleNamespace(images=clean), task, mean=0.0, std=1.0,
-                                              device="cpu")
+            image = pictures.reconstruction_grid(model, types.SimpleNamespace(images=clean), task, mean=0.0,
+                                                 std=1.0, device="cpu")
             image_name = "reconstruction.png"
         else:
             counts = np.diag(np.full(10, 40)) + np.random.default_rng(trial.number).integers(0, 4, (10, 10))
@@ -311,7 +311,7 @@ def test_grid_bands_cut_reconstruction_grids_exactly(denoise: Built) -> None:
     with denoise.store.open_reader(trial.user_attrs["artifact:reconstruction.png"]) as f:
         grid = figures.load_png(f.read())
     bands = figures.grid_bands(grid)
-    # tasks.reconstruction_grid: 28-pixel digits with 2-pixel gaps; a band is one row of digits.
+    # pictures.reconstruction_grid: 28-pixel digits with 2-pixel gaps; a band is one row of digits.
     assert [b.shape[0] for b in bands] == [28, 28, 28]
     assert all(b.shape[1] == grid.shape[1] for b in bands)
     # Equal heights for a grid without gaps.

@@ -13,7 +13,7 @@ from hpsearch.data import SearchData, load_search_data
 from hpsearch.knobs import defaults
 from hpsearch.mlp_step import mlp_step
 from hpsearch.models import build_model
-from hpsearch.tasks import make_task
+from hpsearch.tasks import Classify, make_task
 from hpsearch.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -38,7 +38,7 @@ def mnist() -> SearchData:
 ])
 def test_plain_mlps_take_the_step_and_match_autograd(overrides: dict[str, Any]) -> None:
     model = mlp(**overrides)
-    step = mlp_step(model, make_task("classify", defaults()), CPU, "fp32")
+    step = mlp_step(model, CPU, "fp32")
     assert step is not None
     inputs, labels = torch.randn(100, *SHAPE), torch.randint(0, 10, (100,))  # 100: not a power of two
 
@@ -59,34 +59,55 @@ def test_plain_mlps_take_the_step_and_match_autograd(overrides: dict[str, Any]) 
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize(("why", "model", "task", "precision"), [
-    ("batchnorm", mlp(batchnorm=True), "classify", "fp32"),
-    ("another activation", mlp(activation="gelu"), "classify", "fp32"),
-    ("a cnn", build_model("cnn", {**defaults(), "conv_blocks": 1}, image_shape=SHAPE, n_classes=10), "classify",
-     "fp32"),
-    ("an autoencoder", build_model("autoencoder", defaults(), image_shape=SHAPE, n_classes=10), "denoise", "fp32"),
+@pytest.mark.parametrize(("why", "model", "precision"), [
+    ("batchnorm", mlp(batchnorm=True), "fp32"),
+    ("another activation", mlp(activation="gelu"), "fp32"),
+    ("a cnn", build_model("cnn", {**defaults(), "conv_blocks": 1}, image_shape=SHAPE, n_classes=10), "fp32"),
+    ("an autoencoder", build_model("autoencoder", defaults(), image_shape=SHAPE, n_classes=10), "fp32"),
     ("torch's own dropout", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.ReLU(),
-                                                torch.nn.Dropout(0.2), torch.nn.Linear(8, 10)), "classify", "fp32"),
-    ("no Flatten first", torch.nn.Sequential(torch.nn.Linear(784, 10)), "classify", "fp32"),
-    ("bf16", mlp(), "classify", "bf16"),
-    ("a denoising task", mlp(), "denoise", "fp32"),
+                                                torch.nn.Dropout(0.2), torch.nn.Linear(8, 10)), "fp32"),
+    ("no Flatten first", torch.nn.Sequential(torch.nn.Linear(784, 10)), "fp32"),
+    ("bf16", mlp(), "bf16"),
 ])
-def test_other_models_tasks_and_precisions_train_through_autograd(why: str, model: torch.nn.Module, task: str,
-                                                                   precision: str) -> None:
-    assert mlp_step(model, make_task(task, defaults()), CPU, precision) is None, why
+def test_other_models_and_precisions_train_through_autograd(why: str, model: torch.nn.Module,
+                                                            precision: str) -> None:
+    assert mlp_step(model, CPU, precision) is None, why
+
+
+class Smoothed(Classify):
+    """Classify with another loss: the step's cross-entropy would be the wrong gradient."""
+
+    def loss(self, output: torch.Tensor, images01: torch.Tensor | None, labels: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(output, labels, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize(("task", "asked"), [(Classify(), 1), (Smoothed(), 0)])
+def test_fit_asks_for_the_step_only_for_classify(task: Classify, asked: int, mnist: SearchData,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def recording(*args: Any) -> Any:
+        calls.append(args)
+        return mlp_step(*args)
+
+    monkeypatch.setattr(hpsearch.train, "mlp_step", recording)
+    p = {**defaults(), "n_layers": 1, "epochs": 1}
+    fit(mlp(n_layers=1), mnist, task, TrainConfig.from_params(p, seed=0, device="cpu"), lambda step, metrics: None)
+    # The step computes cross-entropy: any other loss (any other task) trains through autograd.
+    assert len(calls) == asked
 
 
 def test_a_frozen_parameter_or_a_hook_means_autograd() -> None:
-    task = make_task("classify", defaults())
     frozen = mlp(n_layers=1)
     frozen[1].weight.requires_grad_(False)
-    assert mlp_step(frozen, task, CPU, "fp32") is None
+    assert mlp_step(frozen, CPU, "fp32") is None
     hooked = mlp(n_layers=1)
     hooked[2].register_forward_hook(lambda module, args, output: None)
-    assert mlp_step(hooked, task, CPU, "fp32") is None
+    assert mlp_step(hooked, CPU, "fp32") is None
     param_hooked = mlp(n_layers=1)
     param_hooked[1].weight.register_hook(lambda grad: grad)
-    assert mlp_step(param_hooked, task, CPU, "fp32") is None
+    assert mlp_step(param_hooked, CPU, "fp32") is None
 
 
 def test_fit_trains_the_same_with_and_without_the_step(mnist: SearchData, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,10 @@
-"""Tasks: corruption, metrics, pictures, and the cached reference classifier of inpaint."""
+"""Tasks: corruption and metrics."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,8 +14,7 @@ from hpsearch.data import SearchData, load_search_data
 from hpsearch.errors import SpecError
 from hpsearch.knobs import defaults
 from hpsearch.models import build_model
-from hpsearch.tasks import (METRICS, TASKS, confusion_matrix, eval_generator, make_task,
-                            reconstruction_grid)
+from hpsearch.tasks import METRICS, TASKS, eval_generator, make_task
 from hpsearch.train import evaluate
 
 
@@ -189,73 +186,3 @@ def test_inpaint_scores_the_hidden_region_apart() -> None:
     metrics = task.summarize(task.batch_sums(output, clean, torch.zeros(8, dtype=torch.long), inputs, mask), 8)
     assert metrics["val_mse_hidden"] == pytest.approx(0.04)
     assert metrics["val_mse"] == pytest.approx(0.04 * 16 / 64)  # the same error spread over the whole image
-
-
-# --------------------------------------------------------------------------- reference classifier
-
-
-def test_reference_is_trained_once_then_loaded(digits: SearchData, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    first = tasks.load_or_train_reference(digits, tmp_path, device="cpu")
-    path = tasks.reference_path(digits, tmp_path)
-    assert path.exists() and path.name.startswith(f"reference-{digits.provenance.sha256}-")
-    # Another validation split (seed) of the same dataset gets its own judge: it must never have
-    # trained on the digits it will judge.
-    other = load_search_data("digits", seed=12345)
-    assert tasks.reference_path(other, tmp_path) != path
-    assert not first.training and not any(p.requires_grad for p in first.parameters())
-
-    def no_training(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the cached reference classifier was trained again")
-
-    monkeypatch.setattr(tasks, "train_reference_classifier", no_training)
-    second = tasks.load_or_train_reference(digits, tmp_path, device="cpu")
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-
-    # It judges digits well: a success rate near 1 means the in-painting, not the judge, is good.
-    accuracy = evaluate(second, digits.val, make_task("classify", {}), mean=0.0, std=1.0, device="cpu")
-    assert accuracy["val_accuracy"] > 0.9
-
-    # A perfect in-painting scores the reference's own accuracy, overall and per class.
-    clean = tasks.to_unit(digits.val.images)
-    inpaint = make_task("inpaint", params(mask_size=3), reference=second)
-    metrics = evaluate(Echo(clean), digits.val, inpaint, mean=0.0, std=1.0, device="cpu", batch_size=len(clean))
-    assert metrics["val_inpaint_success"] == pytest.approx(accuracy["val_accuracy"])
-    per_class = [metrics[f"val_inpaint_success_{k}"] for k in range(digits.n_classes)]
-    counts = torch.bincount(digits.val.labels, minlength=digits.n_classes).tolist()
-    assert sum(s * c for s, c in zip(per_class, counts, strict=True)) / len(digits.val) == pytest.approx(
-        metrics["val_inpaint_success"])
-
-
-# --------------------------------------------------------------------------- pictures
-
-
-@pytest.mark.parametrize("name", ["denoise", "inpaint"])
-def test_reconstruction_grid_is_a_fixed_rgb_picture(name: str, digits: SearchData) -> None:
-    torch.manual_seed(0)
-    model = build_model("autoencoder", params(), image_shape=digits.image_shape, n_classes=10)
-    task = make_task(name, params(mask_size=3))
-    model.train()
-    grid = reconstruction_grid(model, digits.val, task, mean=digits.mean, std=digits.std, device="cpu", n=10)
-    scale, gap = 4, 2  # 8x8 digits drawn 4x, 2-pixel gaps
-    assert grid.dtype == np.uint8
-    assert grid.shape == (3 * (8 * scale + gap) + gap, 10 * (8 * scale + gap) + gap, 3)
-    again = reconstruction_grid(model, digits.val, task, mean=digits.mean, std=digits.std, device="cpu", n=10)
-    assert np.array_equal(grid, again)  # same digits, same corruption: runs compare side by side
-    assert model.training  # the picture leaves the model as it found it
-
-
-def test_reconstruction_grid_refuses_classify(digits: SearchData) -> None:
-    model = build_model("mlp", params(), image_shape=digits.image_shape, n_classes=10)
-    with pytest.raises(SpecError, match="classify"):
-        reconstruction_grid(model, digits.val, make_task("classify", {}), mean=0.0, std=1.0, device="cpu")
-
-
-def test_confusion_matrix_counts_every_sample(digits: SearchData) -> None:
-    model = build_model("mlp", params(), image_shape=digits.image_shape, n_classes=digits.n_classes)
-    counts = confusion_matrix(model, digits.val, mean=digits.mean, std=digits.std, device="cpu",
-                              n_classes=digits.n_classes, batch_size=50)
-    assert counts.shape == (10, 10)
-    assert counts.sum() == len(digits.val)
-    assert counts.sum(axis=1).tolist() == torch.bincount(digits.val.labels, minlength=10).tolist()  # rows: truth

@@ -15,7 +15,8 @@ from hpsearch.data import SearchData, load_search_data
 from hpsearch.errors import SpecError
 from hpsearch.knobs import defaults
 from hpsearch.models import build_model
-from hpsearch.tasks import METRICS, input_stats, load_or_train_reference, make_task
+from hpsearch.reference import load_or_train_reference
+from hpsearch.tasks import METRICS, input_stats, make_task
 from hpsearch.train import (Diverged, TrainConfig, TrainResult, evaluate, fit, fused_step, make_scheduler,
                             memory_format, resolve_device)
 
