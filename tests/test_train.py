@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import pickle
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +25,12 @@ REPORTED = {"train_loss", "epoch_seconds", "lr"}  # besides the task's val metri
 @pytest.fixture(scope="module")
 def digits() -> SearchData:
     return load_search_data("digits", download=False)
+
+
+@pytest.fixture(scope="module")
+def digits_reference(digits: SearchData, tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    """The in-painting judge of digits, trained once for the module (each training takes seconds)."""
+    return load_or_train_reference(digits, tmp_path_factory.mktemp("reference"), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +121,9 @@ def test_every_optimizer_and_schedule_trains(digits: SearchData, optimizer: str,
 
 @pytest.mark.parametrize(("encoder", "task"), [("dense", "denoise"), ("conv", "denoise"), ("dense", "inpaint"),
                                                ("conv", "inpaint")])
-def test_autoencoders_train_end_to_end(digits: SearchData, encoder: str, task: str, tmp_path: Path) -> None:
-    reference = load_or_train_reference(digits, tmp_path, device="cpu") if task == "inpaint" else None
+def test_autoencoders_train_end_to_end(digits: SearchData, encoder: str, task: str,
+                                       request: pytest.FixtureRequest) -> None:
+    reference = request.getfixturevalue("digits_reference") if task == "inpaint" else None
     seen: list[dict[str, float]] = []
     result = train(digits, family="autoencoder", task=task, encoder=encoder, epochs=6, mask_size=3, lr=3e-3,
                    conv_channels=8, report=lambda step, metrics: seen.append(metrics), reference=reference)
