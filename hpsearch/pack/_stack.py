@@ -10,7 +10,6 @@ numbers exactly those of its own narrower model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -187,7 +186,3 @@ def pad_to(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     padded = tensor.new_zeros(shape)
     padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
     return padded
-
-
-def n_inputs(image_shape: tuple[int, int, int]) -> int:
-    return math.prod(image_shape)
