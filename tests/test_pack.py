@@ -163,15 +163,22 @@ def test_a_pruned_member_leaves_with_its_reports(digits: SearchData) -> None:
     members = [params(width=32), params(width=16, lr=3e-3)]
     pack = Pack(digits, make_task("classify", members[0]), structure_key(members[0]), capacity=2)
 
+    seen: dict[str, torch.Tensor] = {}
+
     def prune(step: int, metrics: dict[str, float]) -> None:
+        seen.update({name: t.clone() for name, t in pruned.model.state_dict().items()})  # as the objective's images
         raise RuntimeError(f"pruned at {step}")  # any exception from report: the prune signal
 
     pruned = pack.add(members[0], seed=100, tag=0, report=prune)
+    initial = {name: t.clone() for name, t in pruned.model.state_dict().items()}
     kept: list = []
     pack.add(members[1], seed=101, tag=1, report=lambda s, m: kept.append((s, m)))
     departures = pack.drain()
     assert departures[0].member is pruned and str(departures[0].error) == "pruned at 1"
     assert len(departures[0].result.history) == 1 and departures[0].result.epochs_run == 1
+    # The reporter saw the member's trained weights, the ones it leaves with.
+    torch.testing.assert_close(seen, departures[0].model.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(seen["1.weight"], initial["1.weight"])
     assert pack.free_slots == 2
     assert_same_training(digits, members[1], 101, departures[1], kept)
 

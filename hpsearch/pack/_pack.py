@@ -289,8 +289,10 @@ class Pack:
         if end_of_epoch and member.scheduler is not None and not member.per_batch:
             member.scheduler.step()
         metrics = {"train_loss": train_loss}
+        # The member's model holds its weights of the moment: evaluated here, and the reporter's to use
+        # (the objective draws a trial's images from its model at epochs' ends).
+        self.stack.store(member.slot, member.model, steps=member.step)
         if len(self.val):  # no validation split (a refit on all the training data): nothing to evaluate
-            self.stack.store(member.slot, member.model, steps=member.step)
             metrics.update(evaluate(member.model, self.val, self.task, mean=self.mean, std=self.std,
                                     device=self.device))
         if end_of_epoch:
