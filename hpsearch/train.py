@@ -264,10 +264,8 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """Return each batch's (start, stop) into an epoch's permutation of ``n`` samples.
-
-    A lone last sample is dropped: it would break batchnorm and take a step on one sample's gradient.
-    """
+    """Return each batch's (start, stop) into an epoch's permutation of ``n`` samples."""
+    # A lone last sample is dropped: it would break batchnorm and take a step on one sample's gradient.
     bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds.pop()
@@ -275,11 +273,8 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def report_points(n_batches: int, reports_per_epoch: int) -> tuple[int, dict[int, int]]:
-    """Return (reports an epoch, {batch number (from 1): report number j in the epoch}).
-
-    At most one report per batch; the j-th comes after batch ceil(j * batches / per_epoch), so the
-    last one ends the epoch.
-    """
+    """Return (reports an epoch, {batch number (from 1): report number j in the epoch})."""
+    # At most one report per batch; the j-th after batch ceil(j * batches / per_epoch): the last ends the epoch.
     per_epoch = max(1, min(reports_per_epoch, n_batches))
     return per_epoch, {math.ceil(j * n_batches / per_epoch): j for j in range(1, per_epoch + 1)}
 
