@@ -135,19 +135,22 @@ def _check_shape(image_shape: Any) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- building blocks
 
 
-def keep_mask(shape: torch.Size, p: float) -> tuple[Tensor, float]:
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float,
+              generator: torch.Generator | None = None) -> tuple[Tensor, float]:
     """Return (a bool mask of the units that dropout at rate ``p`` keeps, the scale of kept units), on the CPU.
 
     ``F.dropout`` draws one random float per unit with ``bernoulli_``: for small MLPs that was a
     fifth of each training step. Here each 64-bit draw gives four 16-bit numbers, and a unit is
     kept when its number clears a threshold: 2x (128 units) to 4x (1024 units) faster. The drop
     probability is ``p`` rounded to a multiple of 1/65536 (off by less than 1e-5), and the scale is
-    1 / (1 - that), so the expected activation is unchanged.
+    1 / (1 - that), so the expected activation is unchanged. The bits come from ``generator``
+    (default: torch's global one, which ``fit`` seeds with the trial's seed), so a trial packed
+    with others (``hpsearch.pack``) draws the very masks its own ``fit`` would.
     """
-    n = shape.numel()
+    n = math.prod(shape)
     dropped = round(p * 65536)
     # random_(-2**63, 2**63 - 1): (all but) the whole int64 range, so every 16-bit quarter is uniform.
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=generator)
     return bits.view(torch.int16)[:n].view(shape) >= dropped - 32768, 65536 / (65536 - dropped)
 
 

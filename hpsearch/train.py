@@ -181,12 +181,9 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
 
-    # 2. Batches: (start, stop) into each epoch's permutation. A lone last sample is dropped: it
-    #    would break batchnorm and take a step on one sample's gradient.
+    # 2. Batches: (start, stop) into each epoch's permutation.
     n = len(train)
-    bounds = [(start, min(start + config.batch_size, n)) for start in range(0, n, config.batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds.pop()
+    bounds = batch_bounds(n, config.batch_size)
 
     optimizer = make_optimizer(model.parameters(), config, device)
     optimizer_step = fused_step(optimizer)
@@ -198,9 +195,7 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
     std = data.std if std is None else std
     augment = make_augmenter(config.augmentation, tuple(train.images.shape[1:]), generator, device)
 
-    # Reports: `per_epoch` an epoch (at most one per batch), the j-th after batch ceil(j * batches / per_epoch).
-    per_epoch = max(1, min(reports_per_epoch, len(bounds)))
-    report_after = {math.ceil(j * len(bounds) / per_epoch): j for j in range(1, per_epoch + 1)}
+    per_epoch, report_after = report_points(len(bounds), reports_per_epoch)
 
     # 3. Epochs: train, check; at each report, evaluate and report.
     history: list[dict[str, float]] = []
@@ -266,6 +261,22 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
         epochs_run = epoch
     return TrainResult(metrics=dict(history[-1]), history=tuple(history), epochs_run=epochs_run,
                        seconds=time.perf_counter() - started)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Return each batch's (start, stop) into an epoch's permutation of ``n`` samples."""
+    # A lone last sample is dropped: it would break batchnorm and take a step on one sample's gradient.
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds.pop()
+    return bounds
+
+
+def report_points(n_batches: int, reports_per_epoch: int) -> tuple[int, dict[int, int]]:
+    """Return (reports an epoch, {batch number (from 1): report number j in the epoch})."""
+    # At most one report per batch; the j-th after batch ceil(j * batches / per_epoch): the last ends the epoch.
+    per_epoch = max(1, min(reports_per_epoch, n_batches))
+    return per_epoch, {math.ceil(j * n_batches / per_epoch): j for j in range(1, per_epoch + 1)}
 
 
 def evaluate(model: nn.Module, split: Split, task: Task, *, mean: float, std: float,

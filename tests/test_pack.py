@@ -1,0 +1,251 @@
+"""Trial packs: each member of a pack ends where its own ``fit`` ends (issue 13, item 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from hpsearch.data import SearchData, load_search_data
+from hpsearch.errors import SpecError
+from hpsearch.knobs import defaults
+from hpsearch.models import build_model
+from hpsearch.pack import Departure, Pack, pack_refusal, structure_key
+from hpsearch.pack._optim import StackedOptimizer
+from hpsearch.tasks import make_task
+from hpsearch.train import LR_SCHEDULES, OPTIMIZERS, Diverged, TrainConfig, TrainResult, fit, make_optimizer
+
+# Float rounding: a stacked bmm sums in another order than fit's mm, and two epochs of training
+# amplify the last-bit differences somewhat; a different mask, batch or lr would be off by ~1e-2.
+WEIGHTS = {"rtol": 1e-3, "atol": 1e-4}
+METRICS = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def digits() -> SearchData:
+    return load_search_data("digits", download=False)
+
+
+def params(**overrides: Any) -> dict[str, Any]:
+    # batch 64 on digits' 1,294 training images: 20 whole batches and a short last one every epoch.
+    return {**defaults(), "epochs": 2, "n_layers": 2, "batch_size": 64, **overrides}
+
+
+def fit_alone(data: SearchData, p: dict[str, Any], seed: int, *, reports_per_epoch: int = 1
+              ) -> tuple[torch.nn.Module, TrainResult | BaseException, list]:
+    """Return (model, result or what fit raised, reports) of one trial trained as the objective does."""
+    torch.manual_seed(seed)
+    model = build_model("mlp", p, image_shape=data.image_shape, n_classes=data.n_classes)
+    reports: list = []
+    try:
+        result: TrainResult | BaseException = fit(
+            model, data, make_task("classify", p), TrainConfig.from_params(p, seed=seed, device="cpu"),
+            lambda step, metrics: reports.append((step, metrics)), reports_per_epoch=reports_per_epoch)
+    except Diverged as exc:
+        result = exc
+    return model, result, reports
+
+
+def run_pack(data: SearchData, members: list[dict[str, Any]], *, capacity: int | None = None,
+             reports_per_epoch: int = 1) -> tuple[dict[int, Departure], dict[int, list]]:
+    """Return ({member index: departure}, {member index: its reports}) of one pack of ``members``."""
+    pack = Pack(data, make_task("classify", members[0]), structure_key(members[0]),
+                capacity=capacity or len(members), reports_per_epoch=reports_per_epoch)
+    reports: dict[int, list] = {}
+    for i, p in enumerate(members):
+        reports[i] = []
+        pack.add(p, seed=100 + i, tag=i, report=lambda step, metrics, i=i: reports[i].append((step, metrics)))
+    return {d.member.tag: d for d in pack.drain()}, reports
+
+
+def assert_same_training(data: SearchData, p: dict[str, Any], seed: int, departure: Departure, reports: list,
+                         *, reports_per_epoch: int = 1) -> None:
+    """Assert that ``departure`` is what fit gives for ``p`` and ``seed``: weights, reports, result."""
+    model, result, fit_reports = fit_alone(data, p, seed, reports_per_epoch=reports_per_epoch)
+    assert isinstance(result, TrainResult) and departure.error is None
+    torch.testing.assert_close(departure.model.state_dict(), model.state_dict(), **WEIGHTS)
+    assert [step for step, _ in reports] == [step for step, _ in fit_reports]
+    for (_, packed), (_, alone) in zip(reports, fit_reports):
+        assert packed.keys() == alone.keys()
+        # epoch_seconds is wall time: the pack's epoch is K members' epoch.
+        for name in packed.keys() - {"epoch_seconds"}:
+            torch.testing.assert_close(packed[name], alone[name], **METRICS)
+    assert departure.result.epochs_run == result.epochs_run
+    assert len(departure.result.history) == len(result.history)
+
+
+def varied(**shared: Any) -> list[dict[str, Any]]:
+    """Return three members that differ in everything a pack lets them: widths, lr, decay, momenta."""
+    return [params(width=32, lr=1e-3, **shared),
+            params(width=16, lr=3e-3, weight_decay=1e-2, momentum=0.5, beta1=0.8, beta2=0.99, **shared),
+            params(width=24, width_0=24, width_1=8, lr=2e-3, weight_decay=1e-3, nesterov=True, **shared)]
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("optimizer, lr_schedule", [
+    pytest.param(o, s, marks=[] if (o, s) == ("adam", "onecycle") else [pytest.mark.slow])
+    for o in OPTIMIZERS for s in LR_SCHEDULES])
+def test_members_end_where_their_fits_end(digits: SearchData, optimizer: str, lr_schedule: str) -> None:
+    members = varied(optimizer=optimizer, lr_schedule=lr_schedule)
+    departures, reports = run_pack(digits, members)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i])
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("activation", ["relu", pytest.param("tanh", marks=pytest.mark.slow),
+                                        pytest.param("gelu", marks=pytest.mark.slow)])
+def test_batchnorm_and_activations(digits: SearchData, batchnorm: bool, activation: str) -> None:
+    # SGD, not Adam: under batchnorm, a first-layer weight on an input that is constant (digits'
+    # blank border pixels) gets a gradient that is rounding noise around 0 (batchnorm removes the
+    # constant), which Adam scales up to a full step of random sign, in fit itself as here. Such
+    # weights change nothing in training mode, but they move the running means, so fit itself is
+    # chaotic there: no pack can end nearer to it than a second fit on another thread count.
+    members = varied(batchnorm=batchnorm, activation=activation, optimizer="sgd")
+    departures, reports = run_pack(digits, members)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i])
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_dropout_masks_are_the_members_own(digits: SearchData, batchnorm: bool) -> None:
+    # Rates 0.1 and 0.4 and one member without dropout: each draws fit's masks from its own seed.
+    # (SGD under batchnorm: see test_batchnorm_and_activations.)
+    shared = {"batchnorm": batchnorm, "optimizer": "sgd" if batchnorm else "adam"}
+    members = [params(width=32, dropout=0.1, **shared), params(width=16, dropout=0.4, **shared),
+               params(width=24, dropout=0.0, **shared)]
+    departures, reports = run_pack(digits, members)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i])
+
+
+def test_augmentation_and_reports_within_an_epoch(digits: SearchData) -> None:
+    members = [params(width=32, augment_shift=1, augment_rotate=10.0), params(width=16), params(width=8,
+                                                                                                 augment_scale=0.1)]
+    departures, reports = run_pack(digits, members, reports_per_epoch=3)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], reports_per_epoch=3)
+
+
+def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData) -> None:
+    first, late = params(width=32, epochs=3), params(width=48, lr=3e-3, dropout=0.2)  # wider: the pack grows
+    pack = Pack(digits, make_task("classify", first), structure_key(first), capacity=3)
+    reports: dict[str, list] = {"first": [], "late": []}
+    pack.add(first, seed=1, tag="first", report=lambda s, m: reports["first"].append((s, m)))
+    departures = []
+    for _ in range(7):  # a third of an epoch: the late member starts at epoch 0 beside a running one
+        departures += pack.step()
+    pack.add(late, seed=2, tag="late", report=lambda s, m: reports["late"].append((s, m)))
+    departures += pack.drain()
+    by_tag = {d.member.tag: d for d in departures}
+    assert [d.member.tag for d in departures] == ["late", "first"]  # 2 epochs end before the other's 3
+    assert_same_training(digits, first, 1, by_tag["first"], reports["first"])
+    assert_same_training(digits, late, 2, by_tag["late"], reports["late"])
+
+
+# --------------------------------------------------------------------------- members end alone
+
+
+def test_a_diverged_member_fails_alone(digits: SearchData) -> None:
+    # lr 1e30: the weights overflow within two steps, whatever the rounding (lr 1e3 may or may not diverge).
+    members = [params(width=32, optimizer="sgd", lr=1e30), params(width=16, optimizer="sgd", lr=1e-2)]
+    departures, reports = run_pack(digits, members)
+    _, alone, _ = fit_alone(digits, members[0], 100)
+    assert isinstance(alone, Diverged) and isinstance(departures[0].error, Diverged)
+    assert str(departures[0].error) == str(alone)  # same epoch, step and value as fit raises
+    assert_same_training(digits, members[1], 101, departures[1], reports[1])
+
+
+def test_a_pruned_member_leaves_with_its_reports(digits: SearchData) -> None:
+    members = [params(width=32), params(width=16, lr=3e-3)]
+    pack = Pack(digits, make_task("classify", members[0]), structure_key(members[0]), capacity=2)
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def prune(step: int, metrics: dict[str, float]) -> None:
+        seen.update({name: t.clone() for name, t in pruned.model.state_dict().items()})  # as the objective's images
+        raise RuntimeError(f"pruned at {step}")  # any exception from report: the prune signal
+
+    pruned = pack.add(members[0], seed=100, tag=0, report=prune)
+    initial = {name: t.clone() for name, t in pruned.model.state_dict().items()}
+    kept: list = []
+    pack.add(members[1], seed=101, tag=1, report=lambda s, m: kept.append((s, m)))
+    departures = pack.drain()
+    assert departures[0].member is pruned and str(departures[0].error) == "pruned at 1"
+    assert len(departures[0].result.history) == 1 and departures[0].result.epochs_run == 1
+    # The reporter saw the member's trained weights, the ones it leaves with.
+    torch.testing.assert_close(seen, departures[0].model.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(seen["1.weight"], initial["1.weight"])
+    assert pack.free_slots == 2
+    assert_same_training(digits, members[1], 101, departures[1], kept)
+
+
+def test_a_departed_model_is_its_own_plain_model(digits: SearchData) -> None:
+    members = [params(width=64, batchnorm=True), params(width=16, batchnorm=True)]
+    departures, _ = run_pack(digits, members)
+    model = departures[1].model
+    fresh = build_model("mlp", members[1], image_shape=digits.image_shape, n_classes=digits.n_classes)
+    fresh.load_state_dict(model.state_dict())  # unpadded: exactly the narrow model's shapes
+    assert model[1].weight.shape == (16, 64)
+
+
+def test_padded_units_stay_zero(digits: SearchData) -> None:
+    members = [params(width=64, batchnorm=True, dropout=0.2), params(width=16, batchnorm=True, weight_decay=0.1)]
+    pack = Pack(digits, make_task("classify", members[0]), structure_key(members[0]), capacity=3)
+    narrow = [pack.add(p, seed=i, report=lambda s, m: None) for i, p in enumerate(members)][1]
+    for _ in range(25):  # past the short last batch of the first epoch
+        pack.step()
+    own_shapes = {name: tensor.shape for name, tensor in pack.stack._parameter_views(narrow.model)}
+    for name, tensor in pack.stack.params.items():
+        padding = tensor.detach()[narrow.slot].clone()
+        padding[tuple(slice(0, size) for size in own_shapes[name])] = 0
+        assert torch.count_nonzero(padding) == 0, name
+        assert torch.count_nonzero(tensor.detach()[2]) == 0, name  # the empty slot too
+
+
+# --------------------------------------------------------------------------- what packs
+
+
+def test_pack_refusal_names_the_reason() -> None:
+    assert pack_refusal("mlp", "classify") is None
+    assert "model.family 'cnn' cannot be packed" in pack_refusal("cnn", "classify")
+    assert "task.type 'denoise' cannot be packed" in pack_refusal("mlp", "denoise")
+    assert "task.precision 'bf16'" in pack_refusal("mlp", "classify", precision="bf16")
+
+
+def test_a_member_of_another_structure_is_refused(digits: SearchData) -> None:
+    p = params()
+    pack = Pack(digits, make_task("classify", p), structure_key(p), capacity=1)
+    with pytest.raises(ValueError, match="the pack's structure"):
+        pack.add(params(n_layers=3), seed=0, report=lambda s, m: None)
+    pack.add(p, seed=0, report=lambda s, m: None)
+    with pytest.raises(ValueError, match="all 1 slots are taken"):
+        pack.add(p, seed=1, report=lambda s, m: None)
+    with pytest.raises(SpecError, match="task.type 'denoise'"):
+        Pack(digits, make_task("denoise", p), structure_key(p), capacity=1)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_stacked_optimizer_is_torchs(optimizer: str) -> None:
+    # The one-pass optimizer a pack uses off the CPU, checked against fit's on the CPU.
+    configs = [TrainConfig(epochs=1, optimizer=optimizer, lr=3e-3, weight_decay=1e-2, nesterov=True),
+               TrainConfig(epochs=1, optimizer=optimizer, lr=1e-2, momentum=0.5, beta1=0.8, beta2=0.99)]
+    torch.manual_seed(0)
+    start = torch.randn(2, 5, 7)
+    singles = [torch.nn.Parameter(start[k].clone()) for k in range(2)]
+    optimizers = [make_optimizer([p], c, torch.device("cpu")) for p, c in zip(singles, configs)]
+    stacked = {"weight0": start.clone().requires_grad_()}
+    stacked_optimizer = StackedOptimizer(optimizer, stacked, capacity=2)
+    for k, o in enumerate(optimizers):
+        stacked_optimizer.set_member(k, o)
+    for _ in range(5):
+        grads = torch.randn(2, 5, 7)
+        for k, (p, o) in enumerate(zip(singles, optimizers)):
+            p.grad = grads[k].clone()
+            o.step()
+        stacked["weight0"].grad = grads
+        stacked_optimizer.step(stacked, torch.tensor([c.lr for c in configs]))
+    torch.testing.assert_close(stacked["weight0"].detach(), torch.stack([p.detach() for p in singles]))
