@@ -23,6 +23,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.errors import SpecError, StorageError
+from hpsearch.provenance import Provenance
 from hpsearch.spec import Spec, hide_secrets, mask_password, spec_from_dict
 from hpsearch.tracking import STUDY_TAG, TRIAL_TAG  # noqa: F401 - MLflow tags the tracker sets itself, named here too
 
@@ -107,18 +108,10 @@ def worker_id() -> str:
 
 
 @dataclass(frozen=True)
-class StoredData:
-    """The data a study searched on (DATA_ATTR), written by its first worker; a field an older study
-    lacks reads None."""
+class StoredData(Provenance):
+    """The data a study searched on (DATA_ATTR), written by its first worker: its provenance, and what
+    its inputs are standardised with; a field an older study lacks reads None."""
 
-    name: str
-    requested: str
-    source: str
-    n_train: int
-    n_val: int
-    n_test: int
-    sha256: str
-    fallback: bool
     mean: float  # of the training pixels in [0, 1]
     std: float
     n_classes: int
@@ -144,10 +137,9 @@ class StoredData:
         """Return the record as the study stores it (plain JSON)."""
         return {**dataclasses.asdict(self), "image_shape": list(self.image_shape)}
 
-    def provenance(self) -> dict[str, Any]:
-        """Return the fields of :class:`hpsearch.data.Provenance` (name, source, sizes, hash, fallback)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("mean", "std", "n_classes", "image_shape")}
+    def provenance(self) -> Provenance:
+        """Return the provenance alone: name, source, sizes, hash, fallback."""
+        return Provenance(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Provenance)})
 
     def describe(self, *, mark: Callable[[str], str] = str, brief: bool = False) -> str:
         """Return the data in a line: name, source, split sizes, hash (and the image shape unless ``brief``).
