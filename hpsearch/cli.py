@@ -159,7 +159,7 @@ def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir:
         sys.exit(130)
     result: dict[str, Any] = {}
     if not no_finish:
-        from hpsearch.study import finish
+        from hpsearch.finish import finish
 
         try:
             result = finish(spec, study, device=device, use_refit=False if no_refit else None)
@@ -306,10 +306,11 @@ def ui(spec_path: str, tracking_uri: str | None, runs_dir: str | None, host: str
 def report_command(spec_path: str, storage: str | None, tracking_uri: str | None, runs_dir: str | None,
                    out_dir: str | None) -> None:
     """Write SPEC's study report: one self-contained HTML file and a markdown summary."""
-    from hpsearch import insights, report
+    from hpsearch import report
+    from hpsearch.record import open_existing
 
     spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, runs_dir=runs_dir)
-    study = insights.open_existing(spec)
+    study = open_existing(spec.study.storage, spec.study.name, spec_path=spec.path)
     html_path, md_path = report.write_report(spec, study, out_dir or report.default_out_dir(spec))
     click.echo(f"wrote {html_path}\nwrote {md_path}")
 

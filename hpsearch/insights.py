@@ -23,19 +23,15 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures
-from hpsearch.errors import SpecError, StorageError
-from hpsearch.spec import Spec, hide_secrets, mask_password, without_credentials
+from hpsearch.record import (DEVICE_ATTR, EXPERIMENT_ATTR, FAIL_REASON_ATTR, FIGURES_ATTR, IMAGE_ATTRS,
+                             INTERRUPTED_ATTR, N_PARAMS_ATTR, NOTE_SHA_KEY, RECONSTRUCTION_ATTR, RUN_ID_ATTR,
+                             RUN_URL_ATTR, SEED_ATTR, TEST_ATTR, TRAIN_SECONDS_ATTR, VIEW_ATTR, FinalTest, StoredData,
+                             artifact_store, best_trial, count, epoch_text, read_artifact, reports_per_epoch)
+from hpsearch.spec import Spec, without_credentials
 from hpsearch.tracking import experiment_url, run_page_url
-from hpsearch.trials import Counts, best_trial, count, epoch_text, reports_per_epoch  # noqa: F401 - re-exported for report.py
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `hpsearch ui` serves a local MLflow store
-FIGURES_ATTR = "hpsearch.figures"  # study user attr: how many trials had finished when figures were drawn
-_NOTE_SHA_KEY = "hpsearch:note_sha:"  # study system attr: hash of the note hpsearch last wrote
 _ARTIFACTS_KEY = "artifacts:"  # Optuna's system-attr prefix for artifact metadata
-VIEW_ATTR = "mlflow_runs_view"  # study user attr: the id of the study's saved view in the MLflow UI
-RECONSTRUCTION_ATTR = "artifact:reconstruction.png"  # the trial images objective.py uploads
-CONFUSION_ATTR = "artifact:confusion_matrix.png"
-IMAGE_ATTRS = (RECONSTRUCTION_ATTR, CONFUSION_ATTR)
 CORRUPTED = {"denoise": "noisy input", "inpaint": "masked input"}
 
 Warn = Callable[[str], None]
@@ -45,52 +41,15 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- reading a study
-
-
-def open_existing(spec: Spec) -> optuna.Study:
-    """Return the spec's study from its storage, without creating it (for looking, not running)."""
-    from hpsearch.storage import checked_driver_url, engine_kwargs, opening
-
-    url = checked_driver_url(spec.study.storage, what="the Optuna storage")
-    if url.startswith("sqlite:///") and not Path(url.split(":///", 1)[1]).is_file():
-        raise SpecError(f"{spec.path}: study {spec.study.name!r} has not run yet: {url} does not exist. "
-                        f"Start it with `hpsearch run {spec.path}`.")
-    try:
-        with opening(url):
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
-            return optuna.load_study(study_name=spec.study.name, storage=storage)
-    except KeyError:
-        raise SpecError(f"{spec.path}: study {spec.study.name!r} does not exist in {mask_password(url)}. "
-                        f"Start it with `hpsearch run {spec.path}`.") from None
-    except Exception as exc:  # noqa: BLE001 - any driver error means: cannot read this storage
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open the Optuna storage {mask_password(url)}: "
-                           f"{hide_secrets(first, url)}.") from None
-
-
-def artifact_store(spec: Spec) -> FileSystemArtifactStore:
-    """Return the Optuna artifact store the spec's trials upload their images and models to."""
-    path = Path(spec.artifacts_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
-
-
-def read_artifact(store: FileSystemArtifactStore, artifact_id: str) -> bytes | None:
-    """Return an artifact's bytes, or None when it is gone (deleted, another machine's folder)."""
-    try:
-        with store.open_reader(artifact_id) as reader:
-            return reader.read()
-    except Exception:  # noqa: BLE001 - ArtifactNotFound, or an unreadable file: show the rest anyway
-        return None
+# --------------------------------------------------------------------------- links
 
 
 def run_link(study_attrs: Mapping[str, Any], trial: FrozenTrial, ui_url: str) -> str | None:
     """Return the MLflow UI address of a trial's run, or None when the trial has no run."""
-    if url := trial.user_attrs.get("mlflow_run_url"):
+    if url := trial.user_attrs.get(RUN_URL_ATTR):
         return str(url)
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    experiment = study_attrs.get("mlflow_experiment_id")
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    experiment = study_attrs.get(EXPERIMENT_ATTR)
     if not run_id or not experiment:
         return None
     return run_page_url(ui_url, str(experiment), str(run_id))
@@ -98,7 +57,7 @@ def run_link(study_attrs: Mapping[str, Any], trial: FrozenTrial, ui_url: str) ->
 
 def experiment_link(study_attrs: Mapping[str, Any], ui_url: str) -> str | None:
     """Return the MLflow UI address of the study's runs table (its saved view), or None before the first run."""
-    experiment = study_attrs.get("mlflow_experiment_id")
+    experiment = study_attrs.get(EXPERIMENT_ATTR)
     if not experiment:
         return None
     return experiment_url(ui_url, str(experiment), study_attrs.get(VIEW_ATTR))
@@ -138,7 +97,7 @@ def _annotate(spec: Spec, study: optuna.Study, trials: Sequence[FrozenTrial], *,
 def _write_note(study: optuna.Study, trial_id: int | None, body: str, system: Mapping[str, Any]) -> bool:
     from optuna_dashboard._note import get_note_from_system_attrs, save_note_with_version
 
-    sha_key = f"{_NOTE_SHA_KEY}{'study' if trial_id is None else trial_id}"
+    sha_key = f"{NOTE_SHA_KEY}{'study' if trial_id is None else trial_id}"
     if system.get(sha_key) == _sha(body):
         return False  # written before, unchanged: the common case, decided without reading the note
     current = get_note_from_system_attrs(dict(system), trial_id)
@@ -167,7 +126,7 @@ def study_note(spec: Spec, attrs: Mapping[str, Any], trials: Sequence[FrozenTria
     lines += [f"**Goal** " + ", ".join(f"{m.direction} `{m.name}`" for m in spec.study.metrics)
               + f" · {spec.study.n_trials} trials · sampler `{spec.study.sampler.type}` · "
               f"pruner `{spec.study.pruner.type}` · spec `{spec.path}`", ""]
-    lines += data_lines(attrs.get("hpsearch.data"), requested=t.dataset) + [""]
+    lines += data_lines(StoredData.from_attrs(attrs), requested=t.dataset) + [""]
     lines.append(f"**Trials** {c.finished} of {spec.study.n_trials} finished: {c.complete} complete, "
                  f"{c.pruned} pruned, {c.failed} failed" + (f", {c.lost} lost (worker died)" if c.lost else "")
                  + (f"; {c.running} running" if c.running else "") + ".")
@@ -179,10 +138,9 @@ def study_note(spec: Spec, attrs: Mapping[str, Any], trials: Sequence[FrozenTria
         lines.append("")
         lines.append("Params: " + ", ".join(f"`{k}`={_fmt(v)}" for k, v in sorted(best.params.items())))
         lines.append("")
-    test = attrs.get("hpsearch.test")
-    if test and test.get("metrics"):
-        lines.append(f"**Test split** (best trial #{test.get('trial')}, evaluated once): "
-                     + ", ".join(f"`{k}` = {v:.5g}" for k, v in sorted(test["metrics"].items())))
+    if test := FinalTest.from_dict(attrs.get(TEST_ATTR)):
+        lines.append(f"**Test split** (best trial #{test.trial}, evaluated once): "
+                     + ", ".join(f"`{k}` = {v:.5g}" for k, v in sorted(test.metrics.items())))
         lines.append("")
     if spec.tracking.enabled:
         link = experiment_link(attrs, ui_url)
@@ -210,13 +168,14 @@ def trial_note(spec: Spec, study_attrs: Mapping[str, Any], trial: FrozenTrial, *
         lines.append(f"Stopped by the pruner after epoch {epoch_text(step, reports_per_epoch(study_attrs))} "
                      f"(`{spec.study.metrics[0].name}` {trial.intermediate_values[step]:.5g}).")
         lines.append("")
-    if reason := trial.user_attrs.get("fail_reason") or trial.user_attrs.get("interrupted"):
+    if reason := trial.user_attrs.get(FAIL_REASON_ATTR) or trial.user_attrs.get(INTERRUPTED_ATTR):
         lines.append(f"Reason: `{str(reason)[:300]}`")
         lines.append("")
-    facts = [f"{trial.user_attrs['n_params']:,} parameters" if "n_params" in trial.user_attrs else None,
-             f"seed {trial.user_attrs['seed']}" if "seed" in trial.user_attrs else None,
-             f"on {trial.user_attrs['device']}" if "device" in trial.user_attrs else None,
-             f"{trial.user_attrs['train_seconds']:.1f} s" if "train_seconds" in trial.user_attrs else None]
+    a = trial.user_attrs
+    facts = [f"{a[N_PARAMS_ATTR]:,} parameters" if N_PARAMS_ATTR in a else None,
+             f"seed {a[SEED_ATTR]}" if SEED_ATTR in a else None,
+             f"on {a[DEVICE_ATTR]}" if DEVICE_ATTR in a else None,
+             f"{a[TRAIN_SECONDS_ATTR]:.1f} s" if TRAIN_SECONDS_ATTR in a else None]
     if facts := [f for f in facts if f]:
         lines.append(" · ".join(facts))
         lines.append("")
@@ -231,18 +190,18 @@ def trial_note(spec: Spec, study_attrs: Mapping[str, Any], trial: FrozenTrial, *
     return "\n".join(lines).rstrip() + "\n"
 
 
-def data_lines(data: Mapping[str, Any] | None, *, requested: str) -> list[str]:
+def data_lines(data: StoredData | None, *, requested: str) -> list[str]:
     """Return markdown lines on the data a study searched on, loud when it is a fallback."""
-    if not data:
+    if data is None:
         return [f"**Data** `{requested}` (provenance recorded with the first trial)."]
-    lines = [f"**Data** `{data.get('name')}` from `{data.get('source')}`: {data.get('n_train')} train / "
-             f"{data.get('n_val')} validation / {data.get('n_test')} test images of shape "
-             f"{data.get('image_shape')}, sha256 `{data.get('sha256')}`."]
-    if data.get("fallback"):
-        lines += ["", f"> **⚠ FALLBACK DATA**: the spec asked for `{data.get('requested') or requested}`, which "
-                      f"could not be loaded; every trial ran on `{data.get('name')}` instead. Results are not "
-                      f"results on `{data.get('requested') or requested}`."]
+    lines = [f"**Data** {data.describe(mark=_code)}"]
+    if warning := data.fallback_warning(requested, mark=_code):
+        lines += ["", f"> **⚠ FALLBACK DATA**: {warning}"]
     return lines
+
+
+def _code(text: str) -> str:
+    return f"`{text}`"
 
 
 def _fmt(value: Any) -> str:

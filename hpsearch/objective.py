@@ -32,7 +32,10 @@ from hpsearch.spec import Spec
 from hpsearch.storage import claim, is_connection_error, rdb, release_claim, swap_claim
 from hpsearch.tracking import DatasetRecord, Tracker
 from hpsearch.train import Diverged, TrainConfig, fit
-from hpsearch.trials import TRACKED_LATE_KEY, UNTRACKED_ATTR, epoch_text, untracked
+from hpsearch.record import (ARTIFACT_PREFIX, DEVICE_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, INTERRUPTED_ATTR,
+                             MODEL_ATTR, N_PARAMS_ATTR, RETRIED_FROM_TAG, RUN_ID_ATTR, RUN_URL_ATTR,
+                             SAMPLER_STREAM_ATTR, SEED_ATTR, STATE_TAG, STUDY_TAG, TRACKED_LATE_KEY, TRACKED_LATE_TAG,
+                             TRAIN_SECONDS_ATTR, TRIAL_NUMBER_TAG, UNTRACKED_ATTR, epoch_text, untracked)
 
 MODEL_FILE = "model.pt"
 METRICS_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late: live curves, one write per batch
@@ -54,7 +57,7 @@ class TrialContext:
     artifact_store: optuna.artifacts.FileSystemArtifactStore
     input_stats: tuple[float, float]  # (mean, std) inputs are standardised with: see tasks.input_stats
     reference: torch.nn.Module | None = None  # inpaint's reference classifier
-    reports_per_epoch: int = 1  # the study's: see trials.REPORTS_ATTR
+    reports_per_epoch: int = 1  # the study's: see record.REPORTS_ATTR
     warn: Callable[[str], None] = print
     datasets: Sequence[DatasetRecord] = ()  # the splits trials train and validate on, as MLflow inputs
 
@@ -78,12 +81,12 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     except Exception as exc:
         if worker_fault(exc):
             raise
-        reason = trial.user_attrs.get("fail_reason") or _reason(exc)
-        if "fail_reason" not in trial.user_attrs:  # failed outside training: nothing recorded it yet
-            trial.set_user_attr("fail_reason", reason)
-            run_id = trial.user_attrs.get("mlflow_run_id")
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR) or _reason(exc)
+        if FAIL_REASON_ATTR not in trial.user_attrs:  # failed outside training: nothing recorded it yet
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            run_id = trial.user_attrs.get(RUN_ID_ATTR)
             if ctx.tracker is not None and run_id:
-                ctx.tracker.end_run(run_id, "FAILED", tags={"hpsearch.state": "FAIL", "hpsearch.fail_reason": reason})
+                ctx.tracker.end_run(run_id, "FAILED", tags={STATE_TAG: "FAIL", FAIL_REASON_TAG: reason})
         raise TrialFailed(reason) from None
 
 
@@ -114,7 +117,7 @@ def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     n_params = count_params(model)
     failures = ctx.tracker.failures if ctx.tracker else 0  # MLflow calls failed before this trial
     run_id = _start_run(trial, ctx, params, seed, n_params, retried_from)
-    epochs = _EpochLog(ctx.tracker, run_id, failures_before=failures)
+    this = _Running(trial, ctx, run_id, _EpochLog(ctx.tracker, run_id, failures_before=failures), model, task)
     primary = spec.study.metrics[0].name
     mean, std = ctx.input_stats
 
@@ -122,9 +125,9 @@ def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if ctx.tracker and run_id:
-            epochs.add(step, metrics)
+            this.epochs.add(step, metrics)
             if step % (per_epoch * spec.tracking.log_images_every) == 0:  # pictures at epochs' ends
-                _log_images(ctx, run_id, model, task, mean, std, step // per_epoch)
+                this.log_images(step // per_epoch)
         value = metrics[primary]
         if not spec.study.multi_objective and math.isfinite(value):
             trial.report(value, step)
@@ -137,32 +140,29 @@ def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     try:
         result = fit(model, ctx.data, task, config, report, mean=mean, std=std, reports_per_epoch=per_epoch)
     except optuna.TrialPruned:
-        _end_run(ctx, run_id, epochs, "FINISHED", "PRUNED", model, task, mean, std, trial)
+        this.end("FINISHED", "PRUNED", images=True)
         raise
     except Diverged as exc:
         reason = f"diverged: {exc}"
-        _end_run(ctx, run_id, epochs, "FAILED", "FAIL", None, task, mean, std, trial, reason=reason,
-                 attrs={"fail_reason": reason})
+        this.end("FAILED", "FAIL", reason=reason, attrs={FAIL_REASON_ATTR: reason})
         raise TrialFailed(reason) from None
     except BaseException as exc:  # Ctrl-C, out of memory, a bug: record it, then let Optuna fail the trial
         reason = _reason(exc)
         interrupted = isinstance(exc, KeyboardInterrupt)
         # An interrupted trial is not the trial's fault: it does not count towards n_trials.
-        attrs = {"interrupted" if interrupted else "fail_reason": reason or "interrupted"}
-        status = "KILLED" if interrupted else "FAILED"
-        _end_run(ctx, run_id, epochs, status, "FAIL", None, task, mean, std, trial, reason=reason, attrs=attrs)
+        attrs = {INTERRUPTED_ATTR if interrupted else FAIL_REASON_ATTR: reason or "interrupted"}
+        this.end("KILLED" if interrupted else "FAILED", "FAIL", reason=reason, attrs=attrs)
         raise
-    finished: dict[str, Any] = {"train_seconds": round(time.perf_counter() - started, 3), **result.metrics}
+    finished: dict[str, Any] = {TRAIN_SECONDS_ATTR: round(time.perf_counter() - started, 3), **result.metrics}
     if ctx.device.type == "cuda":
         finished["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
     values = [float(n_params) if m.name == "n_params" else result.metrics[m.name] for m in spec.study.metrics]
     if not all(math.isfinite(v) for v in values):
         reason = f"non-finite objective value(s) {values}"
-        _end_run(ctx, run_id, epochs, "FAILED", "FAIL", None, task, mean, std, trial, reason=reason,
-                 attrs={**finished, "fail_reason": reason})
+        this.end("FAILED", "FAIL", reason=reason, attrs={**finished, FAIL_REASON_ATTR: reason})
         raise TrialFailed(reason)
-    finished["model_artifact_id"] = _save_model(trial, ctx, model)
-    _end_run(ctx, run_id, epochs, "FINISHED", "COMPLETE", model, task, mean, std, trial, attrs=finished)
+    finished[MODEL_ATTR] = this.save_model()
+    this.end("FINISHED", "COMPLETE", images=True, attrs=finished)
     return values[0] if len(values) == 1 else values
 
 
@@ -210,7 +210,7 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
 def _start_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], seed: int, n_params: int,
                retried_from: int | None) -> str | None:
     """Return the trial's MLflow run id (None without tracking), with the trial's first attrs stored."""
-    attrs: dict[str, Any] = {"seed": seed, "device": str(ctx.device), "n_params": n_params}
+    attrs: dict[str, Any] = {SEED_ATTR: seed, DEVICE_ATTR: str(ctx.device), N_PARAMS_ATTR: n_params}
     run_id = None
     if ctx.tracker is not None and ctx.parent_run_id is not None:
         run_id = _start_mlflow_run(trial, ctx, params, seed, n_params, retried_from)
@@ -218,9 +218,9 @@ def _start_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], s
             if ctx.spec.tracking.system_metrics:
                 ctx.tracker.monitor_system(run_id)  # stopped by end_run
             ctx.tracker.log_datasets(run_id, ctx.datasets)
-            attrs["mlflow_run_id"] = run_id
+            attrs[RUN_ID_ATTR] = run_id
             if url := ctx.tracker.run_url(run_id):
-                attrs["mlflow_run_url"] = url
+                attrs[RUN_URL_ATTR] = url
     set_user_attrs(trial, attrs)
     return run_id
 
@@ -228,9 +228,9 @@ def _start_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], s
 def _start_mlflow_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], seed: int, n_params: int,
                       retried_from: int | None) -> str | None:
     assert ctx.tracker is not None and ctx.parent_run_id is not None  # _start_run checks
-    tags = {"hpsearch.study": ctx.spec.study.name, "optuna.trial_number": str(trial.number)}
+    tags = {STUDY_TAG: ctx.spec.study.name, TRIAL_NUMBER_TAG: str(trial.number)}
     if retried_from is not None:
-        tags["hpsearch.retried_from"] = str(retried_from)
+        tags[RETRIED_FROM_TAG] = str(retried_from)
     logged = {**params, "seed": seed, "n_params": n_params, "device": str(ctx.device),
               **ctx.data.provenance.as_params()}
     return ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags)
@@ -263,71 +263,85 @@ class _EpochLog:
         return held
 
 
-def _log_images(ctx: TrialContext, run_id: str, model: torch.nn.Module, task: Any, mean: float, std: float,
-                epoch: int) -> None:
-    if ctx.spec.task.type == "classify" or ctx.tracker is None:
-        return
-    grid = pictures.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
-    ctx.tracker.log_image(run_id, grid, f"images/reconstruction_epoch_{epoch:03d}.png")
+@dataclass
+class _Running:
+    """One trial under way, as its pictures and its end need it: the Optuna trial, its MLflow run, its model."""
 
+    trial: optuna.Trial
+    ctx: TrialContext
+    run_id: str | None  # None without tracking, or when MLflow could not start it
+    epochs: _EpochLog
+    model: torch.nn.Module
+    task: Any  # tasks.Task
 
-def _end_run(ctx: TrialContext, run_id: str | None, epochs: _EpochLog, status: str, state: str,
-             model: torch.nn.Module | None, task: Any, mean: float, std: float, trial: optuna.Trial,
-             reason: str | None = None, attrs: Mapping[str, Any] | None = None) -> None:
-    """Store the trial's last attrs with its final pictures (to MLflow and as Optuna artifacts), then
-    close its run with the epochs' metrics not sent yet."""
-    attrs = dict(attrs or {})
-    # A pruned classifier's confusion matrix tells little; reconstructions of pruned autoencoders
-    # do show why they were pruned.
-    if model is not None and not (state == "PRUNED" and ctx.spec.task.type == "classify"):
-        try:
-            attrs.update(_final_images(ctx, run_id, model, task, mean, std, trial))
-        except Exception as exc:  # noqa: BLE001 - pictures are a bonus; never lose the trial over them
-            ctx.warn(f"warning: could not draw trial {trial.number}'s images: {exc}")
-    if ctx.tracker is not None and run_id is not None:
-        tags = {"hpsearch.state": state}
-        if reason:
-            tags["hpsearch.fail_reason"] = reason[:5000]
-        ctx.tracker.end_run(run_id, status, tags=tags, epochs=epochs.take())
-    if ctx.spec.tracking.enabled and (run_id is None or ctx.tracker is None
-                                      or ctx.tracker.failures > epochs.failures_before):
-        # Said in the study, where `status` and the report see it; `track_late` records the run once MLflow is back.
-        attrs[UNTRACKED_ATTR] = ("the MLflow server was unreachable while this trial ran: its run is missing or "
-                                 "incomplete")
-    set_user_attrs(trial, attrs)
+    def log_images(self, epoch: int) -> None:
+        """Log the reconstructions of the validation images at the end of ``epoch`` (not for classifiers)."""
+        ctx = self.ctx
+        if ctx.spec.task.type == "classify" or ctx.tracker is None or self.run_id is None:
+            return
+        mean, std = ctx.input_stats
+        grid = pictures.reconstruction_grid(self.model, ctx.data.val, self.task, mean=mean, std=std,
+                                            device=ctx.device)
+        ctx.tracker.log_image(self.run_id, grid, f"images/reconstruction_epoch_{epoch:03d}.png")
 
+    def end(self, status: str, state: str, *, images: bool = False, reason: str | None = None,
+            attrs: Mapping[str, Any] | None = None) -> None:
+        """Store the trial's last attrs (with its final picture if ``images``), then close its MLflow run
+        (``status``; tagged with the Optuna ``state`` and the ``reason``) with the epochs not sent yet."""
+        ctx = self.ctx
+        attrs = dict(attrs or {})
+        # A pruned classifier's confusion matrix tells little; reconstructions of pruned autoencoders
+        # do show why they were pruned.
+        if images and not (state == "PRUNED" and ctx.spec.task.type == "classify"):
+            try:
+                attrs.update(self._final_images())
+            except Exception as exc:  # noqa: BLE001 - pictures are a bonus; never lose the trial over them
+                ctx.warn(f"warning: could not draw trial {self.trial.number}'s images: {exc}")
+        if ctx.tracker is not None and self.run_id is not None:
+            tags = {STATE_TAG: state}
+            if reason:
+                tags[FAIL_REASON_TAG] = reason[:5000]
+            ctx.tracker.end_run(self.run_id, status, tags=tags, epochs=self.epochs.take())
+        if ctx.spec.tracking.enabled and (self.run_id is None or ctx.tracker is None
+                                          or ctx.tracker.failures > self.epochs.failures_before):
+            # Said in the study, where `status` and the report see it; `track_late` records the run once MLflow is back.
+            attrs[UNTRACKED_ATTR] = ("the MLflow server was unreachable while this trial ran: its run is missing or "
+                                     "incomplete")
+        set_user_attrs(self.trial, attrs)
 
-def _final_images(ctx: TrialContext, run_id: str | None, model: torch.nn.Module, task: Any, mean: float,
-                  std: float, trial: optuna.Trial) -> dict[str, str]:
-    """Return the user attr that names the trial's final picture, uploaded as an Optuna artifact."""
-    from hpsearch.figures import confusion_matrix_image, save_png
+    def _final_images(self) -> dict[str, str]:
+        """Return the user attr that names the trial's final picture, uploaded as an Optuna artifact."""
+        from hpsearch.figures import confusion_matrix_image, save_png
 
-    if ctx.spec.task.type == "classify":
-        counts = pictures.confusion_matrix(model, ctx.data.val, mean=mean, std=std, device=ctx.device,
-                                        n_classes=ctx.data.n_classes)
-        image, name = confusion_matrix_image(counts), "confusion_matrix.png"
-    else:
-        image = pictures.reconstruction_grid(model, ctx.data.val, task, mean=mean, std=std, device=ctx.device)
-        name = "reconstruction.png"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        save_png(image, path)  # encoded once, for both stores
-        if ctx.tracker is not None and run_id is not None:
-            ctx.tracker.log_artifact(run_id, path, "images")
-        artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
-    return {f"artifact:{name}": artifact_id}
+        ctx = self.ctx
+        mean, std = ctx.input_stats
+        if ctx.spec.task.type == "classify":
+            counts = pictures.confusion_matrix(self.model, ctx.data.val, mean=mean, std=std, device=ctx.device,
+                                            n_classes=ctx.data.n_classes)
+            image, name = confusion_matrix_image(counts), "confusion_matrix.png"
+        else:
+            image = pictures.reconstruction_grid(self.model, ctx.data.val, self.task, mean=mean, std=std,
+                                              device=ctx.device)
+            name = "reconstruction.png"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            save_png(image, path)  # encoded once, for both stores
+            if ctx.tracker is not None and self.run_id is not None:
+                ctx.tracker.log_artifact(self.run_id, path, "images")
+            artifact_id = optuna.artifacts.upload_artifact(
+                artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=self.trial,
+                mimetype="image/png")
+        return {f"{ARTIFACT_PREFIX}{name}": artifact_id}
 
-
-def _save_model(trial: optuna.Trial, ctx: TrialContext, model: torch.nn.Module) -> str:
-    """Return the id of the trained weights kept as an Optuna artifact, so the best model is never trained twice."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / MODEL_FILE
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-        artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial,
-            mimetype="application/octet-stream")
-    return artifact_id
+    def save_model(self) -> str:
+        """Return the id of the trained weights kept as an Optuna artifact, so the best model is never trained twice."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL_FILE
+            torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, path)
+            artifact_id = optuna.artifacts.upload_artifact(
+                artifact_store=self.ctx.artifact_store, file_path=str(path), study_or_trial=self.trial,
+                mimetype="application/octet-stream")
+        return artifact_id
 
 
 _RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
@@ -356,23 +370,24 @@ def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None,
         if not claim(study, key, mine):
             continue
         failures = tracker.failures
-        run_id = t.user_attrs.get("mlflow_run_id") or tracker.find_trial_run(parent_run_id, number)
+        run_id = t.user_attrs.get(RUN_ID_ATTR) or tracker.find_trial_run(parent_run_id, number)
         if run_id is None and tracker.failures == failures:
-            logged = {**t.params, **{k: t.user_attrs[k] for k in ("seed", "n_params", "device") if k in t.user_attrs}}
+            logged = {**t.params, **{k: t.user_attrs[k] for k in (SEED_ATTR, N_PARAMS_ATTR, DEVICE_ATTR)
+                                     if k in t.user_attrs}}
             run_id = tracker.start_trial(parent_run_id, number, params=logged,
-                                         tags={"hpsearch.study": study.study_name, "optuna.trial_number": str(number)})
+                                         tags={STUDY_TAG: study.study_name, TRIAL_NUMBER_TAG: str(number)})
         if run_id is not None:
             now = int(time.time() * 1000)
             metric = (study.metric_names or ["objective"])[0]
             history = [(step, now, {metric: value}) for step, value in sorted(t.intermediate_values.items())]
             final = {k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and k not in ("seed", "n_params", "sampler_stream")}
+                     and k not in (SEED_ATTR, N_PARAMS_ATTR, SAMPLER_STREAM_ATTR)}
             if final:
                 history.append((max(t.intermediate_values, default=0), now + 1, final))  # the latest values
-            status = "KILLED" if "interrupted" in t.user_attrs else _RUN_STATUS.get(t.state, "FAILED")
-            tags = {"hpsearch.state": t.state.name, "hpsearch.tracked_late": "true"}
-            if "fail_reason" in t.user_attrs:
-                tags["hpsearch.fail_reason"] = str(t.user_attrs["fail_reason"])
+            status = "KILLED" if INTERRUPTED_ATTR in t.user_attrs else _RUN_STATUS.get(t.state, "FAILED")
+            tags = {STATE_TAG: t.state.name, TRACKED_LATE_TAG: "true"}
+            if FAIL_REASON_ATTR in t.user_attrs:
+                tags[FAIL_REASON_TAG] = str(t.user_attrs[FAIL_REASON_ATTR])
             tracker.end_run(run_id, status, tags=tags, epochs=history)
         if run_id is None or tracker.failures > failures:
             release_claim(study, key, mine)  # still down: try again later

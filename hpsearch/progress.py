@@ -10,11 +10,8 @@ from typing import Any, TextIO
 import optuna
 
 from hpsearch.insights import experiment_link, ui_url_for
-from hpsearch.refit import describe
+from hpsearch.record import STOPPED_ATTR, Counts, FinalTest, StoredData, best_trial, count_trials
 from hpsearch.spec import Spec, mask_password
-from hpsearch.stopping import STOPPED_ATTR
-from hpsearch.study import Counts, count_trials
-from hpsearch.trials import best_trial
 
 
 def _clock(seconds: float) -> str:
@@ -89,23 +86,20 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
              f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)."]
     if stopped := study.user_attrs.get(STOPPED_ATTR):
         lines.append(f"Stopped early by study.stop.{stopped['rule']}: {stopped['reason']}.")
-    data = study.user_attrs.get("hpsearch.data") or {}
-    if data:
-        lines.append(f"Data: {data.get('name')} from {data.get('source')} ({data.get('n_train')} train / "
-                     f"{data.get('n_val')} validation / {data.get('n_test')} test, sha256 {data.get('sha256')})"
-                     + ("  [FALLBACK: not the requested dataset " + repr(data.get("requested")) + "]"
-                        if data.get("fallback") else ""))
-    if result:
+    if data := StoredData.from_study(study):
+        lines.append(f"Data: {data.describe(brief=True)}"
+                     + (f"  [FALLBACK: not the requested dataset {data.requested!r}]" if data.fallback else ""))
+    if test := FinalTest.from_dict(result):
         names = [m.name for m in spec.study.metrics]
-        values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, result["values"]))
-        lines.append(f"Best trial: #{result['trial']} ({values})")
-        lines.append("Best params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(result["params"].items())))
-        lines.append(f"Final model: {describe(result)}.")
-        lines.append(f"Test split ({result['n_test']} samples, touched once, by this model): "
-                     + ", ".join(f"{k}={v:.5g}" for k, v in sorted(result["metrics"].items())))
-        if result.get("model_version"):
-            lines.append(f"Registered model: {result['registered_model']} version {result['model_version']}"
-                         + (f"; {result['champion']}" if result.get("champion") else ""))
+        values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, test.values))
+        lines.append(f"Best trial: #{test.trial} ({values})")
+        lines.append("Best params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(test.params.items())))
+        lines.append(f"Final model: {test.model_text()}.")
+        lines.append(f"Test split ({test.n_test} samples, touched once, by this model): "
+                     + ", ".join(f"{k}={v:.5g}" for k, v in sorted(test.metrics.items())))
+        if test.model_version:
+            lines.append(f"Registered model: {test.registered_model} version {test.model_version}"
+                         + (f"; {test.champion}" if test.champion else ""))
     elif (best := best_trial(spec, study.get_trials(deepcopy=False))) is not None:
         names = [m.name for m in spec.study.metrics]
         values = ", ".join(f"{n}={v:.5g}" for n, v in zip(names, best.values))

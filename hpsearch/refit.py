@@ -22,6 +22,7 @@ from hpsearch import tasks
 from hpsearch.data import SearchData, Split
 from hpsearch.models import build_model
 from hpsearch.objective import trial_seed
+from hpsearch.record import SEED_ATTR
 from hpsearch.spec import Spec
 from hpsearch.train import TrainConfig, fit
 
@@ -41,20 +42,9 @@ class Refit:
     data: SearchData  # what it trained on: training + validation as its training split
 
     def as_record(self) -> dict[str, Any]:
-        """Return what the study and the summary keep of it (no model)."""
+        """Return what the study and the summary keep of it (no model; see record.FinalTest.refit)."""
         return {"trial": self.trial, "epochs": self.epochs, "epochs_rule": self.epochs_rule, "n_train": self.n_train,
                 "seed": self.seed, "seconds": round(self.seconds, 3)}
-
-
-def describe(test: dict[str, Any]) -> str:
-    """Return which model a study's test record is of, in words (summary, report): the refit or the trial's own."""
-    r = test.get("refit")
-    if not r:
-        return f"Trial #{test.get('trial')}'s own model"
-    when = ("where its validation curve peaked" if r.get("epochs_rule") == "best"
-            else "as study.refit.epochs says")
-    return (f"Trial #{r['trial']}'s configuration refit on {r['n_train']} training + validation images for "
-            f"{r['epochs']} epoch(s) ({when})")
 
 
 def refit_epochs(spec: Spec, best: FrozenTrial, *, reports_per_epoch: int = 1) -> tuple[int, str]:
@@ -89,7 +79,7 @@ def refit(spec: Spec, best: FrozenTrial, params: dict[str, Any], data: SearchDat
     study's input standardisation, so the refit model sees its inputs as the trial's did.
     """
     epochs, rule = refit_epochs(spec, best, reports_per_epoch=reports_per_epoch)
-    seed = int(best.user_attrs.get("seed", trial_seed(spec.study.seed, best.number)))
+    seed = int(best.user_attrs.get(SEED_ATTR, trial_seed(spec.study.seed, best.number)))
     full = merged(data).to(device)
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,
                            noise_kind=spec.task.noise.kind, reference=reference)

@@ -18,10 +18,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import figures, insights
-from hpsearch.refit import describe
+from hpsearch.record import (DEVICE_ATTR, FAIL_REASON_ATTR, IMAGE_ATTRS, INTERRUPTED_ATTR, N_PARAMS_ATTR, SEED_ATTR,
+                             STOPPED_ATTR, TEST_ATTR, TRAIN_SECONDS_ATTR, FinalTest, StoredData, artifact_store,
+                             best_trial, count, epoch_text, read_artifact, reports_per_epoch, untracked, untracked_note)
 from hpsearch.spec import Spec, mask_password
-from hpsearch.trials import epoch_text, reports_per_epoch, untracked, untracked_note
-from hpsearch.stopping import STOPPED_ATTR
 
 HTML_FILE = "report.html"
 MD_FILE = "summary.md"
@@ -62,14 +62,14 @@ def write_report(spec: Spec, study: optuna.Study, out_dir: str | Path) -> tuple[
     out = Path(out_dir)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    store = insights.artifact_store(spec)
+    store = artifact_store(spec)
     images: dict[str, bytes] = {}
     for name, fig in insights.study_figures(spec, study, store=store).items():
         images[name] = figures.figure_png(fig)
-    best = insights.best_trial(spec, trials)
+    best = best_trial(spec, trials)
     if best is not None:
-        for attr in insights.IMAGE_ATTRS:
-            if attr in best.user_attrs and (data := insights.read_artifact(store, best.user_attrs[attr])):
+        for attr in IMAGE_ATTRS:
+            if attr in best.user_attrs and (data := read_artifact(store, best.user_attrs[attr])):
                 images[f"best_{attr.split(':', 1)[1].removesuffix('.png')}"] = data
     for name, data in images.items():
         (out / FIGURES_DIR / f"{name}.png").write_bytes(data)
@@ -88,9 +88,9 @@ class _Facts:
                  best: FrozenTrial | None, *, untracked: Sequence[int] = ()) -> None:
         self.spec, self.attrs, self.trials, self.best = spec, attrs, trials, best
         self.untracked = list(untracked)
-        self.counts = insights.count(trials)
-        self.data = attrs.get("hpsearch.data") or {}
-        self.test = attrs.get("hpsearch.test") or {}
+        self.counts = count(trials)
+        self.data = StoredData.from_attrs(attrs)
+        self.test = FinalTest.from_dict(attrs.get(TEST_ATTR))
         self.ui_url = insights.ui_url_for(spec)
         self.metrics = spec.study.metrics
         self.per_epoch = reports_per_epoch(attrs)
@@ -117,18 +117,13 @@ class _Facts:
         return line + "."
 
     def data_line(self) -> str:
-        d = self.data
-        if not d:
+        if self.data is None:
             return f"{self.spec.task.dataset} (no trial has recorded its data yet)."
-        return (f"{d.get('name')} from {d.get('source')}: {d.get('n_train')} train / {d.get('n_val')} validation / "
-                f"{d.get('n_test')} test images of shape {d.get('image_shape')}, sha256 {d.get('sha256')}.")
+        return self.data.describe()
 
     def fallback_warning(self) -> str | None:
-        if not self.data.get("fallback"):
-            return None
-        requested = self.data.get("requested") or self.spec.task.dataset
-        return (f"FALLBACK DATA: the spec asked for {requested}, which could not be loaded; every trial ran on "
-                f"{self.data.get('name')} instead. These are not results on {requested}.")
+        warning = self.data and self.data.fallback_warning(self.spec.task.dataset)
+        return f"FALLBACK DATA: {warning}" if warning else None
 
     def best_values(self) -> list[tuple[str, float]]:
         if self.best is None:
@@ -142,7 +137,7 @@ class _Facts:
         a = self.best.user_attrs
         rows = [(k, v) for k, v in sorted(a.items()) if k.startswith("val_") and isinstance(v, (int, float))
                 and k not in {m.name for m in self.metrics}]
-        for key in ("n_params", "seed", "device", "train_seconds"):
+        for key in (N_PARAMS_ATTR, SEED_ATTR, DEVICE_ATTR, TRAIN_SECONDS_ATTR):
             if key in a:
                 rows.append((key, a[key]))
         return rows
@@ -180,7 +175,7 @@ def _value(t: FrozenTrial, per_epoch: int) -> str:
 def _reason(t: FrozenTrial, per_epoch: int) -> str:
     if t.state == TrialState.PRUNED and t.intermediate_values:
         return f"pruned after epoch {epoch_text(max(t.intermediate_values), per_epoch)}"
-    return str(t.user_attrs.get("fail_reason") or t.user_attrs.get("interrupted") or "")[:200]
+    return str(t.user_attrs.get(FAIL_REASON_ATTR) or t.user_attrs.get(INTERRUPTED_ATTR) or "")[:200]
 
 
 def _fmt(value: Any) -> str:
@@ -263,7 +258,7 @@ def _html(f: _Facts, images: Mapping[str, bytes]) -> str:
         state = _STATE.get(t.state, t.state.name.lower())
         body.append([str(t.number), f'<span class="{state}">{state}</span>', e(_value(t, f.per_epoch)),
                      *(e(_fmt(t.params[p])) if p in t.params else "" for p in params),
-                     e(_fmt(t.user_attrs.get("n_params", ""))), e(_reason(t, f.per_epoch))])
+                     e(_fmt(t.user_attrs.get(N_PARAMS_ATTR, ""))), e(_reason(t, f.per_epoch))])
     parts.append(_html_table(head, body, numeric=(0, 2), escaped=True))
     if s.tracking.enabled:
         parts.append(f"<p class=\"muted\">MLflow experiment <code>{e(s.tracking.experiment)}</code> at "
@@ -277,15 +272,15 @@ def _html(f: _Facts, images: Mapping[str, bytes]) -> str:
 def _test_html(f: _Facts) -> str:
     e = html.escape
     test = f.test
-    if not test.get("metrics"):
+    if test is None:
         return ("<p>The best model has not been evaluated on the test split yet "
                 f"(<code>hpsearch run {e(f.spec.path)}</code> does it when the study ends).</p>")
-    rows = [(k, _fmt(v)) for k, v in sorted(test["metrics"].items())]
-    lines = [f"<p>{e(describe(test))}, evaluated once on {e(str(test.get('n_test')))} "
+    rows = [(k, _fmt(v)) for k, v in sorted(test.metrics.items())]
+    lines = [f"<p>{e(test.model_text())}, evaluated once on {e(str(test.n_test))} "
              "test images the search never saw:</p>", _html_table(["test", "value"], rows, numeric=(1,))]
-    if test.get("model_version"):
-        lines.append(f"<p>Registered model <code>{e(str(test.get('registered_model')))}</code> version "
-                     f"{e(str(test['model_version']))}" + (f"; {e(test['champion'])}" if test.get("champion") else "")
+    if test.model_version:
+        lines.append(f"<p>Registered model <code>{e(str(test.registered_model))}</code> version "
+                     f"{e(str(test.model_version))}" + (f"; {e(test.champion)}" if test.champion else "")
                      + ".</p>")
     return "\n".join(lines)
 
@@ -324,12 +319,12 @@ def _markdown(f: _Facts, images: Mapping[str, bytes]) -> str:
         if link := f.run_link(f.best):
             lines += [f"MLflow run: <{link}> (`hpsearch ui {s.path}`)", ""]
     lines += ["## Test split", ""]
-    if f.test.get("metrics"):
-        lines += [f"{describe(f.test)}, evaluated once on {f.test.get('n_test')} test images:", ""]
-        lines += _md_table(["test", "value"], [(k, _fmt(v)) for k, v in sorted(f.test["metrics"].items())])
-        if f.test.get("model_version"):
-            lines += [f"Registered model `{f.test.get('registered_model')}` version {f.test['model_version']}"
-                      + (f"; {f.test['champion']}" if f.test.get("champion") else "") + ".", ""]
+    if test := f.test:
+        lines += [f"{test.model_text()}, evaluated once on {test.n_test} test images:", ""]
+        lines += _md_table(["test", "value"], [(k, _fmt(v)) for k, v in sorted(test.metrics.items())])
+        if test.model_version:
+            lines += [f"Registered model `{test.registered_model}` version {test.model_version}"
+                      + (f"; {test.champion}" if test.champion else "") + ".", ""]
     else:
         lines += ["Not evaluated yet (`hpsearch run` does it when the study ends).", ""]
     if images:

@@ -73,11 +73,3 @@ def grid(spec: Spec) -> dict[str, list[Any]]:
             n = int(round((p.high - p.low) / step)) if step else 0
             out[p.name] = [p.low + i * step for i in range(n + 1)]
     return out
-
-
-def space_to_dict(spec: Spec) -> dict[str, Any]:
-    """Return the search space as plain data, in the spec's own YAML form (round-trips)."""
-    from hpsearch.spec import _param_to_raw
-
-    return {p.name: _param_to_raw(p.__dict__ | {"when": {k: list(v) for k, v in p.when.items()}})
-            for p in spec.space}

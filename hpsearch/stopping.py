@@ -25,10 +25,8 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch.record import FAIL_REASON_ATTR, ORIGIN_ATTR, STOPPED_ATTR  # noqa: F401 - STOPPED_ATTR: its home was here
 from hpsearch.spec import MetricSpec, StopSpec
-from hpsearch.trials import ORIGIN_ATTR
-
-STOPPED_ATTR = "hpsearch.stopped"  # study user attr: {"rule", "reason", "at"} of the rule that ended it
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def _counts(t: FrozenTrial) -> bool:
     if ORIGIN_ATTR in t.user_attrs:  # copied by a warm start: the earlier study's effort, not this one's
         return False
     return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-        t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)
+        t.state == TrialState.FAIL and FAIL_REASON_ATTR in t.user_attrs)
 
 
 def _minutes_since(started: datetime.datetime | None, now: datetime.datetime) -> float:

@@ -25,10 +25,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.errors import SpecError
-from hpsearch.spec import ParamSpec, Spec, mask_password, spec_from_dict
-from hpsearch.trials import DATA_ATTR, FINGERPRINT_ATTR, ORIGIN_ATTR, SPEC_ATTR
-
-WARM_ATTR = "hpsearch.warm_start"  # study user attr: what the warm start took from where
+from hpsearch.record import (ENQUEUED_ATTR, FINGERPRINT_ATTR, N_PARAMS_ATTR, ORIGIN_ATTR, SEED_ATTR, WARM_ATTR,
+                             WARM_OF_ATTR, StoredData, read_spec)
+from hpsearch.spec import ParamSpec, Spec, mask_password
 
 
 def needed(spec: Spec, study: optuna.Study) -> bool:
@@ -38,7 +37,7 @@ def needed(spec: Spec, study: optuna.Study) -> bool:
             and not study.get_trials(deepcopy=False, states=started))
 
 
-def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: dict[str, Any], *,
+def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: StoredData, *,
                warn: Callable[[str], None]) -> dict[str, Any]:
     """Warm-start ``study`` from ``source`` (the study named in ``spec.study.warm_start``); return what was done.
 
@@ -47,12 +46,11 @@ def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: dict
     ws = spec.study.warm_start
     assert ws is not None  # needed() said so
     where = f"{spec.path}: study.warm_start"
-    stored = source.user_attrs.get(SPEC_ATTR)
-    if stored is None:
+    old = read_spec(source.user_attrs, runs_dir=spec.runs_dir)
+    if old is None:
         raise SpecError(f"{where}: study {ws.study!r} in {mask_password(ws.storage)} was not created by hpsearch "
                         "(it has no stored spec), so hpsearch cannot tell whether its results apply here.")
-    old = spec_from_dict({**stored, "runs_dir": spec.runs_dir})
-    _check_matches(where, ws.study, old, spec, source.user_attrs.get(DATA_ATTR) or {}, data)
+    _check_matches(where, ws.study, old, spec, StoredData.from_study(source), data)
     same_search = source.user_attrs.get(FINGERPRINT_ATTR) == spec.fingerprint()
     finished = [t for t in source.get_trials(deepcopy=False)
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and ORIGIN_ATTR not in t.user_attrs]
@@ -68,7 +66,7 @@ def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: dict
         if params:
             # Not skipped when the copied history holds the same params: the study trains its own
             # model of each (copies have none), once (a study is warm-started once).
-            study.enqueue_trial(params, user_attrs={"enqueued": True, "warm_start_of": f"{ws.study}#{t.number}"})
+            study.enqueue_trial(params, user_attrs={ENQUEUED_ATTR: True, WARM_OF_ATTR: f"{ws.study}#{t.number}"})
             enqueued.append(t.number)
     record = {"study": ws.study, "storage": mask_password(ws.storage), "history": added, "enqueued": enqueued,
               "same_search": same_search}
@@ -81,8 +79,8 @@ def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: dict
     return record
 
 
-def _check_matches(where: str, name: str, old: Spec, new: Spec, old_data: dict[str, Any],
-                   new_data: dict[str, Any]) -> None:
+def _check_matches(where: str, name: str, old: Spec, new: Spec, old_data: StoredData | None,
+                   new_data: StoredData) -> None:
     """Refuse a source study whose task, data, model family or first metric differ from this one's."""
     differences = []
     if old.task.type != new.task.type:
@@ -92,9 +90,9 @@ def _check_matches(where: str, name: str, old: Spec, new: Spec, old_data: dict[s
     if old.study.metrics[0] != new.study.metrics[0]:
         o, n = old.study.metrics[0], new.study.metrics[0]
         differences.append(f"first metric {o.direction} {o.name} here {n.direction} {n.name}")
-    if old_data.get("sha256") != new_data.get("sha256"):
-        differences.append(f"data {old_data.get('name')} (sha256 {old_data.get('sha256')}) here "
-                           f"{new_data.get('name')} (sha256 {new_data.get('sha256')})")
+    if old_data is None or old_data.sha256 != new_data.sha256:
+        differences.append(f"data {old_data and old_data.name} (sha256 {old_data and old_data.sha256}) here "
+                           f"{new_data.name} (sha256 {new_data.sha256})")
     if differences:
         raise SpecError(f"{where}: study {name!r} does not match this one, so its results do not apply here: "
                         + "; ".join(differences) + ". Warm-start from a study of the same task, data, model family "
@@ -120,4 +118,4 @@ def _copy(t: FrozenTrial, study_name: str) -> FrozenTrial:
         state=t.state, values=t.values if t.state == TrialState.COMPLETE else None, params=t.params,
         distributions=t.distributions, intermediate_values=dict(t.intermediate_values),
         user_attrs={ORIGIN_ATTR: f"{study_name}#{t.number}",
-                    **{k: v for k, v in t.user_attrs.items() if k in ("seed", "n_params")}})
+                    **{k: v for k, v in t.user_attrs.items() if k in (SEED_ATTR, N_PARAMS_ATTR)}})

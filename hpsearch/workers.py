@@ -27,10 +27,11 @@ from hpsearch.errors import HPSearchError, SpecError
 from hpsearch.progress import Progress
 from hpsearch.spec import Spec, mask_password
 from hpsearch.storage import fail_stale_trials, make_storage, running_trials
-from hpsearch.study import (WORKER_ATTR, Warn, count_trials, interrupt, on_stop_signals, open_study, setup_worker,
-                            stale_trial_callback, work)
+from hpsearch.record import (DEVICE_ATTR, INTERRUPTED_ATTR, RUN_ID_ATTR, STATE_TAG, STOPPED_ATTR, WORKER_ATTR, Counts,
+                             best_trial, count_trials, open_existing, untracked, untracked_note, worker_id)
+from hpsearch.signals import interrupt, on_stop_signals
+from hpsearch.study import Warn, open_study, setup_worker, stale_trial_callback, work
 from hpsearch.tracking import Tracker
-from hpsearch.trials import Counts, best_trial, untracked, untracked_note
 
 STOP_TIMEOUT_S = 30.0  # after Ctrl-C, how long workers get to close their trials before SIGKILL
 STATUS_OUTAGE_S = 10.0  # `status` and `cleanup` report an unreachable database quickly
@@ -195,20 +196,18 @@ def _stop(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]],
 
 def _close_trials_of(spec: Spec, study: optuna.Study, pids: set[int], warn: Warn) -> None:
     """Fail the RUNNING trials of killed local workers (and KILL their MLflow runs)."""
-    from hpsearch.study import worker_id
-
     host = worker_id().rsplit(":", 1)[0]
     names = {f"{host}:{pid}" for pid in pids}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get(WORKER_ATTR) not in names:
             continue
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", "worker killed after Ctrl-C")
+            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, "worker killed after Ctrl-C")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get(RUN_ID_ATTR)
         if run_id and spec.tracking.enabled:
             Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
-                    warn=warn).end_run(run_id, "KILLED", tags={"hpsearch.state": "FAIL"})
+                    warn=warn).end_run(run_id, "KILLED", tags={STATE_TAG: "FAIL"})
         warn(f"trial {t.number}: its worker did not stop within {STOP_TIMEOUT_S:g} s and was killed; "
              "the trial is closed as interrupted.")
 
@@ -249,7 +248,7 @@ class StudyStatus:
     live: tuple[TrialLife, ...]
     stale: tuple[TrialLife, ...]
     grace_period: int
-    untracked: tuple[int, ...] = ()  # finished trials missing from MLflow (see trials.untracked)
+    untracked: tuple[int, ...] = ()  # finished trials missing from MLflow (see record.untracked)
     stop: tuple[str, ...] = ()  # how close each stop rule is, or which one ended the study
 
     @property
@@ -282,13 +281,8 @@ class StudyStatus:
 
 def load_study(spec: Spec, *, warn: Warn = _stderr) -> optuna.Study:
     """Return the spec's existing study (never created here), on a storage that retries dead workers' trials."""
-    storage = make_storage(spec.study, stale_trial_callback=stale_trial_callback(spec, warn),
-                           outage_s=STATUS_OUTAGE_S, warn=warn)
-    try:
-        return optuna.load_study(study_name=spec.study.name, storage=storage)
-    except KeyError:
-        raise SpecError(f"study {spec.study.name!r} does not exist in {mask_password(spec.study.storage)}; "
-                        "start it with `hpsearch run SPEC`.") from None
+    return open_existing(spec.study.storage, spec.study.name, spec_path=spec.path, storage=lambda: make_storage(
+        spec.study, stale_trial_callback=stale_trial_callback(spec, warn), outage_s=STATUS_OUTAGE_S, warn=warn))
 
 
 def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:
@@ -300,14 +294,14 @@ def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:
     for r in running_trials(study):
         t = by_id.get(r.trial_id) or study._storage.get_trial(r.trial_id)
         life = TrialLife(number=r.number, worker=str(t.user_attrs.get(WORKER_ATTR, "?")),
-                         device=str(t.user_attrs.get("device", "?")), silent_s=r.silent_s,
+                         device=str(t.user_attrs.get(DEVICE_ATTR, "?")), silent_s=r.silent_s,
                          running_s=(now - t.datetime_start).total_seconds() if t.datetime_start else 0.0)
         (stale if r.silent_s > spec.study.grace_period else live).append(life)
     best = best_trial(spec, trials)
     metric = spec.study.metrics[0].name
     best_text = "-" if best is None else f"{metric} {best.values[0]:.6g} (trial {best.number})"
     stop = stopping.closeness(spec.study.stop, spec.study.metrics[0], trials)
-    if stopped := study.user_attrs.get(stopping.STOPPED_ATTR):
+    if stopped := study.user_attrs.get(STOPPED_ATTR):
         stop.insert(0, f"stopped early by {stopped['rule']} at {stopped['at']}: {stopped['reason']}")
     return StudyStatus(name=spec.study.name, storage=mask_password(spec.study.storage), n_trials=spec.study.n_trials,
                        counts=count_trials(study), best=best_text, live=tuple(live), stale=tuple(stale),

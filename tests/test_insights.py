@@ -10,9 +10,8 @@ from optuna_dashboard import get_note
 from optuna_dashboard._note import get_note_from_system_attrs, save_note_with_version
 
 from hpsearch import insights
-from hpsearch.errors import SpecError
 
-from .test_figures import Built, build_study, make_spec
+from .test_figures import Built, build_study
 
 DENOISE_FIGURES = ["optimization_history", "learning_curves", "param_importances", "parallel_coordinates",
                    "val_mse_vs_bottleneck_dim", "reconstructions_by_bottleneck"]
@@ -146,17 +145,6 @@ def test_study_figures_per_task(tmp_path: Path, kind: str, expected: list[str]) 
         assert labels[4] == "bottleneck 32\n#4: val_mse 0.017", "the better of the two 32-trials"
     for fig in figs.values():
         insights.figures.close(fig)
-
-
-def test_open_existing_refuses_missing_studies(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, "denoise")
-    with pytest.raises(SpecError, match="has not run yet"):
-        insights.open_existing(spec)
-    optuna.create_study(study_name="other", storage=spec.study.storage)
-    with pytest.raises(SpecError, match="'bottleneck' does not exist"):
-        insights.open_existing(spec)
-    optuna.create_study(study_name="bottleneck", storage=spec.study.storage)
-    assert insights.open_existing(spec).study_name == "bottleneck"
 
 
 def test_study_figures_of_a_multi_objective_study(tmp_path: Path) -> None:

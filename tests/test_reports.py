@@ -20,7 +20,7 @@ from hpsearch.spec import PrunerSpec
 from hpsearch.study import make_pruner
 from hpsearch.tasks import make_task
 from hpsearch.train import TrainConfig, fit
-from hpsearch.trials import REPORTS_ATTR, auto_reports_per_epoch, epoch_text
+from hpsearch.record import REPORTS_ATTR, auto_reports_per_epoch, epoch_text
 
 
 @pytest.fixture(scope="module")

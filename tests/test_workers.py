@@ -26,8 +26,9 @@ from hpsearch.cli import cli
 from hpsearch.errors import SpecError
 from hpsearch.spec import load_spec
 from hpsearch.storage import claim, read_claim, release_claim, swap_claim
-from hpsearch.study import (FINISH_KEY, FINISH_STALE_S, SAMPLER_STREAM_KEY, SPEC_ATTR, TEST_ATTR, _finish_claim,
-                            _surplus, load_stored_spec, open_study, worker_id)
+from hpsearch.finish import FINISH_STALE_S, _finish_claim
+from hpsearch.record import FINISH_KEY, SAMPLER_STREAM_KEY, SPEC_ATTR, TEST_ATTR, worker_id
+from hpsearch.study import _surplus, load_stored_spec, open_study
 from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
 
 from .servers import free_port, mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
