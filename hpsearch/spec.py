@@ -24,50 +24,9 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 from hpsearch.errors import SpecError
 from hpsearch.knobs import KNOBS, PER_LAYER
 from hpsearch.spec_file import read_yaml
+from hpsearch.vocab import (DATASETS, DEFAULT_METRIC, DEVICE_RULE, DIRECTIONS, FAMILIES, FAMILY_TASKS, MASK_PLACEMENTS,
+                            METRICS, NOISE_KINDS, PRECISIONS, PRUNERS, SAMPLERS, STATIC_METRICS, TASKS, is_device)
 
-DATASETS = ("mnist", "fashion-mnist", "kmnist", "mnist-5k", "digits")
-TASKS = ("classify", "denoise", "inpaint")
-FAMILIES = ("mlp", "cnn", "autoencoder")
-FAMILY_TASKS = {"mlp": ("classify",), "cnn": ("classify",), "autoencoder": ("denoise", "inpaint")}
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16")
-NOISE_KINDS = ("gaussian", "salt_pepper")
-MASK_PLACEMENTS = ("center", "random", "top", "bottom", "left", "right")
-DIRECTIONS = ("minimize", "maximize")
-
-# What each task reports per epoch, and which way is better. `n_params` (model size) is known
-# before training and serves multi-objective studies (accuracy vs size).
-METRICS: dict[str, dict[str, str]] = {
-    "classify": {"val_loss": "minimize", "val_accuracy": "maximize", "val_error": "minimize"},
-    "denoise": {"val_mse": "minimize", "val_psnr": "maximize"},
-    "inpaint": {
-        "val_mse": "minimize",
-        "val_mse_hidden": "minimize",
-        "val_psnr": "maximize",
-        "val_inpaint_success": "maximize",
-    },
-}
-STATIC_METRICS = {"n_params": "minimize"}
-
-SAMPLERS = {
-    "tpe": "TPESampler",
-    "random": "RandomSampler",
-    "cmaes": "CmaEsSampler",
-    "gp": "GPSampler",
-    "qmc": "QMCSampler",
-    "grid": "GridSampler",
-    "nsga2": "NSGAIISampler",
-}
-PRUNERS = {
-    "median": "MedianPruner",
-    "percentile": "PercentilePruner",
-    "successive_halving": "SuccessiveHalvingPruner",
-    "hyperband": "HyperbandPruner",
-    "wilcoxon": "WilcoxonPruner",
-    "patient": "PatientPruner",
-    "threshold": "ThresholdPruner",
-    "none": "NopPruner",
-}
 # Options hpsearch sets itself, so a spec may not.
 _RESERVED_SAMPLER_OPTIONS = {"seed", "search_space"}
 _RESERVED_PRUNER_OPTIONS = {"wrapped_pruner"}
@@ -454,13 +413,14 @@ def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
     m = check.mapping(raw, "task", required=("type", "dataset"), optional=keys)
     noise_raw = check.mapping(m.get("noise", {}), "task.noise", optional=("kind", "std", "amount"))
     mask_raw = check.mapping(m.get("mask", {}), "task.mask", optional=("size", "placement"))
+    # The task's noise, mask and batch size are the defaults of knobs a space may search: the knobs' rules.
     noise = NoiseSpec(
         kind=check.choice(noise_raw.get("kind", "gaussian"), "task.noise.kind", NOISE_KINDS),
-        std=check.number(noise_raw.get("std", 0.3), "task.noise.std", low=0.0, high=1.0),
-        amount=check.number(noise_raw.get("amount", 0.1), "task.noise.amount", low=0.0, high=1.0),
+        std=check.knob_value(KNOBS["noise_std"], noise_raw.get("std", 0.3), "task.noise.std"),
+        amount=check.knob_value(KNOBS["noise_amount"], noise_raw.get("amount", 0.1), "task.noise.amount"),
     )
     mask = MaskSpec(
-        size=check.integer(mask_raw.get("size", 14), "task.mask.size", low=1),
+        size=check.knob_value(KNOBS["mask_size"], mask_raw.get("size", 14), "task.mask.size"),
         placement=check.choice(mask_raw.get("placement", "center"), "task.mask.placement", MASK_PLACEMENTS),
     )
     fallback = m.get("fallback")
@@ -480,8 +440,8 @@ def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
         val_fraction=float(val_fraction),
         train_limit=None if limit is None else check.integer(limit, "task.train_limit", low=10),
         epochs=check.integer(m.get("epochs", 10), "task.epochs", low=1),
-        batch_size=check.integer(m.get("batch_size", 128), "task.batch_size", low=1),
-        device=check.choice(m.get("device", "auto"), "task.device", DEVICES, prefix_ok=("cuda:",)),
+        batch_size=check.knob_value(KNOBS["batch_size"], m.get("batch_size", 128), "task.batch_size"),
+        device=_device(check, m.get("device", "auto")),
         normalize=check.boolean(m.get("normalize", True), "task.normalize"),
         noise=noise,
         mask=mask,
@@ -490,6 +450,12 @@ def _parse_task(check: _Checker, raw: Any, data_dir: str | None) -> TaskSpec:
         channels_last=_channels_last(check, m.get("channels_last", "auto")),
         reports_per_epoch=_reports_per_epoch(check, m.get("reports_per_epoch", "auto")),
     )
+
+
+def _device(check: _Checker, value: Any) -> str:
+    if not is_device(value):
+        check.fail("task.device", DEVICE_RULE, value)
+    return value
 
 
 def _reports_per_epoch(check: _Checker, value: Any) -> int | None:
@@ -749,7 +715,7 @@ def _parse_metrics(check: _Checker, m: Mapping[str, Any], task: TaskSpec) -> tup
         if not isinstance(items, list) or not items:
             check.fail("study.metrics", "must be a non-empty list of metric names or {name, direction}", items)
     else:
-        items = [{"name": m.get("metric", _default_metric(task.type)), "direction": m.get("direction")}]
+        items = [{"name": m.get("metric", DEFAULT_METRIC[task.type]), "direction": m.get("direction")}]
     out = []
     for i, item in enumerate(items):
         where = "study.metric" if "metrics" not in m else f"study.metrics[{i}]"
@@ -767,10 +733,6 @@ def _parse_metrics(check: _Checker, m: Mapping[str, Any], task: TaskSpec) -> tup
         check.fail("study.metrics[0]", "the first objective must be a validation metric (it is reported "
                    "per epoch); put n_params second", out[0].name)
     return tuple(out)
-
-
-def _default_metric(task: str) -> str:
-    return {"classify": "val_accuracy", "denoise": "val_mse", "inpaint": "val_mse_hidden"}[task]
 
 
 def _parse_sampler(check: _Checker, raw: Any, metrics: tuple[MetricSpec, ...],
@@ -1062,9 +1024,8 @@ class _Checker:
             self.fail(where, "must be a non-empty string", raw)
         return raw
 
-    def choice(self, raw: Any, where: str, choices: tuple[str, ...], prefix_ok: tuple[str, ...] = ()) -> str:
-        if isinstance(raw, str) and (raw in choices or any(raw.startswith(p) and raw[len(p):].isdigit()
-                                                             for p in prefix_ok)):
+    def choice(self, raw: Any, where: str, choices: tuple[str, ...]) -> str:
+        if isinstance(raw, str) and raw in choices:
             return raw
         self.fail(where, f"must be one of {list(choices)}", raw)
         raise AssertionError  # unreachable

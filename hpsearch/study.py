@@ -37,13 +37,14 @@ from hpsearch.errors import DataError, HPSearchError, SpecError, StorageError
 from hpsearch.insights import VIEW_ATTR
 from hpsearch.objective import MODEL_FILE, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.refit import Refit
-from hpsearch.spec import STATIC_METRICS, PrunerSpec, Spec, hide_secrets, mask_password, spec_from_dict
+from hpsearch.spec import PrunerSpec, Spec, hide_secrets, mask_password, spec_from_dict
 from hpsearch.storage import (claim, claims, disk_full_cause, disk_full_error, fail_stale_trials, make_storage,
                               rdb, read_claim, release_claim, shrink_sqlite, swap_claim)
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import DatasetRecord, Tracker, check_store
 from hpsearch.trials import (DATA_ATTR, FINGERPRINT_ATTR, REPORTS_ATTR, SPEC_ATTR, Counts, auto_reports_per_epoch,
                              count, reports_per_epoch)
+from hpsearch.vocab import STATIC_METRICS, pruner_class, sampler_class
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
@@ -71,9 +72,7 @@ def make_sampler(spec: Spec, *, seed: int | None = None) -> optuna.samplers.Base
     options = dict(s.options)
     if s.type == "grid":
         return optuna.samplers.GridSampler(space.grid(spec), seed=seed, **options)
-    cls = getattr(optuna.samplers, {
-        "tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler",
-        "qmc": "QMCSampler", "nsga2": "NSGAIISampler"}[s.type])
+    cls = sampler_class(s.type)
     if s.type == "tpe" and "multivariate" not in options and not spec.study.multi_objective:
         # Conditional spaces (optimizer-specific params) are modelled jointly, not per parameter.
         options.update(multivariate=True, group=True)
@@ -94,10 +93,7 @@ def make_pruner(p: PrunerSpec, *, reports_per_epoch: int = 1) -> optuna.pruners.
         return optuna.pruners.NopPruner()
     options = {k: v * reports_per_epoch if k in _EPOCH_OPTIONS and isinstance(v, int) and not isinstance(v, bool)
                else v for k, v in p.options.items()}
-    cls = getattr(optuna.pruners, {
-        "median": "MedianPruner", "percentile": "PercentilePruner",
-        "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
-        "wilcoxon": "WilcoxonPruner", "patient": "PatientPruner", "threshold": "ThresholdPruner"}[p.type])
+    cls = pruner_class(p.type)
     if p.type == "patient":
         assert p.wrapped is not None  # the spec checks this
         return cls(make_pruner(p.wrapped, reports_per_epoch=reports_per_epoch), **options)
