@@ -943,24 +943,34 @@ def _check_userinfo(url: str, where: str) -> None:
                         "%3A, '/' as %2F).")
 
 
+_TRACKING_RULE = ("an MLflow tracking URI must be sqlite:///path/mlflow.db, file:///dir, http(s)://host[:port], "
+                  "postgresql://..., mysql://... or a directory path")
+
+
 def check_tracking_uri(uri: str, *, where: str = "tracking.uri") -> str:
-    """Return the MLflow tracking URI with relative local paths made absolute; refuse others."""
-    if "://" not in uri and ":" not in uri:
-        return Path(uri).resolve().as_uri()
-    scheme = uri.split(":", 1)[0].split("+", 1)[0]
-    if scheme not in _TRACKING_SCHEMES:
-        raise SpecError(f"{where}: {mask_password(uri)!r} is not an MLflow tracking URI. Expected "
-                        "sqlite:///path/mlflow.db, http(s)://host:port of an MLflow server, a directory path, "
-                        "or a database URL.")
+    """Return the MLflow tracking URI with relative local paths made absolute; refuse others.
+
+    The one rule for a tracking URI, wherever it comes from (a spec, a flag, the environment, a
+    stored spec, a Tracker built directly): SpecError naming ``where``, the rule and the URI (its
+    secrets masked).
+    """
+    bad = SpecError(f"{where}: {_TRACKING_RULE}, but got {mask_password(uri) if isinstance(uri, str) else uri!r}.")
+    if not isinstance(uri, str) or not uri.strip() or uri != uri.strip() or any(ord(c) < 32 for c in uri):
+        raise bad  # stray blanks or control characters are a typo, not part of a directory name
+    if "://" not in uri:
+        if ":" in uri:  # "localhost:5000", "sqlite:x.db": a scheme or a host without the "//" of a URI
+            raise bad
+        return Path(uri).resolve().as_uri()  # a directory path: MLflow's file store
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.split("+", 1)[0].lower()  # postgresql+psycopg2 -> postgresql
+    if scheme not in _TRACKING_SCHEMES or not rest.strip("/"):
+        raise bad
     if scheme == "sqlite":
-        path = uri.split(":///", 1)[1] if ":///" in uri else ""
-        if not path:
-            raise SpecError(f"{where}: {mask_password(uri)!r} names no database file. Expected "
-                            "sqlite:///path/to/mlflow.db.")
-        return "sqlite:///" + str(Path(path).resolve())
-    if scheme in ("http", "https") and not re.match(r"^https?://([^/@\s]+@)?[^/@\s:]+(:\d+)?(/\S*)?$", uri):
-        raise SpecError(f"{where}: {mask_password(uri)!r} is not a valid http(s) URL. Expected e.g. "
-                        "http://127.0.0.1:5000 (a user and password, if any, percent-escaped: user:pw@host).")
+        if not rest.startswith("/"):  # sqlite://x is an in-memory database (nothing to share) or a typo
+            raise bad
+        return "sqlite:///" + str(Path(rest[1:]).resolve())
+    if scheme in ("http", "https") and not re.match(r"^([^/@\s]+@)?[^/:@\s]+(:\d+)?(/\S*)?$", rest):
+        raise bad
     if scheme in ("postgresql", "mysql"):
         _check_userinfo(uri, where)
     return uri
