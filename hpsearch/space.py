@@ -77,7 +77,7 @@ def grid(spec: Spec) -> dict[str, list[Any]]:
 
 def space_to_dict(spec: Spec) -> dict[str, Any]:
     """Return the search space as plain data, in the spec's own YAML form (round-trips)."""
-    from hpsearch.spec import _param_to_raw
+    from hpsearch.spec.parse import _param_to_raw
 
     return {p.name: _param_to_raw(p.__dict__ | {"when": {k: list(v) for k, v in p.when.items()}})
             for p in spec.space}
