@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hpsearch.errors import SpecError
+from hpsearch.vocab import pruner_class
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -113,14 +114,11 @@ class Checker:
         return raw
 
 
-def check_options(check: Checker, module: str, class_name: str, options: Mapping[str, Any], where: str,
-                   reserved: set[str], *, build: bool = True) -> dict[str, Any]:
-    """Return the options of an Optuna sampler or pruner, each checked against the class's signature (its
-    name and its annotated type), then all of them by building the object once, as Optuna checks values there."""
-    import optuna  # only to read (and try) Optuna's own classes
-
-    cls = getattr(getattr(optuna, module), class_name)
-    owner = f"optuna.{module}.{class_name}"
+def check_options(check: Checker, cls: type, owner: str, options: Mapping[str, Any], where: str,
+                  reserved: set[str], *, build: bool = True) -> dict[str, Any]:
+    """Return the options of an Optuna sampler or pruner class ``cls`` (named ``owner`` in messages), each
+    checked against the class's signature (its name and its annotated type), then all of them by building
+    the object once, as Optuna checks values there."""
     parameters = {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
                   if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     allowed = [a for a in parameters if a not in reserved]
@@ -133,7 +131,7 @@ def check_options(check: Checker, module: str, class_name: str, options: Mapping
         checked[key] = _option_value(check, f"{where}.{key}", parameters[key].annotation, value, owner)
     if build:
         # The patient pruner wraps another, checked on its own: any pruner stands in for it here.
-        args = (optuna.pruners.NopPruner(),) if class_name == "PatientPruner" else ()
+        args = (pruner_class("none")(),) if cls is pruner_class("patient") else ()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # notes on experimental features are no problem of the spec
             try:

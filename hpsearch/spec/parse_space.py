@@ -1,4 +1,4 @@
-"""The spec's search space (``space``) and its enqueued configurations (``study.enqueue``), checked against the knobs."""
+"""The spec's search space (``space``) and its enqueued configurations (``study.enqueue``), checked by the knobs."""
 
 from __future__ import annotations
 

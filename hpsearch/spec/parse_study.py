@@ -12,7 +12,8 @@ from hpsearch.spec.objects import (MetricSpec, ParamSpec, PrunerSpec, RefitSpec,
                                    TaskSpec, WarmStartSpec)
 from hpsearch.spec.parse_space import parse_enqueue
 from hpsearch.spec.urls import check_storage_url
-from hpsearch.vocab import DEFAULT_METRIC, DIRECTIONS, METRICS, PRUNERS, SAMPLERS, STATIC_METRICS
+from hpsearch.vocab import (DEFAULT_METRIC, DIRECTIONS, METRICS, PRUNERS, SAMPLERS, STATIC_METRICS, pruner_class,
+                            sampler_class)
 
 # Options hpsearch sets itself, so a spec may not.
 _RESERVED_SAMPLER_OPTIONS = {"seed", "search_space"}
@@ -154,8 +155,8 @@ def _parse_sampler(check: Checker, raw: Any, metrics: tuple[MetricSpec, ...],
     kind = check.choice(m["type"], "study.sampler.type", tuple(SAMPLERS))
     options = {k: v for k, v in m.items() if k != "type"}
     # A grid sampler cannot be built without its grid (hpsearch's): its options are checked by type only.
-    options = check_options(check, "samplers", SAMPLERS[kind], options, "study.sampler", _RESERVED_SAMPLER_OPTIONS,
-                             build=kind != "grid")
+    options = check_options(check, sampler_class(kind), f"optuna.samplers.{SAMPLERS[kind]}", options, "study.sampler",
+                            _RESERVED_SAMPLER_OPTIONS, build=kind != "grid")
     if kind == "grid":
         for p in space:
             if p.type in ("int", "float") and not (p.type == "int" and not p.log and (p.step or 1) >= 1
@@ -185,5 +186,6 @@ def _parse_pruner(check: Checker, raw: Any, where: str) -> PrunerSpec:
                        None)
     elif "wrapped" in m:
         check.fail(f"{where}.wrapped", "only the `patient` pruner wraps another pruner", m["wrapped"])
-    options = check_options(check, "pruners", PRUNERS[kind], options, where, _RESERVED_PRUNER_OPTIONS)
+    options = check_options(check, pruner_class(kind), f"optuna.pruners.{PRUNERS[kind]}", options, where,
+                            _RESERVED_PRUNER_OPTIONS)
     return PrunerSpec(type=kind, options=options, wrapped=wrapped)
