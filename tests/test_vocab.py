@@ -4,6 +4,8 @@ tasks, data and studies accept exactly its values, and the knob table holds the 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -46,6 +48,13 @@ def refused(where: str, **sections: dict[str, Any]) -> str:
 
 def family_for(task: str) -> str:
     return next(family for family, tasks in vocab.FAMILY_TASKS.items() if task in tasks)
+
+
+def test_the_vocabulary_and_the_spec_load_without_torch_or_optuna() -> None:
+    # The spec names activations and optimizers, samplers and pruners, but builds none of them.
+    code = "import sys, hpsearch.vocab, hpsearch.spec; print(sorted({'torch', 'optuna'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- the spec
