@@ -24,8 +24,7 @@ import torch
 
 from hpsearch.errors import DataError
 from hpsearch.provenance import Provenance
-
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist", "mnist-5k", "digits")
+from hpsearch.vocab import DATASETS
 
 # torchvision's class name for each IDX dataset: its download class and its folder under a root.
 _TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}

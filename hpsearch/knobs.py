@@ -7,14 +7,14 @@ flat dict, so a knob means the same thing in every family.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-ACTIVATIONS = ("relu", "gelu", "tanh", "leaky_relu", "silu", "elu")
-LR_SCHEDULES = ("none", "cosine", "step", "onecycle")
-ENCODERS = ("dense", "conv")
+from hpsearch.errors import SpecError
+from hpsearch.vocab import ACTIVATIONS, ENCODERS, FAMILIES, LR_SCHEDULES, OPTIMIZERS, TASKS
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Knob:
     high: float | None = None
     high_exclusive: bool = False
     choices: tuple[Any, ...] = ()
-    families: tuple[str, ...] = ("mlp", "cnn", "autoencoder")
-    tasks: tuple[str, ...] = ("classify", "denoise", "inpaint")
+    families: tuple[str, ...] = FAMILIES
+    tasks: tuple[str, ...] = TASKS
     # Values of another knob under which this one matters; used as an implicit `when`.
     only_when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     extra_check: Callable[[Any], str | None] | None = None
@@ -41,10 +41,11 @@ class Knob:
             return None if isinstance(value, bool) else "must be true or false"
         if self.kind == "choice":
             return None if value in self.choices else f"must be one of {list(self.choices)}"
-        if self.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        if self.kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             return "must be an integer"
-        if self.kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return "must be a number"
+        if self.kind == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                     or not math.isfinite(value)):
+            return "must be a finite number"
         if self.low is not None and value < self.low:
             return f"must be >= {self.low}"
         if self.high is not None:
@@ -61,7 +62,7 @@ def _odd(value: Any) -> str | None:
     return None if value % 2 == 1 else "must be odd (so that padding keeps the image size)"
 
 
-_DENSE = ("mlp", "cnn", "autoencoder")
+_DENSE = FAMILIES
 _CONV = ("cnn", "autoencoder")
 
 KNOBS: dict[str, Knob] = {
@@ -121,3 +122,14 @@ PER_LAYER = ("width",)
 def defaults() -> dict[str, Any]:
     """Return a fresh dict of every knob's default value."""
     return {name: knob.default for name, knob in KNOBS.items()}
+
+
+def check(name: str, value: Any, *, where: str, shown: str | None = None) -> Any:
+    """Return ``value`` if the knob ``name`` allows it; else raise SpecError naming where, the rule and the value.
+
+    ``shown`` is the name the message gives (``width_1`` for a per-layer value of ``width``).
+    """
+    problem = KNOBS[name].problem(value)
+    if problem:
+        raise SpecError(f"{where}: `{shown or name}` {problem}, but got {value!r}.")
+    return value

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hpsearch import knobs
 from hpsearch.errors import SpecError
+from hpsearch.vocab import FAMILIES
 
-FAMILIES = ("mlp", "cnn", "autoencoder")
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+# The torch layer of each name in vocab.ACTIVATIONS (tests/test_vocab.py checks they match).
+ACTIVATION_LAYERS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
@@ -27,7 +29,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU,
     "elu": nn.ELU,
 }
-ENCODERS = ("dense", "conv")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Arch:
     encoder: str
 
     def act(self) -> nn.Module:
-        return ACTIVATIONS[self.activation]()
+        return ACTIVATION_LAYERS[self.activation]()
 
 
 def build_model(family: str, params: Mapping[str, Any], *, image_shape: tuple[int, int, int],
@@ -81,47 +82,33 @@ def read_arch(family: str, params: Mapping[str, Any]) -> Arch:
     """Return the checked architecture knobs of ``family`` from a trial's flat params."""
     conv = family == "cnn" or (family == "autoencoder" and params.get("encoder", "dense") == "conv")
 
-    def get(name: str) -> Any:
-        if name not in params:
-            raise SpecError(f"model params: {family} needs `{name}`, but it is missing.")
-        return params[name]
+    def get(name: str, shown: str | None = None) -> Any:
+        """Return the param ``shown`` (default: ``name``), checked against the knob ``name``'s rules."""
+        shown = shown or name
+        if shown not in params:
+            raise SpecError(f"model params: {family} needs `{shown}`, but it is missing.")
+        return knobs.check(name, params[shown], where="model params", shown=shown)
 
-    n_layers = _int(get("n_layers"), "n_layers", low=0)
-    width = _int(get("width"), "width", low=1)
+    n_layers = int(get("n_layers"))
+    width = int(get("width"))
     # A per-layer width (searched with `per_layer: true`) overrides the shared one.
-    widths = tuple(_int(params[f"width_{i}"], f"width_{i}", low=1) if f"width_{i}" in params else width
-                   for i in range(n_layers))
+    widths = tuple(int(get("width", f"width_{i}")) if f"width_{i}" in params else width for i in range(n_layers))
     dropout = get("dropout")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise SpecError(f"model params: `dropout` must be a number in [0, 1), but got {dropout!r}.")
     batchnorm = get("batchnorm")
-    if not isinstance(batchnorm, bool):
-        raise SpecError(f"model params: `batchnorm` must be true or false, but got {batchnorm!r}.")
     activation = get("activation")
-    if activation not in ACTIVATIONS:
-        raise SpecError(f"model params: `activation` must be one of {list(ACTIVATIONS)}, but got {activation!r}.")
     encoder = get("encoder") if family == "autoencoder" else "dense"
-    if encoder not in ENCODERS:
-        raise SpecError(f"model params: `encoder` must be one of {list(ENCODERS)}, but got {encoder!r}.")
     conv_blocks, conv_channels, kernel_size = 0, 1, 1
     if conv:
-        # A cnn with no conv blocks is a plain dense net; a conv autoencoder needs at least one.
-        conv_blocks = _int(get("conv_blocks"), "conv_blocks", low=0 if family == "cnn" else 1)
-        conv_channels = _int(get("conv_channels"), "conv_channels", low=1)
-        kernel_size = _int(get("kernel_size"), "kernel_size", low=1)
-        if kernel_size % 2 == 0:
-            raise SpecError("model params: `kernel_size` must be odd (so that padding keeps the image size), "
-                            f"but got {kernel_size!r}.")
-    bottleneck_dim = _int(get("bottleneck_dim"), "bottleneck_dim", low=1) if family == "autoencoder" else 1
+        conv_blocks = int(get("conv_blocks"))
+        if family == "autoencoder" and conv_blocks < 1:  # a cnn with none is a plain dense net; this is no autoencoder
+            raise SpecError("model params: `conv_blocks` must be >= 1 for a conv autoencoder (encoder: conv), "
+                            f"but got {conv_blocks!r}.")
+        conv_channels = int(get("conv_channels"))
+        kernel_size = int(get("kernel_size"))
+    bottleneck_dim = int(get("bottleneck_dim")) if family == "autoencoder" else 1
     return Arch(widths=widths, dropout=float(dropout), batchnorm=batchnorm, activation=activation,
                 conv_blocks=conv_blocks, conv_channels=conv_channels, kernel_size=kernel_size,
                 bottleneck_dim=bottleneck_dim, encoder=encoder)
-
-
-def _int(value: Any, name: str, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise SpecError(f"model params: `{name}` must be an integer >= {low}, but got {value!r}.")
-    return int(value)
 
 
 def _check_shape(image_shape: Any) -> tuple[int, int, int]:

@@ -39,6 +39,7 @@ from hpsearch.storage import claim, claims, disk_full_cause, disk_full_error, fa
     shrink_sqlite
 from hpsearch.tracking import Tracker, check_store
 from hpsearch.worker_setup import WorkerSetup, setup_worker
+from hpsearch.vocab import pruner_class, sampler_class
 
 __all__ = ["claim_sampler_stream", "count_trials", "finish", "load_stored_spec", "make_pruner", "make_sampler",
            "open_study", "sampler_seed", "setup_worker", "stale_trial_callback", "work", "WorkerSetup"]
@@ -60,9 +61,7 @@ def make_sampler(spec: Spec, *, seed: int | None = None) -> optuna.samplers.Base
     options = dict(s.options)
     if s.type == "grid":
         return optuna.samplers.GridSampler(space.grid(spec), seed=seed, **options)
-    cls = getattr(optuna.samplers, {
-        "tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler",
-        "qmc": "QMCSampler", "nsga2": "NSGAIISampler"}[s.type])
+    cls = sampler_class(s.type)
     if s.type == "tpe" and "multivariate" not in options and not spec.study.multi_objective:
         # Conditional spaces (optimizer-specific params) are modelled jointly, not per parameter.
         options.update(multivariate=True, group=True)
@@ -83,10 +82,7 @@ def make_pruner(p: PrunerSpec, *, reports_per_epoch: int = 1) -> optuna.pruners.
         return optuna.pruners.NopPruner()
     options = {k: v * reports_per_epoch if k in _EPOCH_OPTIONS and isinstance(v, int) and not isinstance(v, bool)
                else v for k, v in p.options.items()}
-    cls = getattr(optuna.pruners, {
-        "median": "MedianPruner", "percentile": "PercentilePruner",
-        "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
-        "wilcoxon": "WilcoxonPruner", "patient": "PatientPruner", "threshold": "ThresholdPruner"}[p.type])
+    cls = pruner_class(p.type)
     if p.type == "patient":
         assert p.wrapped is not None  # the spec checks this
         return cls(make_pruner(p.wrapped, reports_per_epoch=reports_per_epoch), **options)

@@ -10,7 +10,6 @@ seed, so every epoch of every trial, on any device, is scored on the same noisy 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -19,20 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpsearch import knobs
 from hpsearch.errors import SpecError
+from hpsearch.vocab import MASK_PLACEMENTS, METRICS, NOISE_KINDS, TASKS
 
-TASKS = ("classify", "denoise", "inpaint")
-NOISE_KINDS = ("gaussian", "salt_pepper")
-MASK_PLACEMENTS = ("center", "random", "top", "bottom", "left", "right")
-
-# task -> {metric: direction} of every metric `fit` reports (besides train_loss, epoch_seconds, lr).
-# Inpaint also reports val_inpaint_success_<k> for each class k: for the record, not to optimise.
-METRICS: dict[str, dict[str, str]] = {
-    "classify": {"val_loss": "minimize", "val_accuracy": "maximize", "val_error": "minimize"},
-    "denoise": {"val_mse": "minimize", "val_psnr": "maximize"},
-    "inpaint": {"val_mse": "minimize", "val_mse_hidden": "minimize", "val_psnr": "maximize",
-                "val_inpaint_success": "maximize"},
-}
 EVAL_SEED = 1234  # the one seed of every validation/test corruption: trials compare on the same inputs
 _PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction scores 100 dB, not infinity
 
@@ -263,15 +252,11 @@ def make_task(name: str, params: Mapping[str, Any], *, mask_placement: str = "ce
         if noise_kind not in NOISE_KINDS:
             raise SpecError(f"task.noise.kind must be one of {list(NOISE_KINDS)}, but got {noise_kind!r}.")
         key = "noise_std" if noise_kind == "gaussian" else "noise_amount"
-        value = params.get(key)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-            raise SpecError(f"task params: `{key}` must be a number in [0, 1], but got {value!r}.")
+        knobs.check(key, params.get(key), where="task params")
         return Denoise(kind=noise_kind, std=float(params.get("noise_std", 0.0)),
                        amount=float(params.get("noise_amount", 0.0)))
     if name == "inpaint":
-        size = params.get("mask_size")
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise SpecError(f"task params: `mask_size` must be an integer >= 1, but got {size!r}.")
+        size = knobs.check("mask_size", params.get("mask_size"), where="task params")
         if mask_placement not in MASK_PLACEMENTS:
             raise SpecError(f"task.mask.placement must be one of {list(MASK_PLACEMENTS)}, "
                             f"but got {mask_placement!r}.")

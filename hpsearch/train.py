@@ -20,18 +20,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from hpsearch import knobs
 from hpsearch.augment import Augmentation, make_augmenter
 from hpsearch.errors import DataError, SpecError
 from hpsearch.mlp_step import mlp_step
 from hpsearch.tasks import Classify, Task, eval_generator, evaluating, normalize, to_unit
+from hpsearch.vocab import DEVICE_RULE, PRECISIONS, is_device
 
 if TYPE_CHECKING:
     from hpsearch.data import SearchData, Split
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-LR_SCHEDULES = ("none", "cosine", "step", "onecycle")
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-PRECISIONS = ("fp32", "bf16")
+# The torch class of each name in vocab.OPTIMIZERS (tests/test_vocab.py checks they match).
+OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
 _optimizer_module = importlib.import_module("torch.optim.optimizer")  # where the global step hooks live
 _DIVERGENCE_CHECK_EVERY = 64  # batches between NaN checks: a blown-up trial stops early, without a sync per batch
 
@@ -59,20 +60,14 @@ class TrainConfig:
     channels_last: bool | None = None  # conv models' memory layout; None: on for conv models on CUDA
 
     def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, low=1)
-        _check_int("batch_size", self.batch_size, low=1)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_number("lr", self.lr, low=0.0, low_open=True)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        for name in ("momentum", "beta1", "beta2"):
-            _check_number(name, getattr(self, name), low=0.0, high=1.0)
-        _check_int("augment_shift", self.augment_shift, low=0)
-        _check_number("augment_rotate", self.augment_rotate, low=0.0)
-        _check_number("augment_scale", self.augment_scale, low=0.0, high=1.0)
-        if not isinstance(self.nesterov, bool):
-            raise SpecError(f"training params: `nesterov` must be true or false, but got {self.nesterov!r}.")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, numbers.Integral) or self.epochs < 1:
+            raise SpecError(f"training params: `epochs` must be an integer >= 1, but got {self.epochs!r}.")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"training params: `precision` must be one of {list(PRECISIONS)}, "
+                            f"but got {self.precision!r}.")
+        for f in fields(self):  # the hyperparameters among them: their rules live in the knob table
+            if f.name in knobs.KNOBS:
+                knobs.check(f.name, getattr(self, f.name), where="training params")
 
     @property
     def augmentation(self) -> Augmentation:
@@ -123,9 +118,11 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
+        if not is_device(name):
+            raise ValueError(name)
         device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise SpecError(f"task.device must be one of {list(DEVICES)}, but got {name!r}.") from None
+    except (RuntimeError, TypeError, ValueError):  # torch refuses an index it cannot hold, too
+        raise SpecError(f"task.device {DEVICE_RULE}, but got {name!r}.") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
@@ -142,7 +139,7 @@ def resolve_device(name: str) -> torch.device:
             raise SpecError(f"task.device asks for {name!r}, but Apple's MPS is not available here; use 'cpu' "
                             "or 'auto'.")
         return device
-    raise SpecError(f"task.device must be one of {list(DEVICES)}, but got {name!r}.")
+    raise AssertionError(f"is_device({name!r}) holds, but resolve_device has no case for it")  # unreachable
 
 
 def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
@@ -334,12 +331,12 @@ def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig,
     common = {"lr": config.lr, "weight_decay": config.weight_decay, **fast}
     if config.optimizer == "sgd":
         # Nesterov with zero momentum is plain SGD (and PyTorch refuses the combination).
-        return torch.optim.SGD(parameters, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0, **common)
-    if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(parameters, momentum=config.momentum, **common)
-    adam = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return adam(parameters, betas=(config.beta1, config.beta2), **common)
+        common.update(momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    elif config.optimizer == "rmsprop":
+        common.update(momentum=config.momentum)
+    else:
+        common.update(betas=(config.beta1, config.beta2))
+    return OPTIMIZER_CLASSES[config.optimizer](parameters, **common)
 
 
 def fused_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
@@ -422,27 +419,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     # One-cycle peaks at `lr`; momentum is not cycled, so the searched momentum/beta1 keep their meaning.
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
                                                steps_per_epoch=steps_per_epoch, cycle_momentum=False), True
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _check_int(name: str, value: Any, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise SpecError(f"training params: `{name}` must be an integer >= {low}, but got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SpecError(f"training params: `{name}` must be one of {list(choices)}, but got {value!r}.")
-
-
-def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
-    if not ok:
-        rule = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
-        raise SpecError(f"training params: `{name}` must be a finite number {rule}, but got {value!r}.")
 
 
 def _mps_available() -> bool:

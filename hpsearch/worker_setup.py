@@ -21,7 +21,8 @@ from hpsearch.data import Provenance, SearchData, Split, load_search_data
 from hpsearch.errors import DataError, SpecError
 from hpsearch.record import (DATA_ATTR, EXPERIMENT_ATTR, FINGERPRINT_TAG, PARENT_RUN_ATTR, REPORTS_ATTR, STORAGE_TAG,
                              STUDY_TAG, VIEW_ATTR, StoredData, auto_reports_per_epoch, open_existing, test_metric)
-from hpsearch.spec import STATIC_METRICS, Spec, mask_password
+from hpsearch.spec import Spec, mask_password
+from hpsearch.vocab import STATIC_METRICS
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import DatasetRecord, Tracker
 

@@ -212,3 +212,39 @@ def test_yaml_float_without_dot(tmp_path: Path) -> None:
     """)
     spec = load_spec(_write(tmp_path, None, text))
     assert spec.space[0].low == pytest.approx(1e-4)
+
+
+# --------------------------------------------------------------------------- one rule for a tracking URI
+
+# URIs the spec (so `validate`) and the MLflow tracker judged differently before they shared one rule.
+REFUSED_TRACKING_URIS = [
+    " mlruns",  # stray blanks are a typo, not a directory name
+    "mlruns\n",
+    "file:relative",  # a scheme without the "//" of a URI
+    "file:///",  # names no directory
+    "postgresql://",  # names no database
+    "postgresql://u:p@ss@db:5432/mlflow",  # a raw "@" in the password: the driver would take "ss@db" for the host
+]
+ACCEPTED_TRACKING_URIS = ["http://user:pw@host:5000", "https://mlflow.example.org/base", "sqlite:///runs/mlflow.db",
+                          "file:///tmp/mlruns", "mlruns"]
+
+
+@pytest.mark.parametrize("uri", REFUSED_TRACKING_URIS)
+def test_validate_and_the_tracker_refuse_the_same_tracking_uris(tmp_path: Path, uri: str) -> None:
+    from hpsearch.tracking import Tracker
+
+    result = CliRunner().invoke(cli, ["validate", str(_write(tmp_path, BASE)), "--tracking-uri", uri])
+    assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output, result.output
+    assert "tracking.uri" in result.output and "p@ss" not in result.output  # where, and no password shown
+    with pytest.raises(SpecError):  # the same rule, the same error class, wherever the URI comes from
+        Tracker(uri, "e")
+
+
+@pytest.mark.parametrize("uri", ACCEPTED_TRACKING_URIS)
+def test_validate_and_the_tracker_accept_the_same_tracking_uris(tmp_path: Path, uri: str) -> None:
+    from hpsearch.tracking import Tracker
+
+    result = CliRunner().invoke(cli, ["validate", str(_write(tmp_path, BASE)), "--tracking-uri", uri,
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    Tracker(uri, "e")  # builds without touching the store

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hpsearch.errors import StorageError
-from hpsearch.tracking import Tracker, check_uri
+from hpsearch.errors import SpecError, StorageError
+from hpsearch.spec import check_tracking_uri as check_uri  # the one rule, in the spec package
+from hpsearch.tracking import Tracker
 
 from .servers import free_port, mlflow_server
 
@@ -117,17 +118,17 @@ def test_check_uri_accepts_stores_mlflow_can_use(uri: str) -> None:
     ":::",
 ])
 def test_check_uri_refuses_with_the_rule_and_the_value(uri: str) -> None:
-    with pytest.raises(StorageError) as caught:
+    with pytest.raises(SpecError) as caught:
         check_uri(uri)
     # The message states the rule and shows the value it got.
     assert "must be sqlite:///path/mlflow.db" in str(caught.value)
     assert f"but got {uri!r}" in str(caught.value)
-    with pytest.raises(StorageError):
+    with pytest.raises(SpecError):
         Tracker(uri, "e")
 
 
 def test_check_uri_hides_a_password() -> None:
-    with pytest.raises(StorageError) as caught:
+    with pytest.raises(SpecError) as caught:
         check_uri("ftp://user:hunter2@host/x")
     assert "hunter2" not in str(caught.value) and "user:***@host" in str(caught.value)
 

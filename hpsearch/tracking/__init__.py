@@ -5,7 +5,7 @@ one concept each:
 
 - ``_tracker``: :class:`Tracker`, through which every call to the store goes, its failures turned
   into warnings;
-- ``_store``: which tracking URIs are accepted, and MLflow opened on them safely and with time limits;
+- ``_store``: a tracking URI checked (by the spec's one rule) and MLflow opened on it safely and with time limits;
 - ``_warnings``: what a failed call says, once a minute at most;
 - ``_tags`` and ``_values``: what ties runs to a study, and values logged within MLflow's limits;
 - ``_datasets``: the data a run used, as MLflow dataset inputs;
@@ -15,7 +15,7 @@ one concept each:
 
 from hpsearch.tracking._datasets import DatasetRecord
 from hpsearch.tracking._registry import CHAMPION, DATA_TAG, DIRECTION_TAG, RANKED_TAG, VERSION_METRIC_TAG
-from hpsearch.tracking._store import check_store, check_uri
+from hpsearch.tracking._store import check_store
 from hpsearch.tracking._tags import PARENT_TAG, REFIT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG
 from hpsearch.tracking._tracker import Tracker
 from hpsearch.tracking._values import NONFINITE_TAG
@@ -25,6 +25,6 @@ from hpsearch.tracking._views import (KIND_TAG, MODEL_TRAINING, TRAINING_VIEW, V
 __all__ = [
     "CHAMPION", "DATA_TAG", "DIRECTION_TAG", "KIND_TAG", "MODEL_TRAINING", "NONFINITE_TAG", "PARENT_TAG",
     "RANKED_TAG", "REFIT_TAG", "ROLE_TAG", "STUDY_TAG", "TRAINING_VIEW", "TRIAL_TAG", "VERSION_METRIC_TAG",
-    "VIEW_TAG", "DatasetRecord", "Tracker", "check_store", "check_uri", "experiment_url", "run_page_url",
+    "VIEW_TAG", "DatasetRecord", "Tracker", "check_store", "experiment_url", "run_page_url",
     "study_view_id",
 ]

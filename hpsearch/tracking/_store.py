@@ -1,4 +1,4 @@
-"""The store: which tracking URIs hpsearch records to, and MLflow opened on them safely and with time limits.
+"""The store: the tracking URI checked by the spec's rule, and MLflow opened on it safely and with time limits.
 
 A new SQLite store's tables are created under a file lock (workers may open one together), a
 SQLite store is switched to WAL with ``synchronous=NORMAL`` (see :func:`_tune_sqlite`): MLflow's
@@ -18,8 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpsearch.errors import StorageError
-from hpsearch.spec import mask_password
+from hpsearch.spec import check_tracking_uri
 from hpsearch.storage import CONNECT_TIMEOUT_S, checked_driver_url
 
 try:
@@ -30,9 +29,6 @@ except ImportError:  # Windows: no advisory locks; a new SQLite store there must
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql")
-_URI_RULE = ("an MLflow tracking URI must be sqlite:///path/mlflow.db, file:///dir, http(s)://host[:port], "
-             "postgresql://..., mysql://... or a directory path")
 _HTTP_LIMITS = {
     # MLflow retries an HTTP call 7 times with a backoff factor of 2 and waits 120 s for an answer:
     # minutes per call against a dead server. One immediate retry (urllib3 waits only before the
@@ -46,33 +42,14 @@ _HTTP_LIMITS = {
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-def check_uri(uri: str) -> None:
-    """Raise StorageError unless ``uri`` is a tracking URI hpsearch can record to."""
-    shown = mask_password(uri) if isinstance(uri, str) else uri
-    bad = StorageError(f"MLflow tracking URI: {_URI_RULE}, but got {shown!r}.")
-    if not isinstance(uri, str) or not uri.strip() or uri != uri.strip() or any(ord(c) < 32 for c in uri):
-        raise bad
-    if "://" not in uri:
-        if ":" in uri:  # "localhost:5000", "sqlite:x.db": a scheme or a host without the "//" of a URI
-            raise bad
-        return  # a directory path: MLflow's file store
-    scheme, rest = uri.split("://", 1)
-    scheme = scheme.split("+", 1)[0].lower()  # postgresql+psycopg2 -> postgresql
-    if scheme not in _SCHEMES or not rest.strip("/"):
-        raise bad
-    if scheme == "sqlite" and not rest.startswith("/"):  # sqlite://x is an in-memory database or a typo
-        raise bad
-    if scheme in ("http", "https") and not re.match(r"^([^/@\s]+@)?[^/:@\s]+(:\d+)?(/\S*)?$", rest):
-        raise bad
-
-
 def check_store(uri: str) -> str:
     """Return the URI to give MLflow for ``uri``: checked, and a database URL with an installed driver.
 
-    Raises StorageError for a malformed URI, or one whose database driver is not installed (MLflow
-    would otherwise fail on every call, and a study would record nothing but warnings).
+    Raises SpecError for a malformed URI (the spec's one rule, :func:`hpsearch.spec.check_tracking_uri`),
+    StorageError for one whose database driver is not installed (MLflow would otherwise fail on
+    every call, and a study would record nothing but warnings).
     """
-    check_uri(uri)
+    check_tracking_uri(uri)
     return checked_driver_url(uri, what="the MLflow tracking URI")
 
 
