@@ -49,6 +49,14 @@ class WorkerSetup:
     datasets: list[DatasetRecord] = field(default_factory=list)  # the training and validation splits, for MLflow
 
 
+def available_cpus() -> int:
+    """Return how many CPUs this process may run on (its affinity mask: taskset, cgroups' cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity call on this platform (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
 def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, threads: int | None = None,
                  warn: Warn = _stderr) -> WorkerSetup:
     """Return a worker's device, data (checked against the study's) and tracking, ready for trials.
@@ -59,7 +67,7 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
     from hpsearch.train import resolve_device
 
     dev = resolve_device(device or spec.task.device)
-    n_threads = threads or spec.task.threads or max(1, (os.cpu_count() or 1))
+    n_threads = threads or spec.task.threads or available_cpus()
     torch.set_num_threads(n_threads)
     data = load_search_data(spec.task.dataset, data_dir=spec.task.data_dir, val_fraction=spec.task.val_fraction,
                             seed=spec.study.seed, fallback=spec.task.fallback, train_limit=spec.task.train_limit,

@@ -31,6 +31,7 @@ from hpsearch.record import (DEVICE_ATTR, INTERRUPTED_ATTR, RUN_ID_ATTR, STATE_T
                              best_trial, count_trials, open_existing, untracked, untracked_note, worker_id)
 from hpsearch.signals import interrupt, on_stop_signals
 from hpsearch.study import Warn, open_study, setup_worker, stale_trial_callback, work
+from hpsearch.worker_setup import available_cpus
 from hpsearch.tracking import Tracker
 
 STOP_TIMEOUT_S = 30.0  # after Ctrl-C, how long workers get to close their trials before SIGKILL
@@ -59,7 +60,7 @@ def plan(workers: int | None = None, *, gpus: str | None = None, workers_per_gpu
 
     Raises SpecError for GPU ids that are malformed or not on this machine, or without CUDA.
     """
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or available_cpus()
     if workers is not None and workers < 1:
         raise SpecError(f"--workers must be at least 1, but got {workers}.")
     if workers_per_gpu < 1:

@@ -74,6 +74,17 @@ def test_cpu_threads_are_divided_among_workers(workers: int | None, cpus: int, t
     assert all(p.device is None and p.cuda_visible_devices is None for p in placements)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or os.cpu_count() == 1,
+                    reason="needs an affinity call and a machine of two or more CPUs")
+def test_threads_follow_the_cpus_this_process_may_use_not_the_machines() -> None:
+    # A process limited to one CPU (taskset, a cgroup cpuset, a pytest-xdist worker) gets one
+    # thread per worker, not os.cpu_count()'s: more threads than CPUs only stall each other.
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from hpsearch.workers import plan; print([p.threads for p in plan(None)], os.cpu_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "[1]" and int(out[1]) > 1
+
+
 @pytest.mark.parametrize(("ids", "per_gpu", "visible", "expected"), [
     ([0], 1, None, ["0"]),
     ([0, 1], 2, None, ["0", "0", "1", "1"]),  # K workers per GPU, GPU-major
