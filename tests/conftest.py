@@ -21,3 +21,19 @@ def _isolated_runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MPLBACKEND", "Agg")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     return runs
+
+
+def _one_cpu_per_xdist_worker() -> None:
+    """Under pytest-xdist, keep each test process (and what it starts) on a CPU of its own.
+
+    Two test processes that each run 2-thread torch (hpsearch takes every CPU the process may
+    use) on 2 cores stall each other: OpenMP threads spin while they wait for a core. Measured
+    on the 2-core machine, a training that took 8 s on one thread took over 180 s that way.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+
+
+_one_cpu_per_xdist_worker()
