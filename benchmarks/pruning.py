@@ -16,6 +16,7 @@ Usage: python benchmarks/pruning.py [--seeds 0,1,2,3,4] [--trials 20] [--epochs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,13 +30,9 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from hpsearch import space  # noqa: E402
-from hpsearch.models import build_model  # noqa: E402
 from hpsearch.spec import Spec, parse_spec  # noqa: E402
 from hpsearch.study import open_study, setup_worker, work  # noqa: E402
-from hpsearch.tasks import make_task  # noqa: E402
-from hpsearch.train import TrainConfig, fit  # noqa: E402
-from hpsearch.trials import reports_per_epoch  # noqa: E402
+from hpsearch.record import reports_per_epoch  # noqa: E402
 
 MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # the quickstart's pruner
 # The quickstart's search space (studies/quickstart.yaml), without its enqueued known-good trial.
@@ -84,13 +81,8 @@ def run_study(spec: Spec, *, threads: int) -> dict[str, Any]:
 
 
 def warm_up(spec: Spec, *, threads: int) -> None:
-    """Train one epoch outside the clock, so that the first measured trial pays no first-touch costs."""
-    setup = setup_worker(spec, open_study(spec, warn=_quiet), threads=threads, warn=_quiet)
-    params = space.base_params(spec)
-    model = build_model(spec.model.family, params, image_shape=setup.data.image_shape,
-                        n_classes=setup.data.n_classes)
-    fit(model, setup.data, make_task(spec.task.type, params),
-        TrainConfig.from_params({**params, "epochs": 1}, seed=0, device="cpu"), lambda step, metrics: None)
+    """Run a one-trial study outside the clock, so that the first measured trial pays no first-touch costs."""
+    run_study(dataclasses.replace(spec, study=dataclasses.replace(spec.study, n_trials=1)), threads=threads)
 
 
 def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 20, epochs: int = 8,
