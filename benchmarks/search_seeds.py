@@ -69,8 +69,7 @@ from epoch_speed import PILDataset  # noqa: E402
 
 from hpsearch.data import SearchData, load_search_data  # noqa: E402
 from hpsearch.objective import trial_seed  # noqa: E402
-from hpsearch.spec import Spec, parse_spec  # noqa: E402
-from hpsearch.spec_file import read_yaml  # noqa: E402
+from hpsearch.spec import Spec, parse_spec, read_yaml  # noqa: E402
 from hpsearch.study import make_sampler, open_study, setup_worker, work  # noqa: E402
 
 SPEC_FILE = Path(__file__).with_name("search_seeds.yaml")
