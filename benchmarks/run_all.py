@@ -1,7 +1,7 @@
 """Every benchmark of hpsearch in one run, printed as one markdown table of side-by-side ratios.
 
     python benchmarks/run_all.py            # about 25 minutes on 2 cores
-    python benchmarks/run_all.py --quick    # about 5 minutes: smaller data, fewer trials and seeds
+    python benchmarks/run_all.py --quick    # about 7 minutes: smaller data, fewer trials and seeds
 
 Each figure compares two things measured in this run on this machine, their runs interleaved
 (A, B, A, B, ...) so that a busy neighbour slows both alike; times are the best (epochs) or the
