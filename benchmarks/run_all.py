@@ -1,7 +1,7 @@
 """Every benchmark of hpsearch in one run, printed as one markdown table of side-by-side ratios.
 
-    python benchmarks/run_all.py            # about 10 minutes on 2 cores
-    python benchmarks/run_all.py --quick    # about 2 minutes: smaller data, fewer trials
+    python benchmarks/run_all.py            # about 25 minutes on 2 cores
+    python benchmarks/run_all.py --quick    # about 7 minutes: smaller data, fewer trials and seeds
 
 Each figure compares two things measured in this run on this machine, their runs interleaved
 (A, B, A, B, ...) so that a busy neighbour slows both alike; times are the best (epochs) or the
@@ -24,6 +24,7 @@ import hpsearch  # noqa: E402,F401  before torch: it sets the OpenMP wait policy
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -43,7 +44,7 @@ import batched_trials  # noqa: E402
 import epoch_speed  # noqa: E402
 import overhead  # noqa: E402
 import pruning  # noqa: E402
-import time_to_target  # noqa: E402
+import search_seeds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -55,21 +56,25 @@ class Sizes:
     overhead_trials: int  # tracked/bare pairs (a multiple of 5: the study's plots are drawn every 5 trials)
     overhead_epochs: int
     overhead_train_limit: int
+    pruning_seeds: tuple[int, ...]  # the pruned and unpruned study once per seed
     pruning_trials: int
     pruning_epochs: int
-    target_trials: int  # trials per side at most
-    target_epochs: int
+    search_seeds: tuple[int, ...]  # benchmarks/search_seeds.py, smaller: its full run takes over an hour
+    search_budgets: tuple[float, ...]  # wall seconds; the largest is each search's budget
+    search_train_limit: int  # Fashion-MNIST images (train + validation) of the searches
+    search_target: float  # validation accuracy to reach, reachable with that much data in 6 epochs
     batched_train_limit: int  # Fashion-MNIST images for the batched-trials comparison
     batched_repeats: int  # measured epochs per side and K (after one warm-up)
 
 
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
-             overhead_train_limit=20000, pruning_trials=20, pruning_epochs=8, target_trials=30, target_epochs=10,
+             overhead_train_limit=20000, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=20, pruning_epochs=8,
+             search_seeds=(0, 1, 2, 3, 4), search_budgets=(20.0, 40.0), search_train_limit=20000, search_target=0.85,
              batched_train_limit=20000, batched_repeats=3)
 QUICK = Sizes(train_limit=6000, epoch_repeats=2, overhead_trials=5, overhead_epochs=6,
-              overhead_train_limit=10000, pruning_trials=10, pruning_epochs=6, target_trials=10, target_epochs=8,
+              overhead_train_limit=10000, pruning_seeds=(0, 1), pruning_trials=10, pruning_epochs=6,
+              search_seeds=(0, 1), search_budgets=(10.0, 20.0), search_train_limit=6000, search_target=0.80,
               batched_train_limit=6000, batched_repeats=2)
-TARGET = 0.94  # validation accuracy on mnist-5k (800 images): 0.95 is a lottery of +-0.8 % noise
 BATCHED_KS = (2, 4, 8)  # trials trained together; benchmarks/batched_trials.py goes further
 BATCHED_VARIANTS = ["bmm-own", "bmm-shared"]  # vmap was slower than bmm everywhere measured
 
@@ -216,43 +221,55 @@ def worker_rows(quick: bool, extra: list[str]) -> list[Row]:
 
 
 def pruning_rows(sizes: Sizes, threads: int) -> list[Row]:
-    """Rows: the median pruner vs none on the same study: epochs, wall time, best value."""
-    r = pruning.measure(trials=sizes.pruning_trials, epochs=sizes.pruning_epochs, threads=threads)
-    on, off = r["median"], r["none"]
-    where = f"mnist-5k MLP, TPE seed 0, {r['trials']} trials x {r['epochs_per_trial']} epochs"
+    """Rows: the median pruner vs none on the same study, over seeds: epochs, wall time, best value."""
+    r = pruning.measure(seeds=sizes.pruning_seeds, trials=sizes.pruning_trials, epochs=sizes.pruning_epochs,
+                        threads=threads)
+    s = pruning.summarize(r)
+    where = (f"mnist-5k MLP, TPE, {r['trials']} trials x {r['epochs_per_trial']} epochs, seeds "
+             f"{','.join(map(str, r['seeds']))}; median [min, max]")
     return [
-        Row(f"pruning: epochs trained, median pruner vs none ({where}; {on['pruned']} pruned)",
-            f"{on['epochs']}", f"{off['epochs']}", f"{on['epochs'] / off['epochs']:.2f}x"),
-        Row("pruning: wall seconds of the study, median pruner vs none", f"{on['seconds']:.1f} s",
-            f"{off['seconds']:.1f} s", f"{on['seconds'] / off['seconds']:.2f}x"),
-        Row("pruning: best val_accuracy, median pruner vs none", f"{on['best']:.4f}", f"{off['best']:.4f}",
-            f"{100 * (on['best'] - off['best']):+.2f} points"),
+        Row(f"pruning: epochs trained, median pruner vs none ({where}; {s['pruned'][0]:g} pruned)", "", "",
+            pruning.spread_text(s["epochs_ratio"], ".2f") + "x", "<= 0.5x"),
+        Row("pruning: wall seconds of the study, median pruner vs none", "", "",
+            pruning.spread_text(s["seconds_ratio"], ".2f") + "x"),
+        Row("pruning: best val_accuracy, median pruner vs none", pruning.spread_text(s["best_median"], ".4f"),
+            pruning.spread_text(s["best_none"], ".4f"), pruning.spread_text(s["best_gap"], "+.4f")),
     ]
 
 
 def target_rows(sizes: Sizes, threads: int) -> list[Row]:
-    """Rows: seconds (and trials) to the target accuracy, hpsearch vs a plain Optuna objective."""
-    r = time_to_target.measure(target=TARGET, max_trials=sizes.target_trials, epochs=sizes.target_epochs,
-                               threads=threads)
-    ours, theirs = r["reached"]["hpsearch"], r["reached"]["plain"]
+    """Rows: time to a target and best value after fixed budgets, hpsearch vs a plain Optuna objective, over seeds."""
+    budgets = sizes.search_budgets
+    runs = search_seeds.measure(seeds=sizes.search_seeds, budget=max(budgets), threads=threads,
+                            train_limit=sizes.search_train_limit)
+    summary = search_seeds.summarize(runs, target=sizes.search_target, budgets=budgets)
+    plain = summary["plain"]
+    where = (f"Fashion-MNIST MLP ({sizes.search_train_limit} images), seeds {','.join(map(str, sizes.search_seeds))}, "
+             f"{max(budgets):g} s each; median [min, max]")
+    never = f"> {max(budgets):g}"
+    rows = []
+    for searcher in ("hpsearch", "hpsearch-1"):
+        ours = summary[searcher]
+        label = search_seeds.LABELS[searcher]
+        rows.append(Row(f"search: seconds to val_accuracy >= {sizes.search_target}, {label} vs plain Optuna ({where})",
+                        ours["time_to_target"].text(".0f", never), plain["time_to_target"].text(".0f", never),
+                        _median_speedup(ours["time_to_target"].median, plain["time_to_target"].median,
+                                        max(budgets))))
+        for b in budgets:
+            gap = ours["best_at"][b].median - plain["best_at"][b].median
+            rows.append(Row(f"search: best val_accuracy after {b:g} s, {label} vs plain Optuna",
+                            ours["best_at"][b].text(".4f", "none"), plain["best_at"][b].text(".4f", "none"),
+                            f"{100 * gap:+.2f} points" if math.isfinite(gap) else "-"))
+    return rows
 
-    def cell(label: str) -> str:
-        hit = r["reached"][label]
-        if hit is None:
-            return f"not reached in {r['max_trials']} trials ({r['seconds'][label]:.0f} s)"
-        return f"{hit['seconds']:.1f} s (trial {hit['trials']:.0f})"
 
-    if ours and theirs:
-        ratio = f"**{theirs['seconds'] / ours['seconds']:.1f}x faster**"
-    elif ours:
-        ratio = f"baseline did not get there; > {r['seconds']['plain'] / ours['seconds']:.1f}x faster"
-    else:
-        ratio = "hpsearch did not get there"
-    what = (f"time to val_accuracy >= {TARGET}: hpsearch study (tensor loop, median pruner, SQLite, MLflow) vs "
-            f"plain Optuna objective (DataLoader + ToTensor, no pruning), mnist-5k MLP, same space and TPE seed, "
-            f"{r['epochs']} epochs/trial; setup not counted ({r['setup']['hpsearch']:.1f} s vs "
-            f"{r['setup']['plain']:.1f} s)")
-    return [Row(what, cell("hpsearch"), cell("plain"), ratio)]
+def _median_speedup(ours: float, theirs: float, budget: float) -> str:
+    """Return how much sooner the median search of ours reached the target (infinities: not within ``budget``)."""
+    if math.isinf(ours):
+        return "hpsearch's median search did not get there"
+    if math.isinf(theirs):
+        return f"baseline's median search did not get there: > {budget / ours:.1f}x faster"
+    return _faster(ours, theirs)
 
 
 def batched_rows(sizes: Sizes, threads: int) -> list[Row]:
