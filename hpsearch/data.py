@@ -11,11 +11,10 @@ import functools
 import gzip
 import hashlib
 import math
+import logging
 import os
 import socket
-import sys
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,11 @@ import numpy as np
 import torch
 
 from hpsearch.errors import DataError
+from hpsearch.log import LOUD
 from hpsearch.provenance import Provenance
 from hpsearch.vocab import DATASETS
+
+logger = logging.getLogger(__name__)
 
 # torchvision's class name for each IDX dataset: its download class and its folder under a root.
 _TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
@@ -132,7 +134,6 @@ def load_search_data(
     fallback: str | None = None,
     train_limit: int | None = None,
     download: bool = True,
-    warn: Callable[[str], None] | None = None,
 ) -> SearchData:
     """Return the train and validation splits of ``name`` (or, loudly, of ``fallback``)."""
     # 1. Check every argument before touching any file: a typo must not turn into a fallback.
@@ -157,10 +158,10 @@ def load_search_data(
             raise DataError(f"{exc} The fallback {fallback!r} could not be loaded either "
                             f"({_reasons(fallback_exc)}).") from None
         used = fallback
-        (warn or _stderr)(
-            f"WARNING: dataset {name!r} could not be loaded ({_reasons(exc)}); using fallback {fallback!r} "
+        logger.warning(
+            f"dataset {name!r} could not be loaded ({_reasons(exc)}); using fallback {fallback!r} "
             f"({len(full.train_labels):,} train samples, source {full.source}). Results are NOT results on "
-            f"{name!r}; the data actually used is recorded on the study and on every run.")
+            f"{name!r}; the data actually used is recorded on the study and on every run.", extra=LOUD)
     # 3. The seeded validation split, and the normalisation statistics of what is trained on.
     train, val = _carve(full, val_fraction, seed, train_limit)
     mean, std = _pixel_mean_std(train.images)
@@ -454,7 +455,3 @@ def _with_fixed_test(images: np.ndarray, labels: np.ndarray, n_test: int, source
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
     return _Full(images[train], labels[train].astype(np.int64), images[test], labels[test].astype(np.int64),
                  source)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
