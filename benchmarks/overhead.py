@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import statistics
 import sys
@@ -60,15 +61,15 @@ def measure(*, trials: int = 10, epochs: int = 8, train_limit: int = 20000,
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
-    quiet = lambda message: None  # noqa: E731 - the benchmark prints its own lines
+    logging.getLogger("hpsearch").setLevel(logging.ERROR)  # the benchmark prints its own lines
     with tempfile.TemporaryDirectory(prefix="hpsearch-overhead-") as tmp:
         spec = parse_spec(spec_raw(epochs=epochs, train_limit=train_limit), source="benchmarks/overhead.py",
                           runs_dir=Path(tmp))
         started = time.perf_counter()
-        study = open_study(spec, warn=quiet)
-        setup = setup_worker(spec, study, threads=threads, warn=quiet)
+        study = open_study(spec)
+        setup = setup_worker(spec, study, threads=threads)
         setup_seconds = time.perf_counter() - started
-        work(_with_total(spec, 1), study, setup, warn=quiet)  # warm-up: imports, first writes, the stores' tables
+        work(_with_total(spec, 1), study, setup)  # warm-up: imports, first writes, the stores' tables
         tracked: list[float] = []
         bare: list[float] = []
         for i in range(trials):
@@ -88,7 +89,7 @@ def _with_total(spec: Spec, n_trials: int) -> Spec:
 def _tracked_trial(spec: Spec, study: Any, setup: Any, *, total: int) -> float:
     """Return the wall seconds of one trial run the way a worker runs it."""
     started = time.perf_counter()
-    ran = work(_with_total(spec, total), study, setup, warn=lambda message: None)
+    ran = work(_with_total(spec, total), study, setup)
     seconds = time.perf_counter() - started
     if ran != 1:
         raise RuntimeError(f"expected the worker to run 1 trial, but it ran {ran}.")

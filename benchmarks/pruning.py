@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import statistics
 import sys
@@ -67,10 +68,11 @@ PRUNERS = {"median": MEDIAN, "none": "none"}
 
 def run_study(spec: Spec, *, threads: int) -> dict[str, Any]:
     """Return the epochs trained, wall seconds of the trials, best value and pruned trials of one whole study."""
-    study = open_study(spec, warn=_quiet)
-    setup = setup_worker(spec, study, threads=threads, warn=_quiet)
+    logging.getLogger("hpsearch").setLevel(logging.ERROR)  # the benchmark prints its own lines
+    study = open_study(spec)
+    setup = setup_worker(spec, study, threads=threads)
     started = time.perf_counter()
-    work(spec, study, setup, warn=_quiet)
+    work(spec, study, setup)
     seconds = time.perf_counter() - started
     trials = study.get_trials(deepcopy=False)
     values = [t.value for t in trials if t.value is not None]
@@ -122,10 +124,6 @@ def spread_text(spread: tuple[float, float, float], fmt: str) -> str:
     """Return "median [min, max]"."""
     median, low, high = spread
     return f"{median:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -129,11 +130,12 @@ def bench_spec(searcher: str, seed: int, *, runs_dir: Path, train_limit: int | N
 def run_hpsearch(searcher: str, spec: Spec, *, budget: float, threads: int) -> Run:
     """Return the search of an hpsearch worker on ``spec``, through the library, for ``budget`` seconds."""
     started_at, started = datetime.datetime.now(), time.perf_counter()
-    study = open_study(spec, warn=_quiet)
-    setup = setup_worker(spec, study, threads=threads, warn=_quiet)
+    logging.getLogger("hpsearch").setLevel(logging.ERROR)  # the benchmark prints its own lines
+    study = open_study(spec)
+    setup = setup_worker(spec, study, threads=threads)
     setup_seconds = time.perf_counter() - started
     if budget > setup_seconds:
-        work(spec, study, setup, timeout=budget - setup_seconds, warn=_quiet)
+        work(spec, study, setup, timeout=budget - setup_seconds)
     trials = study.get_trials(deepcopy=False)
     return Run(searcher, spec.study.seed, setup_seconds, time.perf_counter() - started, setup.reports_per_epoch,
                trial_records(trials, started_at, setup.reports_per_epoch), searched_space(trials))
@@ -250,8 +252,9 @@ def warm_up(runs_dir: Path, *, threads: int, train_limit: int | None) -> None:
     spec = bench_spec("hpsearch", 0, runs_dir=runs_dir, train_limit=train_limit)
     spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, name="warm-up", n_trials=1),
                                task=dataclasses.replace(spec.task, epochs=1))
-    study = open_study(spec, warn=_quiet)
-    work(spec, study, setup_worker(spec, study, threads=threads, warn=_quiet), warn=_quiet)
+    logging.getLogger("hpsearch").setLevel(logging.ERROR)  # the benchmark prints its own lines
+    study = open_study(spec)
+    work(spec, study, setup_worker(spec, study, threads=threads))
     plain = PlainSearch(spec, threads=threads)
     plain.study.optimize(plain.objective, n_trials=1)
 
@@ -421,10 +424,6 @@ def main() -> None:
     if args.plot:
         plot(runs, target=args.target, budgets=budgets, path=args.plot)
         print(f"\nanytime curves: {args.plot}")
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def _load() -> str:

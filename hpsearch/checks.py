@@ -8,6 +8,7 @@ They need torch (so they are not in `spec`), not Optuna or MLflow; `hpsearch val
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from hpsearch.data import IMAGE_SHAPES, N_CLASSES, TRAIN_SIZES, split_sizes
 from hpsearch.errors import SpecError
 from hpsearch.models import build_model, count_params
 from hpsearch.spec import ParamSpec, Spec
+
+logger = logging.getLogger(__name__)
 
 _BYTES_PER_PARAM = 16  # float32 weights, their gradients and Adam's two moments
 _ACTIVATION_COPIES = 3  # each layer's output is kept for the backward pass, gets a gradient, and a temporary
@@ -169,26 +172,24 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def split_warnings(spec: Spec) -> list[str]:
-    """Return warnings about splits too small to measure on, or batches larger than the training split."""
+def warn_about_splits(spec: Spec) -> None:
+    """Warn about splits too small to measure on, or batches larger than the training split."""
     t = spec.task
     n_train, n_val = split_sizes(t.dataset, val_fraction=t.val_fraction, train_limit=t.train_limit)
     used = n_train + n_val
-    out = []
     if n_val < MIN_VAL_SAMPLES:
-        out.append(f"warning: {spec.path}: task.val_fraction {t.val_fraction:g} leaves {n_val} validation image(s) "
-                   f"of the {used} used from {t.dataset}: validation metrics move in steps of {100 / n_val:.2g} % "
-                   f"and pruning follows their noise. Validate on at least {MIN_VAL_SAMPLES} (val_fraction >= "
-                   f"{MIN_VAL_SAMPLES / used:.2g}).")
+        logger.warning(f"{spec.path}: task.val_fraction {t.val_fraction:g} leaves {n_val} validation image(s) "
+                       f"of the {used} used from {t.dataset}: validation metrics move in steps of "
+                       f"{100 / n_val:.2g} % and pruning follows their noise. Validate on at least "
+                       f"{MIN_VAL_SAMPLES} (val_fraction >= {MIN_VAL_SAMPLES / used:.2g}).")
     if n_val > n_train:
-        out.append(f"warning: {spec.path}: task.val_fraction {t.val_fraction:g} keeps {n_train} of the {used} "
-                   f"images of {t.dataset} for training and validates on {n_val}: the models learn from less "
-                   "than they are judged on.")
+        logger.warning(f"{spec.path}: task.val_fraction {t.val_fraction:g} keeps {n_train} of the {used} "
+                       f"images of {t.dataset} for training and validates on {n_val}: the models learn from less "
+                       "than they are judged on.")
     batch_sizes = [t.batch_size] + [p.largest() for p in spec.space if p.name == "batch_size"]
     if max(batch_sizes) > n_train:
-        out.append(f"warning: {spec.path}: a batch size of {max(batch_sizes)} is larger than the {n_train} training "
-                   f"images of {t.dataset}: every epoch is then a single step on all of them.")
-    return out
+        logger.warning(f"{spec.path}: a batch size of {max(batch_sizes)} is larger than the {n_train} training "
+                       f"images of {t.dataset}: every epoch is then a single step on all of them.")
 
 
 def _gb(n_bytes: int) -> str:

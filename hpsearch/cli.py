@@ -34,9 +34,19 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="hpsearch")
-@click.option("-v", "--verbose", is_flag=True, help="Show Optuna's and MLflow's own log lines.")
-def cli(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show hpsearch's debug lines, and Optuna's and MLflow's own "
+                                                   "log lines.")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors, not what hpsearch waits for or "
+                                                 "decides (a study stopping early, a storage back).")
+def cli(verbose: bool, quiet: bool) -> None:
     """Declared hyperparameter searches for PyTorch models (Optuna + MLflow)."""
+    import logging
+
+    from hpsearch.log import show
+
+    if verbose and quiet:
+        raise click.UsageError("give -v/--verbose or -q/--quiet, not both.")
+    show(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     if not verbose:
         _quiet_libraries()
 
@@ -73,12 +83,11 @@ def _load(spec_path: str, **overrides: Any) -> Any:
 def validate(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None,
              runs_dir: str | None, as_json: bool) -> None:
     """Check SPEC (and that its largest model fits this machine) and print its resolved settings; runs nothing."""
-    from hpsearch.checks import check_memory, split_warnings
+    from hpsearch.checks import check_memory, warn_about_splits
 
     spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
     size = check_memory(spec)
-    for warning in split_warnings(spec):
-        click.echo(warning, err=True)
+    warn_about_splits(spec)
     if as_json:
         click.echo(json.dumps(spec.to_dict(), indent=2))
         return

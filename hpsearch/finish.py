@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,10 @@ from hpsearch.tasks import input_stats
 from hpsearch.tracking import VERSION_METRIC_TAG, DatasetRecord, Tracker
 from hpsearch.worker_setup import dataset_records
 
-Warn = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 FINISH_BEAT_S = 5.0  # how often the process testing the model says it is alive...
 FINISH_STALE_S = 60.0  # ...and after how long without it another process takes the test over
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
@@ -56,8 +52,7 @@ def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
     return record.best_trial(spec, [t for t in study.get_trials(deepcopy=False) if MODEL_ATTR in t.user_attrs])
 
 
-def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_refit: bool | None = None,
-           warn: Warn = _stderr) -> dict[str, Any]:
+def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_refit: bool | None = None) -> dict[str, Any]:
     """Evaluate the final model once on the test split, log and register it; return the result.
 
     The final model is the best trial's configuration refit on training + validation data
@@ -73,7 +68,7 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_re
     best = best_trial(spec, study)
     if best is None:
         return {}
-    with on_stop_signals(interrupt), _finish_claim(study, best.number, warn) as done:
+    with on_stop_signals(interrupt), _finish_claim(study, best.number) as done:
         if done is not None:
             return done
         model, test_metrics, example, n_test, refitted, test_data = _test_model(
@@ -83,15 +78,15 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_re
         if refitted is not None:
             result["refit"] = refitted.as_record()
         tracker = None
-        with completed_first(warn):
+        with completed_first():
             if spec.tracking.enabled:
                 tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
-                                  artifact_root=spec.tracking.artifact_root, warn=warn)
+                                  artifact_root=spec.tracking.artifact_root)
                 track_late(study, tracker, study.user_attrs.get(PARENT_RUN_ATTR))
                 result.update(_record_test(spec, study, tracker, best, model, test_metrics, example, refitted,
                                            test_data))
             study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
-    insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True, warn=warn)
+    insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True)
     return result
 
 
@@ -182,7 +177,7 @@ def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: Frozen
 
 
 @contextmanager
-def _finish_claim(study: optuna.Study, trial: int, warn: Warn) -> Iterator[dict[str, Any] | None]:
+def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | None]:
     """Yield the test record of ``trial`` if there is one; else claim its test for this process and yield None.
 
     The claim is a study system attr inserted atomically (:func:`hpsearch.storage.claim`): of
@@ -203,11 +198,11 @@ def _finish_claim(study: optuna.Study, trial: int, warn: Warn) -> Iterator[dict[
             break
         held = read_claim(study, key)
         if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
-            warn(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which stopped; "
-                 "this process takes it over.")
+            logger.info(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which stopped; "
+                        "this process takes it over.")
             break
         if held is not None and not said:
-            warn(f"waiting for {held.get('worker')} to finish testing and registering trial {trial}'s model.")
+            logger.info(f"waiting for {held.get('worker')} to finish testing and registering trial {trial}'s model.")
             said = True
         time.sleep(1.0)
     stop = threading.Event()

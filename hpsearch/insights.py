@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,7 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `hpsearch ui` serves a local M
 _ARTIFACTS_KEY = "artifacts:"  # Optuna's system-attr prefix for artifact metadata
 CORRUPTED = {"denoise": "noisy input", "inpaint": "masked input"}
 
-Warn = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- links
@@ -280,8 +276,7 @@ def reconstructions_by_size(spec: Spec, trials: Sequence[FrozenTrial], store: Fi
 
 
 def refresh(spec: Spec, study: optuna.Study, tracker: Any, parent_run_id: str | None, *, every: int = 5,
-            min_interval_s: float = 0.0, force: bool = False, ui_url: str | None = None,
-            warn: Warn = _stderr) -> bool:
+            min_interval_s: float = 0.0, force: bool = False, ui_url: str | None = None) -> bool:
     """Update the dashboard notes; every ``every`` finished trials (or with ``force``) redraw and publish
     the comparison plots. Return whether plots were published. Never raises: pictures are a bonus.
 
@@ -306,7 +301,7 @@ def refresh(spec: Spec, study: optuna.Study, tracker: Any, parent_run_id: str | 
         study.set_user_attr(FIGURES_ATTR, {"finished": finished, "names": names, "at": time.time()})
         return True
     except Exception as exc:  # noqa: BLE001 - a study must never stop over its pictures
-        warn(f"warning: could not refresh the study's plots and notes: {type(exc).__name__}: {exc}")
+        logger.warning(f"could not refresh the study's plots and notes: {type(exc).__name__}: {exc}")
         return False
 
 

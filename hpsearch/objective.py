@@ -10,11 +10,12 @@ few seconds (each epoch at once when epochs are slower than that), and the rest 
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from hpsearch.record import (ARTIFACT_PREFIX, DEVICE_ATTR, FAIL_REASON_ATTR, FAI
 MODEL_FILE = "model.pt"
 METRICS_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late: live curves, one write per batch
 
+logger = logging.getLogger(__name__)
+
 
 class TrialFailed(Exception):
     """The trial ended without a result (diverged, bad combination); the study goes on."""
@@ -58,7 +61,6 @@ class TrialContext:
     input_stats: tuple[float, float]  # (mean, std) inputs are standardised with: see tasks.input_stats
     reference: torch.nn.Module | None = None  # inpaint's reference classifier
     reports_per_epoch: int = 1  # the study's: see record.REPORTS_ATTR
-    warn: Callable[[str], None] = print
     datasets: Sequence[DatasetRecord] = ()  # the splits trials train and validate on, as MLflow inputs
 
 
@@ -296,7 +298,7 @@ class _Running:
             try:
                 attrs.update(self._final_images())
             except Exception as exc:  # noqa: BLE001 - pictures are a bonus; never lose the trial over them
-                ctx.warn(f"warning: could not draw trial {self.trial.number}'s images: {exc}")
+                logger.warning(f"could not draw trial {self.trial.number}'s images: {exc}")
         if ctx.tracker is not None and self.run_id is not None:
             tags = {STATE_TAG: state}
             if reason:

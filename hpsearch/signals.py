@@ -19,6 +19,8 @@ import optuna
 
 from hpsearch.record import INTERRUPTED_ATTR
 
+logger = logging.getLogger(__name__)
+
 # Code that must not be cut off in the middle: an interrupted commit can leave a SQLite lock held
 # (stalling every worker on the file) or a half-written record.
 _IO_MODULES = ("sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql", "alembic", "mlflow", "requests",
@@ -132,7 +134,7 @@ class StopSignals:
 
 
 @contextmanager
-def completed_first(warn: Callable[[str], None]) -> Iterator[None]:
+def completed_first() -> Iterator[None]:
     """Hold off stop signals while inside: a record half written is worse than one finished (third signal: stop)."""
     received = 0
 
@@ -142,7 +144,7 @@ def completed_first(warn: Callable[[str], None]) -> Iterator[None]:
         if received >= 3:
             raise KeyboardInterrupt
         if received == 1:
-            warn("finishing the test record first (a few seconds); a third Ctrl-C leaves it half written.")
+            logger.info("finishing the test record first (a few seconds); a third Ctrl-C leaves it half written.")
 
     with on_stop_signals(defer):
         yield

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import sys
 import re
 import time
 import uuid
@@ -44,11 +43,7 @@ from hpsearch.vocab import pruner_class, sampler_class
 __all__ = ["claim_sampler_stream", "count_trials", "finish", "load_stored_spec", "make_pruner", "make_sampler",
            "open_study", "sampler_seed", "setup_worker", "stale_trial_callback", "work", "WorkerSetup"]
 
-Warn = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- building
@@ -89,18 +84,18 @@ def make_pruner(p: PrunerSpec, *, reports_per_epoch: int = 1) -> optuna.pruners.
     return cls(**options)
 
 
-def stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, FrozenTrial], None]:
+def stale_trial_callback(spec: Spec) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Return what runs when a trial's worker died: mark its MLflow run killed, retry its params."""
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.study.max_retries)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        warn(f"trial {trial.number} of study {study.study_name!r} sent no heartbeat for "
-             f"{spec.study.grace_period} s (its worker died): marked failed and retried with the same params.")
+        logger.info(f"trial {trial.number} of study {study.study_name!r} sent no heartbeat for "
+                    f"{spec.study.grace_period} s (its worker died): marked failed and retried with the same params.")
         retry(study, trial)
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id and spec.tracking.enabled:
             tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
-                              artifact_root=spec.tracking.artifact_root, warn=warn)
+                              artifact_root=spec.tracking.artifact_root)
             tracker.end_run(run_id, "KILLED", tags={
                 STATE_TAG: "FAIL",
                 FAIL_REASON_TAG: f"worker died: no heartbeat for {spec.study.grace_period} s"})
@@ -108,11 +103,11 @@ def stale_trial_callback(spec: Spec, warn: Warn) -> Callable[[optuna.Study, Froz
     return on_stale
 
 
-def open_study(spec: Spec, *, allow_space_change: bool = False, warn: Warn = _stderr) -> optuna.Study:
+def open_study(spec: Spec, *, allow_space_change: bool = False) -> optuna.Study:
     """Return the spec's study, created on first use and resumed after; refuse a changed search space."""
     if spec.tracking.enabled:
         check_store(spec.tracking.uri)  # a missing database driver fails here, before any trial, not in warnings
-    storage = make_storage(spec.study, stale_trial_callback=stale_trial_callback(spec, warn), warn=warn)
+    storage = make_storage(spec.study, stale_trial_callback=stale_trial_callback(spec))
     try:
         study = optuna.create_study(
             storage=storage, study_name=spec.study.name, sampler=make_sampler(spec),
@@ -133,7 +128,7 @@ def open_study(spec: Spec, *, allow_space_change: bool = False, warn: Warn = _st
                 f"a different search space, task, model or metric ({changes}). Its finished trials would not be "
                 "comparable with new ones. Give the study a new name, or pass --allow-space-change to continue "
                 "it with the new space on purpose.")
-        warn(f"warning: study {spec.study.name!r} continues with a changed search space ({changes}).")
+        logger.warning(f"study {spec.study.name!r} continues with a changed search space ({changes}).")
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     for params in spec.study.enqueue:
@@ -180,15 +175,14 @@ def load_stored_spec(storage_url: str, study_name: str, *, runs_dir: str | None 
     return spec_from_dict(data)
 
 
-def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
-         warn: Warn = _stderr) -> int:
+def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None) -> int:
     """Run trials until the study's total is reached, a stop rule holds, or the timeout; return how many ran.
 
     A trial that fails fails alone (see :func:`run_trial`); a fault of the whole worker ends the
     work, and the study's MLflow parent run with it (FAILED, the reason tagged), never left RUNNING.
     """
     try:
-        return _work(spec, study, setup, timeout=timeout, warn=warn)
+        return _work(spec, study, setup, timeout=timeout)
     except Exception as exc:
         if setup.tracker and setup.parent_run_id:
             setup.tracker.end_run(setup.parent_run_id, "FAILED",
@@ -200,8 +194,7 @@ def work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float 
         raise
 
 
-def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None,
-          warn: Warn = _stderr) -> int:
+def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float | None = None) -> int:
     """Run trials until the study's total is reached, a stop rule holds, or the timeout; return how many ran.
 
     Stop rules (``study.stop``, see :mod:`hpsearch.stopping`) are read from the storage before each
@@ -216,7 +209,7 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     ctx = TrialContext(spec=spec, data=setup.data, device=setup.device, tracker=setup.tracker,
                        parent_run_id=setup.parent_run_id, input_stats=setup.input_stats,
                        artifact_store=artifact_store(spec),
-                       reference=setup.reference, reports_per_epoch=setup.reports_per_epoch, warn=warn,
+                       reference=setup.reference, reports_per_epoch=setup.reports_per_epoch,
                        datasets=setup.datasets)
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
@@ -256,7 +249,7 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
             signals.check()
             trials = study.get_trials(deepcopy=False)
             if (verdict := stopping.verdict(spec.study.stop, spec.study.metrics[0], trials)) is not None:
-                stopped = _record_stop(study, verdict, warn)
+                stopped = _record_stop(study, verdict)
                 break
             c = count(trials)
             if c.waiting > 0 or c.finished + c.running < n_trials:
@@ -265,11 +258,11 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
                 except Exception as exc:  # noqa: BLE001 - a full disk ends the worker, anything else as it was
                     if disk_full_cause(exc) is None:
                         raise
-                    raise _stop_on_full_disk(spec, study, current, setup.tracker, exc, warn) from None
+                    raise _stop_on_full_disk(spec, study, current, setup.tracker, exc) from None
                 ran += 1
                 if setup.tracker and setup.tracker.failures:  # MLflow failed at some point: is it back?
                     track_late(study, setup.tracker, setup.parent_run_id)
-                insights.refresh(spec, study, setup.tracker, setup.parent_run_id, min_interval_s=30.0, warn=warn)
+                insights.refresh(spec, study, setup.tracker, setup.parent_run_id, min_interval_s=30.0)
             elif c.running > 0 and c.finished < n_trials:
                 # Other workers hold the last trials. If one of them died, its trial goes stale and is
                 # retried: stay to pick the retry up, so the study reaches its total.
@@ -285,16 +278,16 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     return ran
 
 
-def _record_stop(study: optuna.Study, verdict: stopping.Verdict, warn: Warn) -> bool:
+def _record_stop(study: optuna.Study, verdict: stopping.Verdict) -> bool:
     """Record (once per study) the stop rule that holds, say it, and return True."""
     if STOPPED_ATTR not in study.user_attrs:
         study.set_user_attr(STOPPED_ATTR, verdict.as_attr())
-    warn(f"study {study.study_name!r} stops early: {verdict.reason}; no new trial starts (running ones finish).")
+    logger.info(f"study {study.study_name!r} stops early: {verdict.reason}; no new trial starts (running ones finish).")
     return True
 
 
 def _stop_on_full_disk(spec: Spec, study: optuna.Study, trials: list[optuna.Trial], tracker: Tracker | None,
-                       exc: BaseException, warn: Warn) -> StorageError:
+                       exc: BaseException) -> StorageError:
     """Close the trial a full disk cut short (FAIL; its MLflow run FAILED); return the error that ends the worker.
 
     Optuna could not close it itself, and a waiting worker would only write to the full disk again.
@@ -310,9 +303,9 @@ def _stop_on_full_disk(spec: Spec, study: optuna.Study, trials: list[optuna.Tria
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
             except Exception:  # noqa: BLE001 - the storage itself is on the full disk
-                warn(f"warning: trial {trial.number} could not be closed either (the disk is full); once its "
-                     f"heartbeat is {spec.study.grace_period} s old, the next run or `hpsearch cleanup` fails and "
-                     "retries it.")
+                logger.warning(f"trial {trial.number} could not be closed either (the disk is full); once its "
+                               f"heartbeat is {spec.study.grace_period} s old, the next run or `hpsearch cleanup` "
+                               "fails and retries it.")
                 continue
             with suppress(Exception):  # a reason is a bonus on a full disk
                 study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)

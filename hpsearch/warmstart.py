@@ -17,8 +17,8 @@ What was done is recorded in the study (``WARM_ATTR``), once: a resumed study is
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -29,6 +29,8 @@ from hpsearch.record import (ENQUEUED_ATTR, FINGERPRINT_ATTR, N_PARAMS_ATTR, ORI
                              WARM_OF_ATTR, StoredData, read_spec)
 from hpsearch.spec import ParamSpec, Spec, mask_password
 
+logger = logging.getLogger(__name__)
+
 
 def needed(spec: Spec, study: optuna.Study) -> bool:
     """Return whether ``study`` is still to be warm-started: asked for, not done, no trial yet."""
@@ -37,8 +39,7 @@ def needed(spec: Spec, study: optuna.Study) -> bool:
             and not study.get_trials(deepcopy=False, states=started))
 
 
-def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: StoredData, *,
-               warn: Callable[[str], None]) -> dict[str, Any]:
+def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: StoredData) -> dict[str, Any]:
     """Warm-start ``study`` from ``source`` (the study named in ``spec.study.warm_start``); return what was done.
 
     ``data`` is this study's data provenance. Call it once, before the first trial (see :func:`needed`).
@@ -74,8 +75,8 @@ def warm_start(spec: Spec, study: optuna.Study, source: optuna.Study, data: Stor
     how = (f"added its {added} finished trials to this study's history and " if same_search else
            "its search differs from this one (task settings, space or metrics), so its trials are not added to "
            "the history; ")
-    warn(f"warm start from study {ws.study!r}: {how}enqueued its {len(enqueued)} best configuration(s) "
-         f"(trials {enqueued}).")
+    logger.info(f"warm start from study {ws.study!r}: {how}enqueued its {len(enqueued)} best configuration(s) "
+                f"(trials {enqueued}).")
     return record
 
 

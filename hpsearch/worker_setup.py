@@ -5,9 +5,8 @@ study's), the study's MLflow parent run and reports per epoch, and inpainting's 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,7 @@ from hpsearch.vocab import STATIC_METRICS
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import DatasetRecord, Tracker
 
-Warn = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,8 +52,8 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, threads: int | None = None,
-                 warn: Warn = _stderr) -> WorkerSetup:
+def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None,
+                 threads: int | None = None) -> WorkerSetup:
     """Return a worker's device, data (checked against the study's) and tracking, ready for trials.
 
     The first worker of a study records its data (and warm-starts it, if the spec asks); every
@@ -69,9 +64,9 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
     dev = resolve_device(device or spec.task.device)
     n_threads = threads or spec.task.threads or available_cpus()
     torch.set_num_threads(n_threads)
+    logger.debug("this worker trains on %s with %d CPU thread(s).", dev, n_threads)
     data = load_search_data(spec.task.dataset, data_dir=spec.task.data_dir, val_fraction=spec.task.val_fraction,
-                            seed=spec.study.seed, fallback=spec.task.fallback, train_limit=spec.task.train_limit,
-                            warn=warn)
+                            seed=spec.study.seed, fallback=spec.task.fallback, train_limit=spec.task.train_limit)
     _check_fits_images(spec, data)
     found = StoredData(**data.provenance.__dict__, mean=data.mean, std=data.std, n_classes=data.n_classes,
                        image_shape=tuple(data.image_shape))
@@ -87,13 +82,12 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None, 
     if warmstart.needed(spec, study):
         assert spec.study.warm_start is not None
         source = open_existing(spec.study.warm_start.storage, spec.study.warm_start.study)
-        warmstart.warm_start(spec, study, source, found, warn=warn)
+        warmstart.warm_start(spec, study, source, found)
     per_epoch = _reports_per_epoch(spec, study, len(data.train))
     data = data.to(dev)
     tracker, parent, datasets = None, None, []
     if spec.tracking.enabled:
-        tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
-                          warn=warn)
+        tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root)
         datasets = dataset_records(data.provenance, {"training": data.train, "validation": data.val})
         parent = tracker.study_run(spec.study.name, params=_flat_spec_params(spec, data),
                                    tags={STUDY_TAG: spec.study.name,

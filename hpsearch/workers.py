@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import signal
 import subprocess
@@ -22,24 +23,23 @@ import optuna
 from optuna.trial import TrialState
 
 from hpsearch import stopping
-from hpsearch.checks import check_memory, split_warnings
+from hpsearch.checks import check_memory, warn_about_splits
 from hpsearch.errors import HPSearchError, SpecError
+from hpsearch.log import level_flag
 from hpsearch.progress import Progress
 from hpsearch.spec import Spec, mask_password
 from hpsearch.storage import fail_stale_trials, make_storage, running_trials
 from hpsearch.record import (DEVICE_ATTR, INTERRUPTED_ATTR, RUN_ID_ATTR, STATE_TAG, STOPPED_ATTR, WORKER_ATTR, Counts,
                              best_trial, count_trials, open_existing, untracked, untracked_note, worker_id)
 from hpsearch.signals import interrupt, on_stop_signals
-from hpsearch.study import Warn, open_study, setup_worker, stale_trial_callback, work
+from hpsearch.study import open_study, setup_worker, stale_trial_callback, work
 from hpsearch.worker_setup import available_cpus
 from hpsearch.tracking import Tracker
 
 STOP_TIMEOUT_S = 30.0  # after Ctrl-C, how long workers get to close their trials before SIGKILL
 STATUS_OUTAGE_S = 10.0  # `status` and `cleanup` report an unreachable database quickly
 
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- placement
@@ -119,7 +119,7 @@ def cuda_device_count() -> int:
 
 
 def run_study(spec: Spec, *, workers: int | None = None, gpus: str | None = None, workers_per_gpu: int = 1,
-              device: str | None = None, allow_space_change: bool = False, warn: Warn = _stderr) -> optuna.Study:
+              device: str | None = None, allow_space_change: bool = False) -> optuna.Study:
     """Create or resume the spec's study and run workers until its total is reached; return the study.
 
     The first CPU worker runs in this process, the others as `hpsearch worker` processes; on GPUs
@@ -130,25 +130,24 @@ def run_study(spec: Spec, *, workers: int | None = None, gpus: str | None = None
     # A bad spec never starts a study: its largest model must fit every device it will train on.
     for dev in [f"cuda:{g}" for g in parse_gpus(gpus)] if gpus else [device]:
         check_memory(spec, dev)
-    for warning in split_warnings(spec):
-        warn(warning)
-    study = open_study(spec, allow_space_change=allow_space_change, warn=warn)
+    warn_about_splits(spec)
+    study = open_study(spec, allow_space_change=allow_space_change)
     # This process sets up first what every worker would otherwise race to do (the study's data
     # provenance, its MLflow parent run, inpainting's reference classifier) and, on CPUs, goes on
     # to train as the first worker while the others start.
     local = gpus is None
-    setup = setup_worker(spec, study, device=device if local else "cpu", threads=placements[0].threads, warn=warn)
+    setup = setup_worker(spec, study, device=device if local else "cpu", threads=placements[0].threads)
     procs = [_start_worker(spec, p, device) for p in (placements[1:] if local else placements)]
     with Progress(spec, study):
         try:
             if local:
-                work(spec, study, setup, timeout=spec.study.timeout, warn=warn)
+                work(spec, study, setup, timeout=spec.study.timeout)
             with on_stop_signals(interrupt):  # SIGTERM and SIGHUP too, as in the local worker
                 _wait(procs)
         except BaseException:  # Ctrl-C, or this worker failed: the others stop too, their trials closed
-            _stop(spec, study, procs, warn)
+            _stop(spec, study, procs)
             raise
-    _report_exits(spec, study, procs, warn)
+    _report_exits(spec, study, procs)
     return study
 
 
@@ -161,7 +160,8 @@ def _start_worker(spec: Spec, placement: Placement, device: str | None) -> subpr
     # URLs travel in the environment, not the command line: `ps` would show a password.
     env["HPSEARCH_STORAGE"] = spec.study.storage
     env["HPSEARCH_TRACKING_URI"] = spec.tracking.uri
-    cmd = [sys.executable, "-m", "hpsearch", "worker", spec.path, "--runs-dir", spec.runs_dir,
+    # The worker prints what this process would (see hpsearch.log): -q, -v or neither.
+    cmd = [sys.executable, "-m", "hpsearch", *level_flag(), "worker", spec.path, "--runs-dir", spec.runs_dir,
            "--threads", str(placement.threads), "--quiet"]
     if spec.task.data_dir:
         cmd += ["--data-dir", spec.task.data_dir]
@@ -177,7 +177,7 @@ def _wait(procs: list[subprocess.Popen[bytes]]) -> None:
         time.sleep(0.2)
 
 
-def _stop(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]], warn: Warn) -> None:
+def _stop(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]]) -> None:
     """Pass Ctrl-C on to the workers, give them time to close their trials, kill the stragglers."""
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not skip the clean-up below
         for p in procs:
@@ -192,10 +192,10 @@ def _stop(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]],
         p.kill()
         p.wait()
     if killed:
-        _close_trials_of(spec, study, {p.pid for p in killed}, warn)
+        _close_trials_of(spec, study, {p.pid for p in killed})
 
 
-def _close_trials_of(spec: Spec, study: optuna.Study, pids: set[int], warn: Warn) -> None:
+def _close_trials_of(spec: Spec, study: optuna.Study, pids: set[int]) -> None:
     """Fail the RUNNING trials of killed local workers (and KILL their MLflow runs)."""
     host = worker_id().rsplit(":", 1)[0]
     names = {f"{host}:{pid}" for pid in pids}
@@ -207,20 +207,19 @@ def _close_trials_of(spec: Spec, study: optuna.Study, pids: set[int], warn: Warn
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         run_id = t.user_attrs.get(RUN_ID_ATTR)
         if run_id and spec.tracking.enabled:
-            Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
-                    warn=warn).end_run(run_id, "KILLED", tags={STATE_TAG: "FAIL"})
-        warn(f"trial {t.number}: its worker did not stop within {STOP_TIMEOUT_S:g} s and was killed; "
-             "the trial is closed as interrupted.")
+            Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root).end_run(run_id, "KILLED", tags={STATE_TAG: "FAIL"})
+        logger.info(f"trial {t.number}: its worker did not stop within {STOP_TIMEOUT_S:g} s and was killed; "
+                    "the trial is closed as interrupted.")
 
 
-def _report_exits(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]], warn: Warn) -> None:
+def _report_exits(spec: Spec, study: optuna.Study, procs: list[subprocess.Popen[bytes]]) -> None:
     failed = [p for p in procs if p.returncode != 0]
     if failed and len(failed) == len(procs) and count_trials(study).finished < spec.study.n_trials:
         codes = ", ".join(str(p.returncode) for p in failed)
         raise HPSearchError(f"all {len(procs)} workers of study {spec.study.name!r} failed (exit codes {codes}); "
                             "their messages are above. Finished trials are kept: fix the cause and run again.")
     for p in failed:
-        warn(f"warning: worker pid {p.pid} exited with code {p.returncode}; the other workers went on.")
+        logger.warning(f"worker pid {p.pid} exited with code {p.returncode}; the other workers went on.")
 
 
 # --------------------------------------------------------------------------- health
@@ -280,10 +279,10 @@ class StudyStatus:
         return "\n".join(lines)
 
 
-def load_study(spec: Spec, *, warn: Warn = _stderr) -> optuna.Study:
+def load_study(spec: Spec) -> optuna.Study:
     """Return the spec's existing study (never created here), on a storage that retries dead workers' trials."""
     return open_existing(spec.study.storage, spec.study.name, spec_path=spec.path, storage=lambda: make_storage(
-        spec.study, stale_trial_callback=stale_trial_callback(spec, warn), outage_s=STATUS_OUTAGE_S, warn=warn))
+        spec.study, stale_trial_callback=stale_trial_callback(spec), outage_s=STATUS_OUTAGE_S))
 
 
 def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:

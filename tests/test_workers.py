@@ -31,6 +31,7 @@ from hpsearch.record import FINISH_KEY, SAMPLER_STREAM_KEY, SPEC_ATTR, TEST_ATTR
 from hpsearch.study import _surplus, load_stored_spec, open_study
 from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
 
+from .conftest import LogLines
 from .servers import free_port, mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -470,7 +471,8 @@ def test_a_claim_has_one_winner_among_racing_claimants(tmp_path: Path, store: st
 
 
 @pytest.mark.parametrize("holder", ["dead here", "silent elsewhere"])
-def test_a_finish_claimed_by_a_process_that_died_is_taken_over(tmp_path: Path, holder: str) -> None:
+def test_a_finish_claimed_by_a_process_that_died_is_taken_over(tmp_path: Path, holder: str,
+                                                              messages: LogLines) -> None:
     study = open_study(load_spec(_write(tmp_path, SPEC)))
     if holder == "dead here":  # on this host: its pid is gone
         gone = subprocess.Popen(["true"])
@@ -479,23 +481,23 @@ def test_a_finish_claimed_by_a_process_that_died_is_taken_over(tmp_path: Path, h
     else:  # elsewhere: it stopped renewing its claim
         held = {"worker": "other-host:1", "at": time.time() - 2 * FINISH_STALE_S, "token": "a"}
     assert claim(study, f"{FINISH_KEY}0", held)
-    said: list[str] = []
-    with _finish_claim(study, 0, said.append) as done:
+    said = messages
+    with _finish_claim(study, 0) as done:
         assert done is None  # this process tests the model now
         assert read_claim(study, f"{FINISH_KEY}0")["worker"] == worker_id()
     assert len(said) == 1 and "takes it over" in said[0]
     assert read_claim(study, f"{FINISH_KEY}0") is None  # released
 
 
-def test_a_finish_claimed_by_a_live_process_is_waited_for(tmp_path: Path) -> None:
+def test_a_finish_claimed_by_a_live_process_is_waited_for(tmp_path: Path, messages: LogLines) -> None:
     import threading
 
     study = open_study(load_spec(_write(tmp_path, SPEC)))
     assert claim(study, f"{FINISH_KEY}0", {"worker": "other-host:1", "at": time.time(), "token": "a"})
     record = {"trial": 0, "metrics": {"test_accuracy": 0.9}}
     threading.Timer(1.5, lambda: study.set_user_attr(TEST_ATTR, record)).start()  # the other process finishes
-    said: list[str] = []
-    with _finish_claim(study, 0, said.append) as done:
+    said = messages
+    with _finish_claim(study, 0) as done:
         assert done == record  # its record, not a second test
     assert said == ["waiting for other-host:1 to finish testing and registering trial 0's model."]
     assert read_claim(study, f"{FINISH_KEY}0")["worker"] == "other-host:1"  # not ours to release

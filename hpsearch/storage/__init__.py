@@ -11,7 +11,7 @@ One concept per module:
 """
 
 from hpsearch.storage._claims import claim, claims, read_claim, release_claim, swap_claim
-from hpsearch.storage._connect import (CONNECT_TIMEOUT_S, NOTICE_AFTER_S, PG_CONNECT_ARGS, SQLITE_TIMEOUT_S, Warn,
+from hpsearch.storage._connect import (CONNECT_TIMEOUT_S, NOTICE_AFTER_S, PG_CONNECT_ARGS, SQLITE_TIMEOUT_S,
                                        announced_wait, checked_driver_url, driver_url, engine_kwargs, opening,
                                        prepare_sqlite, sync_on_checkpoint)
 from hpsearch.storage._disk import disk_full_cause, disk_full_error, shrink_sqlite
@@ -20,7 +20,7 @@ from hpsearch.storage._resilient import OUTAGE_S, ResilientStorage, is_connectio
 
 __all__ = [
     "CONNECT_TIMEOUT_S", "NOTICE_AFTER_S", "OUTAGE_S", "PG_CONNECT_ARGS", "SQLITE_TIMEOUT_S", "ResilientStorage",
-    "RunningTrial", "Warn", "announced_wait", "checked_driver_url", "claim", "claims", "disk_full_cause",
+    "RunningTrial", "announced_wait", "checked_driver_url", "claim", "claims", "disk_full_cause",
     "disk_full_error", "driver_url", "engine_kwargs", "fail_stale_trials", "is_connection_error", "make_storage",
     "opening", "prepare_sqlite", "rdb", "read_claim", "release_claim", "running_trials", "shrink_sqlite",
     "swap_claim", "sync_on_checkpoint",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -13,7 +14,7 @@ from urllib.parse import parse_qs
 from hpsearch.errors import StorageError
 from hpsearch.spec import mask_password
 
-Warn = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 # A busy SQLite file is waited for, not failed: trials write a handful of rows per epoch, so a
 # lock is held for milliseconds and 120 s covers even a slow shared disk.
@@ -57,9 +58,9 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def announced_wait(what: str, warn: Warn | None = None, *, after_s: float = NOTICE_AFTER_S) -> Iterator[None]:
+def announced_wait(what: str, *, after_s: float = NOTICE_AFTER_S) -> Iterator[None]:
     """Run the block; should it last longer than ``after_s``, say once that it waits for ``what``."""
-    timer = threading.Timer(after_s, warn or stderr, (f"waiting for {what}...",))
+    timer = threading.Timer(after_s, logger.info, ("waiting for %s...", what))
     timer.daemon = True
     timer.start()
     try:
@@ -111,12 +112,12 @@ def driver_url(url: str) -> str:
     return url
 
 
-def opening(url: str, warn: Warn | None = None) -> contextlib.AbstractContextManager[None]:
+def opening(url: str) -> contextlib.AbstractContextManager[None]:
     """Return a context for opening the Optuna storage ``url`` that says what it waits for, if it is slow."""
     if url.startswith("sqlite"):
         return contextlib.nullcontext()  # a local file: its lock waits are no news
     return announced_wait(f"the Optuna storage {mask_password(url)} (given up on after {CONNECT_TIMEOUT_S} s "
-                          "without an answer)", warn)
+                          "without an answer)")
 
 
 _DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
@@ -147,12 +148,6 @@ def checked_driver_url(url: str, *, what: str) -> str:
     except Exception:  # noqa: BLE001, S110 - a malformed URL: whoever opens it says what is wrong
         pass
     return url
-
-
-def stderr(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
 
 
 def first_line(exc: BaseException) -> str:

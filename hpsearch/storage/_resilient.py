@@ -4,6 +4,7 @@ blip) is waited for, and a worker whose database is gone for good says so."""
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import threading
 import time
@@ -15,11 +16,12 @@ from optuna.storages import RDBStorage
 
 from hpsearch.errors import StorageError
 from hpsearch.spec import StudySpec, hide_secrets, mask_password
-from hpsearch.storage._connect import (Warn, checked_driver_url, engine_kwargs, first_line, opening, prepare_sqlite,
-                                       stderr, sync_on_checkpoint)
+from hpsearch.storage._connect import (checked_driver_url, engine_kwargs, first_line, opening, prepare_sqlite,
+                                       sync_on_checkpoint)
 from hpsearch.storage._disk import disk_full_cause, disk_full_error
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # How long a worker waits for a lost database before it gives up: long enough for a server
 # restart or a failover, short enough that a worker whose database is gone for good says so.
@@ -57,10 +59,8 @@ class ResilientStorage(RDBStorage):
     outage, every running trial looks stale, so for one grace period this worker judges none.
     """
 
-    def __init__(self, url: str, *, outage_s: float = OUTAGE_S, warn: Warn | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, url: str, *, outage_s: float = OUTAGE_S, **kwargs: Any) -> None:
         self.outage_s = outage_s
-        self._warn = warn or stderr
         self._lock = threading.Lock()
         self._down_since: float | None = None  # monotonic time the current outage was first seen
         self._up_since = 0.0  # monotonic time the last outage ended (0: none seen)
@@ -103,9 +103,8 @@ class ResilientStorage(RDBStorage):
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
-        self._warn(f"warning: lost the Optuna storage {mask_password(self.url)} "
-                   f"({hide_secrets(first_line(exc), self.url)}); waiting up to {self.outage_s:g} s for it to come "
-                   "back.")
+        logger.warning("lost the Optuna storage %s (%s); waiting up to %g s for it to come back.",
+                       mask_password(self.url), hide_secrets(first_line(exc), self.url), self.outage_s)
 
     def _came_back(self) -> None:
         if self._down_since is None:  # the common case, without taking the lock
@@ -116,7 +115,7 @@ class ResilientStorage(RDBStorage):
             down = time.monotonic() - self._down_since
             self._down_since = None
             self._up_since = time.monotonic()
-        self._warn(f"the Optuna storage {mask_password(self.url)} is back after {down:.0f} s; the worker goes on.")
+        logger.info("the Optuna storage %s is back after %.0f s; the worker goes on.", mask_password(self.url), down)
 
     def recovering(self) -> bool:
         """Return whether an outage ended less than a grace period ago (every heartbeat looks old)."""
@@ -174,19 +173,17 @@ def make_storage(
     url: str | None = None,
     stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     outage_s: float = OUTAGE_S,
-    warn: Warn | None = None,
 ) -> ResilientStorage:
     """Return a storage on the study's URL with heartbeats that rides out outages, or raise StorageError."""
     url = checked_driver_url(url or study.storage, what="the Optuna storage")
     for attempt in range(_OPEN_TRIES):
         try:
-            with opening(url, warn):
+            with opening(url):
                 if url.startswith("sqlite"):
                     prepare_sqlite(url)
                 storage = ResilientStorage(
                     url,
                     outage_s=outage_s,
-                    warn=warn,
                     engine_kwargs=engine_kwargs(url),
                     heartbeat_interval=study.heartbeat_interval,
                     grace_period=study.grace_period,

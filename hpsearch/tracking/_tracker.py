@@ -14,6 +14,7 @@ is created or else fetched by name, and the study's parent run is agreed on (see
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from hpsearch.tracking._store import _file_store, _http_limits, _pg_limits, chec
 from hpsearch.tracking._tags import PARENT_TAG, REFIT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG
 from hpsearch.tracking._values import log_batch, log_epochs, log_missing_params, param_value, quote, strings, to_int
 from hpsearch.tracking._views import KIND_TAG, MODEL_TRAINING, run_page_url, save_study_view
-from hpsearch.tracking._warnings import RateLimitedWarn, failure_reason, stderr
+from hpsearch.tracking._warnings import RateLimit, failure_reason
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+logger.addFilter(RateLimit())  # the same failure at most once a minute: a dead server must not flood the log
 
 _TRIES = 5  # attempts at a call that finds a SQLite store busy ("database is locked")...
 _BUSY_BUDGET_S = 30.0  # ...within this long: MLflow already waits up to 20 s for a lock inside each attempt
@@ -55,8 +58,7 @@ class Tracker:
     Tracker is built; the store itself is first opened by the first call that needs it.
     """
 
-    def __init__(self, uri: str, experiment: str, *, artifact_root: str | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, *, artifact_root: str | None = None) -> None:
         self.uri = uri
         self._store_uri = check_store(uri)  # what MLflow is given: a database URL with an installed driver
         self.experiment_name = experiment
@@ -68,8 +70,6 @@ class Tracker:
         # A tracking server decides where artifacts go; a local store puts them under the caller's root.
         self.artifact_root = None if self._remote else artifact_root
         self._shown = mask_password(uri)
-        self._warn = warn or stderr
-        self._warn_once = RateLimitedWarn(self._warn)  # the same failure at most once a minute
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self.failures = 0  # calls that failed so far: a caller tells whether its records reached the store
@@ -89,7 +89,7 @@ class Tracker:
                 try:
                     client = self._mlflow()
                     # A local store's lock waits are no news; a server that may never answer is.
-                    with (announced_wait(f"the MLflow store {self._shown} (to {what})", self._warn)
+                    with (announced_wait(f"the MLflow store {self._shown} (to {what})")
                           if self._network and not local_work else contextlib.nullcontext()):
                         return fn(client)
                 except Exception as exc:  # noqa: BLE001 - tracking must never stop a study
@@ -98,9 +98,8 @@ class Tracker:
                         time.sleep(0.1 * 2**attempt * (1 + random.random()))
                         continue
                     self.failures += 1
-                    self._warn_once(f"warning: MLflow store {self._shown} could not {what}: "
-                                    f"{failure_reason(exc, self.uri)}. "
-                                    "The study goes on without it.")
+                    logger.warning("MLflow store %s could not %s: %s. The study goes on without it.",
+                                   self._shown, what, failure_reason(exc, self.uri))
                     return None
         return None
 
@@ -132,8 +131,8 @@ class Tracker:
                     raise
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
-            self._warn_once(f"warning: the MLflow experiment {self.experiment_name!r} in {self._shown} had been "
-                            "deleted; restored it to record this study.")
+            logger.warning("the MLflow experiment %r in %s had been deleted; restored it to record this study.",
+                           self.experiment_name, self._shown)
         if KIND_TAG not in found.tags:  # made before hpsearch set it, or by someone else: say what it holds
             client.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
         return str(found.experiment_id)

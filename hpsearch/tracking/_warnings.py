@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 import threading
 import time
-from collections.abc import Callable
 
 from hpsearch.spec import hide_secrets
 
 _WARN_EVERY_S = 60.0  # the same warning at most once a minute: a dead server must not flood the log
 
 
-class RateLimitedWarn:
-    """Pass each message on to ``warn``, the same one at most once per ``_WARN_EVERY_S`` seconds."""
+class RateLimit(logging.Filter):
+    """Lets each message through at most once per ``_WARN_EVERY_S`` seconds (on the tracker's logger)."""
 
-    def __init__(self, warn: Callable[[str], None]) -> None:
-        self._warn = warn
-        self._warned: dict[str, float] = {}
+    def __init__(self) -> None:
+        super().__init__()
+        self._passed: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
+    def filter(self, record: logging.LogRecord) -> bool:
+        message, now = record.getMessage(), time.monotonic()
         with self._lock:
-            last = self._warned.get(message)
+            last = self._passed.get(message)
             if last is not None and now - last < _WARN_EVERY_S:
-                return
-            self._warned[message] = now
-        self._warn(message)
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+                return False
+            self._passed[message] = now
+        return True
 
 
 def failure_reason(exc: BaseException, uri: str) -> str:
