@@ -202,6 +202,9 @@ def _ask(study: optuna.Study, fixed: dict[str, Any] | None) -> optuna.Trial:
     with warnings.catch_warnings():
         # "Heartbeat of storage is supposed to be used with Study.optimize": this loop keeps the heartbeats.
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if is_heartbeat_enabled(study._storage):  # as Study.optimize does before each trial: a dead worker's
+            optuna.storages.fail_stale_trials(study)  # trials are failed and retried (waiting) first
         waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
         if not fixed or waiting:
             return study.ask()

@@ -16,6 +16,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hpsearch.cli import cli
+from hpsearch.spec import load_spec
+from hpsearch.storage import fail_stale_trials
+from hpsearch.study import open_study
+from hpsearch.pack_loop import Heartbeats
 from hpsearch.record import STATE_TAG, TEST_ATTR, TRIAL_NUMBER_TAG
 
 from .test_workers import HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write
@@ -100,7 +104,7 @@ def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: P
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
 
 
-PACKED_LONG = _with(LONG_TRIALS, study={"n_trials": 6})
+PACKED_LONG = _with(LONG_TRIALS, study={"n_trials": 4})
 
 
 @pytest.mark.slow
@@ -125,7 +129,7 @@ def test_a_killed_packed_workers_members_are_failed_and_retried(tmp_path: Path) 
                 p.kill()
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 6
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
     for dead in doomed:  # every member of the killed pack: failed without a reason of its own, then retried
         dead = trials[dead.number]
         assert dead.state == TrialState.FAIL and "fail_reason" not in dead.user_attrs
@@ -162,3 +166,20 @@ def test_a_signal_ends_every_member_of_a_pack_as_interrupted(tmp_path: Path, sig
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     for t in interrupted:
         assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_every_running_member_keeps_its_heartbeat(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with(SPEC, study={"heartbeat_interval": 1, "grace_period": 2})),
+                     runs_dir=str(tmp_path / "runs"))
+    study = open_study(spec)
+    members, silent = [study.ask() for _ in range(3)], study.ask()
+    with Heartbeats(study._storage) as heartbeats:
+        for trial in members:
+            heartbeats.add(trial._trial_id)
+        time.sleep(3.5)  # past the grace period: only a trial with no beat since is stale
+        assert fail_stale_trials(study, grace_period=2) == [silent.number]
+        heartbeats.remove(members[0]._trial_id)  # it left its pack: no more beats for it
+        time.sleep(3.5)
+        assert fail_stale_trials(study, grace_period=2) == [members[0].number]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert [states[t.number] for t in members[1:]] == [TrialState.RUNNING] * 2
