@@ -124,6 +124,8 @@ def work_packed(ctx: TrialContext, study: optuna.Study, capacity: int, *, decide
     packs: dict[StructureKey, Pack] = {}
     fixed_left: dict[StructureKey, int] = {}  # refills each pack's structure still gets before a free ask
     running: dict[int, tuple[optuna.Trial, _Running]] = {}  # trial number -> (trial, its record)
+    # A grid sampler gives a trial with fixed params no grid point: its trials are asked as they come.
+    fix_structure = ctx.spec.study.sampler.type != "grid"
     ran = 0
 
     def build(this: _Running) -> torch.nn.Module:
@@ -145,7 +147,7 @@ def work_packed(ctx: TrialContext, study: optuna.Study, capacity: int, *, decide
                     what = decide()
                     if what != "start":
                         break
-                    trial = _ask(study, _refill_structure(packs, fixed_left))
+                    trial = _ask(study, _refill_structure(packs, fixed_left) if fix_structure else None)
                     if not admit(trial):
                         continue
                     heartbeats.add(trial._trial_id)
