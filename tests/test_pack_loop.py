@@ -22,7 +22,7 @@ from hpsearch.study import open_study
 from hpsearch.pack_loop import Heartbeats
 from hpsearch.record import STATE_TAG, TEST_ATTR, TRIAL_NUMBER_TAG
 
-from .test_workers import HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write
+from .test_workers import HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write, retried
 
 # Tiny, but with a structural choice (n_layers, optimizer) and a pruner that prunes from the first epoch.
 PACKED = _with(SPEC, study={"name": "packed", "n_trials": 10, "sampler": {"type": "tpe", "n_startup_trials": 3},
@@ -131,12 +131,7 @@ def test_a_killed_packed_workers_members_are_failed_and_retried(tmp_path: Path) 
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
     for dead in doomed:  # every member of the killed pack: failed without a reason of its own, then retried
-        dead = trials[dead.number]
-        assert dead.state == TrialState.FAIL and "fail_reason" not in dead.user_attrs
-        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == dead.number)
-        assert retry.state == TrialState.COMPLETE and retry.params == dead.params
-        assert retry.user_attrs["seed"] == dead.user_attrs["seed"]  # the same training run, repeated
-        assert retry.user_attrs["worker"] == f"{HOST}:{survivor.pid}"
+        retry = retried(trials, dead.number, survivor.pid)  # same params, same seed
         print(f"killed trial {dead.number} retried as trial {retry.number} after "
               f"{retry.datetime_start.timestamp() - killed_at:.1f} s")
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
