@@ -14,7 +14,8 @@ from hpsearch.models import build_model
 from hpsearch.pack import Departure, Pack, pack_refusal, structure_key
 from hpsearch.pack._optim import StackedOptimizer
 from hpsearch.tasks import make_task
-from hpsearch.train import LR_SCHEDULES, OPTIMIZERS, Diverged, TrainConfig, TrainResult, fit, make_optimizer
+from hpsearch.train import Diverged, TrainConfig, TrainResult, fit, make_optimizer
+from hpsearch.vocab import LR_SCHEDULES, OPTIMIZERS
 
 # Float rounding: a stacked bmm sums in another order than fit's mm, and two epochs of training
 # amplify the last-bit differences somewhat; a different mask, batch or lr would be off by ~1e-2.
