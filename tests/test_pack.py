@@ -151,8 +151,9 @@ def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData) -> None
 
 
 def test_a_diverged_member_fails_alone(digits: SearchData) -> None:
-    # lr 1e30: the weights overflow within two steps, whatever the rounding (lr 1e3 may or may not diverge).
-    members = [params(width=32, optimizer="sgd", lr=1e30), params(width=16, optimizer="sgd", lr=1e-2)]
+    # lr 10 (the knob table's largest) with momentum 0.99, 3 wide layers: the loss turns NaN in the first epoch.
+    members = [params(n_layers=3, width=256, optimizer="sgd", lr=10.0, momentum=0.99),
+               params(n_layers=3, width=16, optimizer="sgd", lr=1e-2)]
     departures, reports = run_pack(digits, members)
     _, alone, _ = fit_alone(digits, members[0], 100)
     assert isinstance(alone, Diverged) and isinstance(departures[0].error, Diverged)
