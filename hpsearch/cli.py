@@ -22,6 +22,33 @@ RUNS_DIR = click.option("--runs-dir", envvar="HPSEARCH_RUNS_DIR", default=None, 
                              "[env HPSEARCH_RUNS_DIR]")
 
 
+
+class _PackSize(click.ParamType):
+    name = "K|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"must be a positive integer (trials a worker trains together) or 'auto', but got {value!r}.",
+                  param, ctx)
+
+
+PACK = click.option("--pack", type=_PackSize(), default=None,
+                    help="Trials each worker trains together (a trial pack); overrides the spec's study.pack. "
+                         "[default: the spec's, auto: 1 on the CPU]")
+
+
+def _with_pack(spec: Any, pack: int | str | None) -> Any:
+    """Return ``spec`` with ``--pack`` (when given) as its study.pack."""
+    import dataclasses
+
+    if pack is None:
+        return spec
+    return dataclasses.replace(spec, study=dataclasses.replace(spec.study, pack=None if pack == "auto" else pack))
+
+
 class _Group(click.Group):
     """Turns hpsearch's own errors into `Error: ...` with exit 1 and no traceback."""
 
@@ -151,11 +178,13 @@ def _describe(spec: Any, size: Any) -> str:
 @click.option("--no-finish", is_flag=True, help="Skip the final test evaluation and model registration.")
 @click.option("--no-refit", is_flag=True, help="Test and register the best trial's own model instead of its "
                                                "configuration retrained on training + validation data.")
+@PACK
 def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir: str | None, runs_dir: str | None,
         workers: int | None, gpus: str | None, workers_per_gpu: int, device: str | None, allow_space_change: bool,
-        no_finish: bool, no_refit: bool) -> None:
+        no_finish: bool, no_refit: bool, pack: int | str | None) -> None:
     """Run (or resume) the study in SPEC until its n_trials, then test and register the best model."""
-    spec = _load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, runs_dir=runs_dir)
+    spec = _with_pack(_load(spec_path, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir,
+                            runs_dir=runs_dir), pack)
     from hpsearch import workers as workers_mod
     from hpsearch.progress import summary
 
@@ -189,8 +218,10 @@ def run(spec_path: str, storage: str | None, tracking_uri: str | None, data_dir:
 @click.option("--device", default=None, help="Override task.device (auto, cpu, cuda, cuda:N, mps).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
 @click.option("--quiet", is_flag=True, help="No progress line (when a parent process shows one).")
+@PACK
 def worker(spec_path: str | None, study_name: str | None, storage: str | None, tracking_uri: str | None,
-           data_dir: str | None, runs_dir: str | None, device: str | None, threads: int | None, quiet: bool) -> None:
+           data_dir: str | None, runs_dir: str | None, device: str | None, threads: int | None, quiet: bool,
+           pack: int | str | None) -> None:
     """Join a study as one more worker, until the study's total is reached.
 
     Either SPEC (refused if the study's stored spec differs) or --storage URL --study NAME.
@@ -199,7 +230,8 @@ def worker(spec_path: str | None, study_name: str | None, storage: str | None, t
     from hpsearch.progress import Progress
     from hpsearch.study import open_study, setup_worker, work
 
-    spec = _spec_or_stored(spec_path, storage, study_name, runs_dir, tracking_uri=tracking_uri, data_dir=data_dir)
+    spec = _with_pack(_spec_or_stored(spec_path, storage, study_name, runs_dir, tracking_uri=tracking_uri,
+                                      data_dir=data_dir), pack)
     check_memory(spec, device)
     study = open_study(spec)
     setup = setup_worker(spec, study, device=device, threads=threads)

@@ -119,7 +119,7 @@ def study_note(spec: Spec, attrs: Mapping[str, Any], trials: Sequence[FrozenTria
     c = count(trials)
     t = spec.task
     lines = [f"## {spec.study.name}: {t.type}, {spec.model.family} models", ""]
-    lines += [f"**Goal** " + ", ".join(f"{m.direction} `{m.name}`" for m in spec.study.metrics)
+    lines += ["**Goal** " + ", ".join(f"{m.direction} `{m.name}`" for m in spec.study.metrics)
               + f" · {spec.study.n_trials} trials · sampler `{spec.study.sampler.type}` · "
               f"pruner `{spec.study.pruner.type}` · spec `{spec.path}`", ""]
     lines += data_lines(StoredData.from_attrs(attrs), requested=t.dataset) + [""]

@@ -15,10 +15,10 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -32,13 +32,14 @@ from hpsearch.models import build_model, count_params
 from hpsearch.spec import Spec
 from hpsearch.storage import claim, is_connection_error, rdb, release_claim, swap_claim
 from hpsearch.tracking import DatasetRecord, Tracker
-from hpsearch.train import Diverged, TrainConfig, fit
+from hpsearch.train import Diverged, TrainConfig, TrainResult, fit
 from hpsearch.record import (ARTIFACT_PREFIX, DEVICE_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, INTERRUPTED_ATTR,
                              MODEL_ATTR, N_PARAMS_ATTR, RETRIED_FROM_TAG, RUN_ID_ATTR, RUN_URL_ATTR,
                              SAMPLER_STREAM_ATTR, SEED_ATTR, STATE_TAG, STUDY_TAG, TRACKED_LATE_KEY, TRACKED_LATE_TAG,
                              TRAIN_SECONDS_ATTR, TRIAL_NUMBER_TAG, UNTRACKED_ATTR, epoch_text, untracked)
 
 MODEL_FILE = "model.pt"
+_T = TypeVar("_T")
 METRICS_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late: live curves, one write per batch
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,14 @@ def run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     fails that trial, with its reason in the user attr ``fail_reason``; only a fault of the
     whole worker (storage or data gone, a full disk) or an interruption propagates as it is.
     """
+    return guarded(trial, ctx, lambda: _run_trial(trial, ctx))
+
+
+def guarded(trial: optuna.Trial, ctx: TrialContext, part: Callable[[], _T]) -> _T:
+    """Return ``part()``, a part of the trial's life; what fails in it fails the trial alone, as TrialFailed
+    with its reason recorded (see :func:`run_trial`)."""
     try:
-        return _run_trial(trial, ctx)
+        return part()
     except (TrialFailed, optuna.TrialPruned):
         raise
     except Exception as exc:
@@ -106,6 +113,26 @@ def _reason(exc: BaseException) -> str:
 
 
 def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
+    def build(this: _Running) -> torch.nn.Module:
+        torch.manual_seed(this.seed)
+        return build_model(ctx.spec.model.family, this.params, image_shape=ctx.data.image_shape,
+                           n_classes=ctx.data.n_classes).to(ctx.device)
+
+    this = begin_trial(trial, ctx, build)
+    mean, std = ctx.input_stats
+    config = TrainConfig.from_params(this.params, seed=this.seed, device=str(ctx.device),
+                                     precision=ctx.spec.task.precision, channels_last=ctx.spec.task.channels_last)
+    try:
+        result = fit(this.model, ctx.data, this.task, config, this.report, mean=mean, std=std,
+                     reports_per_epoch=ctx.reports_per_epoch)
+    except BaseException as exc:
+        this.left_early(exc)
+    return this.completed(result)
+
+
+def begin_trial(trial: optuna.Trial, ctx: TrialContext, build: Callable[[_Running], torch.nn.Module]) -> _Running:
+    """Return the trial under way: its params suggested, its model built by ``build(this)`` from its params,
+    seed and reporter (alone, or into a pack), its MLflow run started and its first attrs stored."""
     spec = ctx.spec
     params = space.suggest(trial, spec)
     # A retried trial (its worker died) trains with the seed of the trial it repeats.
@@ -113,59 +140,14 @@ def _run_trial(trial: optuna.Trial, ctx: TrialContext) -> float | list[float]:
     seed = trial_seed(spec.study.seed, trial.number if retried_from is None else retried_from)
     task = tasks.make_task(spec.task.type, params, mask_placement=spec.task.mask.placement,
                            noise_kind=spec.task.noise.kind, reference=ctx.reference)
-    torch.manual_seed(seed)
-    model = build_model(spec.model.family, params, image_shape=ctx.data.image_shape,
-                        n_classes=ctx.data.n_classes).to(ctx.device)
-    n_params = count_params(model)
+    this = _Running(trial, ctx, params, seed, task)
+    this.model = build(this)
+    this.n_params = count_params(this.model)
     failures = ctx.tracker.failures if ctx.tracker else 0  # MLflow calls failed before this trial
-    run_id = _start_run(trial, ctx, params, seed, n_params, retried_from)
-    this = _Running(trial, ctx, run_id, _EpochLog(ctx.tracker, run_id, failures_before=failures), model, task)
-    primary = spec.study.metrics[0].name
-    mean, std = ctx.input_stats
-
-    per_epoch = ctx.reports_per_epoch
-
-    def report(step: int, metrics: dict[str, float]) -> None:
-        if ctx.tracker and run_id:
-            this.epochs.add(step, metrics)
-            if step % (per_epoch * spec.tracking.log_images_every) == 0:  # pictures at epochs' ends
-                this.log_images(step // per_epoch)
-        value = metrics[primary]
-        if not spec.study.multi_objective and math.isfinite(value):
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch_text(step, per_epoch)}: {primary}={value:.5g}")
-
-    config = TrainConfig.from_params(params, seed=seed, device=str(ctx.device), precision=spec.task.precision,
-                                    channels_last=spec.task.channels_last)
-    started = time.perf_counter()
-    try:
-        result = fit(model, ctx.data, task, config, report, mean=mean, std=std, reports_per_epoch=per_epoch)
-    except optuna.TrialPruned:
-        this.end("FINISHED", "PRUNED", images=True)
-        raise
-    except Diverged as exc:
-        reason = f"diverged: {exc}"
-        this.end("FAILED", "FAIL", reason=reason, attrs={FAIL_REASON_ATTR: reason})
-        raise TrialFailed(reason) from None
-    except BaseException as exc:  # Ctrl-C, out of memory, a bug: record it, then let Optuna fail the trial
-        reason = _reason(exc)
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        # An interrupted trial is not the trial's fault: it does not count towards n_trials.
-        attrs = {INTERRUPTED_ATTR if interrupted else FAIL_REASON_ATTR: reason or "interrupted"}
-        this.end("KILLED" if interrupted else "FAILED", "FAIL", reason=reason, attrs=attrs)
-        raise
-    finished: dict[str, Any] = {TRAIN_SECONDS_ATTR: round(time.perf_counter() - started, 3), **result.metrics}
-    if ctx.device.type == "cuda":
-        finished["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
-    values = [float(n_params) if m.name == "n_params" else result.metrics[m.name] for m in spec.study.metrics]
-    if not all(math.isfinite(v) for v in values):
-        reason = f"non-finite objective value(s) {values}"
-        this.end("FAILED", "FAIL", reason=reason, attrs={**finished, FAIL_REASON_ATTR: reason})
-        raise TrialFailed(reason)
-    finished[MODEL_ATTR] = this.save_model()
-    this.end("FINISHED", "COMPLETE", images=True, attrs=finished)
-    return values[0] if len(values) == 1 else values
+    this.run_id = _start_run(trial, ctx, params, seed, this.n_params, retried_from)
+    this.epochs = _EpochLog(ctx.tracker, this.run_id, failures_before=failures)
+    this.started = time.perf_counter()
+    return this
 
 
 def _retried_from(trial: optuna.Trial) -> int | None:
@@ -267,14 +249,68 @@ class _EpochLog:
 
 @dataclass
 class _Running:
-    """One trial under way, as its pictures and its end need it: the Optuna trial, its MLflow run, its model."""
+    """One trial under way: the Optuna trial, its MLflow run, its model; what it reports and how it ends."""
 
     trial: optuna.Trial
     ctx: TrialContext
-    run_id: str | None  # None without tracking, or when MLflow could not start it
-    epochs: _EpochLog
-    model: torch.nn.Module
+    params: dict[str, Any]
+    seed: int
     task: Any  # tasks.Task
+    model: torch.nn.Module = None  # type: ignore[assignment]  # set by begin_trial, before anything reads it
+    n_params: int = 0
+    run_id: str | None = None  # None without tracking, or when MLflow could not start it
+    epochs: _EpochLog = field(default_factory=lambda: _EpochLog(None, None))
+    started: float = 0.0  # when its training began (perf_counter)
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        """The reporter training sees: metrics to MLflow, the primary value to Optuna; raise TrialPruned."""
+        spec, per_epoch = self.ctx.spec, self.ctx.reports_per_epoch
+        if self.ctx.tracker and self.run_id:
+            self.epochs.add(step, metrics)
+            if step % (per_epoch * spec.tracking.log_images_every) == 0:  # pictures at epochs' ends
+                self.log_images(step // per_epoch)
+        primary = spec.study.metrics[0].name
+        value = metrics[primary]
+        if not spec.study.multi_objective and math.isfinite(value):
+            self.trial.report(value, step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch_text(step, per_epoch)}: {primary}={value:.5g}")
+
+    def left_early(self, exc: BaseException) -> NoReturn:
+        """Record why training ended before its last epoch (pruned, diverged, interrupted, failed); raise
+        TrialPruned, TrialFailed or ``exc`` itself, as the study expects them."""
+        if isinstance(exc, optuna.TrialPruned):
+            self.end("FINISHED", "PRUNED", images=True)
+            raise exc
+        if isinstance(exc, Diverged):
+            reason = f"diverged: {exc}"
+            self.end("FAILED", "FAIL", reason=reason, attrs={FAIL_REASON_ATTR: reason})
+            raise TrialFailed(reason) from None
+        # Ctrl-C, out of memory, a bug: record it, then let the study fail the trial.
+        reason = _reason(exc)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        # An interrupted trial is not the trial's fault: it does not count towards n_trials.
+        attrs = {INTERRUPTED_ATTR if interrupted else FAIL_REASON_ATTR: reason or "interrupted"}
+        self.end("KILLED" if interrupted else "FAILED", "FAIL", reason=reason, attrs=attrs)
+        raise exc
+
+    def completed(self, result: TrainResult) -> float | list[float]:
+        """Return the objective value(s) of a trial that trained to its end, with its model kept; raise
+        TrialFailed when a value is not finite."""
+        ctx = self.ctx
+        finished: dict[str, Any] = {TRAIN_SECONDS_ATTR: round(time.perf_counter() - self.started, 3),
+                                    **result.metrics}
+        if ctx.device.type == "cuda":
+            finished["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
+        values = [float(self.n_params) if m.name == "n_params" else result.metrics[m.name]
+                  for m in ctx.spec.study.metrics]
+        if not all(math.isfinite(v) for v in values):
+            reason = f"non-finite objective value(s) {values}"
+            self.end("FAILED", "FAIL", reason=reason, attrs={**finished, FAIL_REASON_ATTR: reason})
+            raise TrialFailed(reason)
+        finished[MODEL_ATTR] = self.save_model()
+        self.end("FINISHED", "COMPLETE", images=True, attrs=finished)
+        return values[0] if len(values) == 1 else values
 
     def log_images(self, epoch: int) -> None:
         """Log the reconstructions of the validation images at the end of ``epoch`` (not for classifiers)."""

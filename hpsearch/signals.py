@@ -117,6 +117,12 @@ class StopSignals:
         if self.requested:
             trial.set_user_attr(INTERRUPTED_ATTR, "stopped before the trial began")
             raise KeyboardInterrupt
+        with self.training():
+            yield
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Let a stop signal interrupt the code inside (trials' own code: a trial's, or a pack's step)."""
         self._in_trial = True
         try:
             yield

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial
 from hpsearch import insights, space, stopping
 from hpsearch.errors import HPSearchError, SpecError, StorageError
 from hpsearch.finish import finish
+from hpsearch.pack_loop import pack_capacity, work_packed
 from hpsearch.objective import TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, FINGERPRINT_ATTR, RUN_ID_ATTR,
                              SAMPLER_STREAM_ATTR, SAMPLER_STREAM_KEY, SPEC_ATTR, STATE_TAG, STOPPED_ATTR,
@@ -223,18 +224,47 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
 
     current: list[optuna.Trial] = []  # the trial this worker runs now
 
+    def admit(trial: optuna.Trial) -> bool:
+        """Tag a new trial with this worker; return False when it is surplus (marked so)."""
+        set_user_attrs(trial, {WORKER_ATTR: worker_id(), SAMPLER_STREAM_ATTR: stream})
+        if not _surplus(study, trial, n_trials):
+            return True
+        trial.set_user_attr(SURPLUS_ATTR, f"other workers had already started the study's {n_trials} "
+                                          "trials when this one was created")
+        surplus.add(trial.number)
+        return False
+
     def objective(trial: optuna.Trial) -> float | list[float]:
         current[:] = [trial]
         with signals.trial(trial):
-            set_user_attrs(trial, {WORKER_ATTR: worker_id(), SAMPLER_STREAM_ATTR: stream})
-            if _surplus(study, trial, n_trials):
-                trial.set_user_attr(SURPLUS_ATTR, f"other workers had already started the study's {n_trials} "
-                                                  "trials when this one was created")
-                surplus.add(trial.number)
+            if not admit(trial):
                 raise _Surplus()
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(setup.device)  # this trial's peak, not the worker's
             return run_trial(trial, ctx)
+
+    def decide() -> str:
+        """Return what this worker does next: "start" a trial, "wait" for others' last ones, or "stop"."""
+        nonlocal stopped
+        trials = study.get_trials(deepcopy=False)
+        if (verdict := stopping.verdict(spec.study.stop, spec.study.metrics[0], trials)) is not None:
+            stopped = _record_stop(study, verdict)
+            return "stop"
+        c = count(trials)
+        if c.waiting > 0 or c.finished + c.running < n_trials:
+            return "start"
+        # Other workers may hold the last trials. If one of them died, its trial goes stale and is
+        # retried: stay to pick the retry up, so the study reaches its total.
+        return "wait" if c.running > 0 and c.finished < n_trials else "stop"
+
+    def wait() -> None:
+        fail_stale_trials(study, grace_period=spec.study.grace_period)
+        signals.sleep(min(0.5, spec.study.heartbeat_interval))  # the total may be reached any moment
+
+    def after_trial() -> None:
+        if setup.tracker and setup.tracker.failures:  # MLflow failed at some point: is it back?
+            track_late(study, setup.tracker, setup.parent_run_id)
+        insights.refresh(spec, study, setup.tracker, setup.parent_run_id, min_interval_s=30.0)
 
     def not_a_failure(record: logging.LogRecord) -> bool:
         # Optuna reports a surplus trial as failed, with a traceback; it is no failure. Nor is a
@@ -244,15 +274,15 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
     optuna_log = logging.getLogger("optuna.study._optimize")
+    capacity = pack_capacity(spec, setup.device)
     with signals, _log_filters(optuna_log, signals.filter, not_a_failure, _one_line_failures):
-        while deadline is None or time.monotonic() < deadline:
+        if capacity > 1:
+            ran = work_packed(ctx, study, capacity, decide=decide, admit=admit, wait=wait, after_trial=after_trial,
+                              signals=signals, deadline=deadline)
+        while capacity == 1 and (deadline is None or time.monotonic() < deadline):
             signals.check()
-            trials = study.get_trials(deepcopy=False)
-            if (verdict := stopping.verdict(spec.study.stop, spec.study.metrics[0], trials)) is not None:
-                stopped = _record_stop(study, verdict)
-                break
-            c = count(trials)
-            if c.waiting > 0 or c.finished + c.running < n_trials:
+            what = decide()
+            if what == "start":
                 try:
                     study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
                 except Exception as exc:  # noqa: BLE001 - a full disk ends the worker, anything else as it was
@@ -260,14 +290,9 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
                         raise
                     raise _stop_on_full_disk(spec, study, current, setup.tracker, exc) from None
                 ran += 1
-                if setup.tracker and setup.tracker.failures:  # MLflow failed at some point: is it back?
-                    track_late(study, setup.tracker, setup.parent_run_id)
-                insights.refresh(spec, study, setup.tracker, setup.parent_run_id, min_interval_s=30.0)
-            elif c.running > 0 and c.finished < n_trials:
-                # Other workers hold the last trials. If one of them died, its trial goes stale and is
-                # retried: stay to pick the retry up, so the study reaches its total.
-                fail_stale_trials(study, grace_period=spec.study.grace_period)
-                signals.sleep(min(0.5, spec.study.heartbeat_interval))  # the total may be reached any moment
+                after_trial()
+            elif what == "wait":
+                wait()
             else:
                 break
         signals.check()

@@ -165,6 +165,8 @@ def _start_worker(spec: Spec, placement: Placement, device: str | None) -> subpr
            "--threads", str(placement.threads), "--quiet"]
     if spec.task.data_dir:
         cmd += ["--data-dir", spec.task.data_dir]
+    if spec.study.pack is not None:  # as --pack gave it to this process
+        cmd += ["--pack", str(spec.study.pack)]
     if placement.device or device:
         cmd += ["--device", placement.device or device]  # type: ignore[list-item]
     # A session of its own: the terminal's Ctrl-C reaches only this process, which passes it on

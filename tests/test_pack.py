@@ -14,7 +14,8 @@ from hpsearch.models import build_model
 from hpsearch.pack import Departure, Pack, pack_refusal, structure_key
 from hpsearch.pack._optim import StackedOptimizer
 from hpsearch.tasks import make_task
-from hpsearch.train import LR_SCHEDULES, OPTIMIZERS, Diverged, TrainConfig, TrainResult, fit, make_optimizer
+from hpsearch.train import Diverged, TrainConfig, TrainResult, fit, make_optimizer
+from hpsearch.vocab import LR_SCHEDULES, OPTIMIZERS
 
 # Float rounding: a stacked bmm sums in another order than fit's mm, and two epochs of training
 # amplify the last-bit differences somewhat; a different mask, batch or lr would be off by ~1e-2.
@@ -150,8 +151,9 @@ def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData) -> None
 
 
 def test_a_diverged_member_fails_alone(digits: SearchData) -> None:
-    # lr 1e30: the weights overflow within two steps, whatever the rounding (lr 1e3 may or may not diverge).
-    members = [params(width=32, optimizer="sgd", lr=1e30), params(width=16, optimizer="sgd", lr=1e-2)]
+    # lr 10 (the knob table's largest) with momentum 0.99, 3 wide layers: the loss turns NaN in the first epoch.
+    members = [params(n_layers=3, width=256, optimizer="sgd", lr=10.0, momentum=0.99),
+               params(n_layers=3, width=16, optimizer="sgd", lr=1e-2)]
     departures, reports = run_pack(digits, members)
     _, alone, _ = fit_alone(digits, members[0], 100)
     assert isinstance(alone, Diverged) and isinstance(departures[0].error, Diverged)

@@ -266,6 +266,17 @@ LONG_TRIALS = _with(SPEC, study={"n_trials": 4, "grace_period": 3},
                     tracking={"enabled": True})
 
 
+def retried(trials: list[optuna.trial.FrozenTrial], number: int, pid: int) -> optuna.trial.FrozenTrial:
+    """Return the retry of trial ``number`` (its worker was killed), run by the worker ``pid``, checked."""
+    dead = trials[number]
+    assert dead.state == TrialState.FAIL and "fail_reason" not in dead.user_attrs
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == number)
+    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.user_attrs["seed"] == dead.user_attrs["seed"]  # the same training run, repeated
+    assert retry.user_attrs["worker"] == f"{HOST}:{pid}"
+    return retry
+
+
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_retried_and_its_run_killed(tmp_path: Path) -> None:
     path = _write(tmp_path, LONG_TRIALS)
@@ -289,12 +300,7 @@ def test_a_killed_workers_trial_is_failed_retried_and_its_run_killed(tmp_path: P
     trials = study.get_trials()
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(finished) == 4 and not [t for t in trials if t.state == TrialState.RUNNING]
-    dead = trials[doomed.number]
-    assert dead.state == TrialState.FAIL and "fail_reason" not in dead.user_attrs
-    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == doomed.number)
-    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
-    assert retry.user_attrs["seed"] == dead.user_attrs["seed"]  # the same training run, repeated
-    assert retry.user_attrs["worker"] == f"{HOST}:{survivor.pid}"
+    retry = retried(trials, doomed.number, survivor.pid)
     # Detected within grace period + heartbeat + a loop turn of the survivor (it may be mid-trial).
     waited = retry.datetime_start.timestamp() - killed_at
     print(f"killed trial {doomed.number} retried as trial {retry.number} after {waited:.1f} s")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpsearch.models import ACTIVATIONS
+from hpsearch.models import ACTIVATION_LAYERS
 from hpsearch.pack._key import StructureKey
 
 _BN_MOMENTUM = 0.1  # nn.BatchNorm1d's defaults, which build_model's layers keep
@@ -30,7 +30,7 @@ class StackedMLP:
         self.key, self.capacity, self.device = key, capacity, device
         self.n_in, self.n_classes = n_in, n_classes
         self.widths = (1,) * key.n_layers  # grows to the widest member's (see grow)
-        self.activation = ACTIVATIONS[key.activation]()
+        self.activation = ACTIVATION_LAYERS[key.activation]()
         self.params: dict[str, Tensor] = {}
         self.buffers: dict[str, Tensor] = {}
         for name, shape in self.shapes(self.widths).items():

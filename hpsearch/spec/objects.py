@@ -78,6 +78,7 @@ class StudySpec:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # a trial silent this long is failed (its worker died) and retried
     max_retries: int = 2  # how often a trial whose worker died is retried with the same params
+    pack: int | None = None  # trials a worker trains together (packs); None: auto, chosen per device
     refit: RefitSpec = field(default_factory=RefitSpec)  # off by default for multi-objective studies (see parse)
     stop: StopSpec = field(default_factory=StopSpec)  # no rule by default: the study runs to n_trials
     warm_start: WarmStartSpec | None = None  # start from nothing unless asked

@@ -25,7 +25,7 @@ def parse_study(check: Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec
                  storage: str | None, runs: Path) -> StudySpec:
     keys = ("name", "metric", "direction", "metrics", "n_trials", "timeout", "seed", "sampler", "pruner",
             "storage", "enqueue", "heartbeat_interval", "grace_period", "max_retries", "refit", "stop",
-            "warm_start")
+            "warm_start", "pack")
     m = check.mapping(raw, "study", required=("name",), optional=keys)
     name = check.string(m["name"], "study.name")
     if not _NAME_RE.match(name):
@@ -60,10 +60,19 @@ def parse_study(check: Checker, raw: Any, task: TaskSpec, space: tuple[ParamSpec
         seed=check.integer(m.get("seed", 0), "study.seed", low=0),
         sampler=sampler, pruner=pruner, enqueue=enqueue, heartbeat_interval=heartbeat, grace_period=grace,
         max_retries=check.integer(m.get("max_retries", 2), "study.max_retries", low=0),
+        pack=_parse_pack(check, m.get("pack")),
         refit=_parse_refit(check, m.get("refit"), multi_objective=len(metrics) > 1),
         stop=_parse_stop(check, m.get("stop"), metrics),
         warm_start=_parse_warm_start(check, m.get("warm_start"), url, name),
     )
+
+
+def _parse_pack(check: Checker, raw: Any) -> int | None:
+    if raw is None or raw == "auto":  # None: the stored spec's auto
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        check.fail("study.pack", "must be a positive integer (trials a worker trains together) or `auto`", raw)
+    return raw
 
 
 def _parse_warm_start(check: Checker, raw: Any, storage: str, name: str) -> WarmStartSpec | None:

@@ -1,0 +1,180 @@
+"""Trial packs in the study loop: `--pack K` trains K trials together, each with the records a trial trained
+alone has; a packed worker stopped by a signal or SIGKILL leaves no trial RUNNING, its members retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpsearch.cli import cli
+from hpsearch.spec import load_spec
+from hpsearch.storage import fail_stale_trials
+from hpsearch.study import open_study
+from hpsearch.pack_loop import Heartbeats
+from hpsearch.record import STATE_TAG, TEST_ATTR, TRIAL_NUMBER_TAG
+
+from .test_workers import HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write, retried
+
+# Tiny, but with a structural choice (n_layers, optimizer) and a pruner that prunes from the first epoch.
+PACKED = _with(SPEC, study={"name": "packed", "n_trials": 10, "sampler": {"type": "tpe", "n_startup_trials": 3},
+                            "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0}},
+               task={"epochs": 3},
+               space={**SPEC["space"], "n_layers": {"type": "int", "low": 1, "high": 2}, "optimizer": ["adam", "sgd"]},
+               tracking={"enabled": True})
+
+
+def _run(tmp_path: Path, pack: str) -> tuple[optuna.Study, MlflowClient]:
+    runs = tmp_path / f"runs-{pack}"
+    path = _write(tmp_path, PACKED, f"spec-{pack}.yaml")
+    result = CliRunner().invoke(cli, ["run", str(path), "--pack", pack, "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="packed", storage=f"sqlite:///{runs / 'optuna.db'}")
+    return study, MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+
+
+def _most_at_once(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Return the most trials that were running at one moment."""
+    events = sorted([(t.datetime_start, 1) for t in trials] + [(t.datetime_complete, -1) for t in trials])
+    at_once = most = 0
+    for _, change in events:
+        at_once += change
+        most = max(most, at_once)
+    return most
+
+
+def _records(study: optuna.Study, client: MlflowClient, state: TrialState) -> tuple[set, set, set]:
+    """Return the user attr keys, MLflow tag keys and MLflow param keys of one trial in ``state``."""
+    trial = next(t for t in study.trials if t.state == state)
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    return set(trial.user_attrs), set(run.data.tags), set(run.data.params)
+
+
+@pytest.mark.slow
+def test_a_packed_run_finishes_its_trials_with_the_records_of_an_unpacked_one(tmp_path: Path) -> None:
+    packed, packed_client = _run(tmp_path, "4")
+    single, single_client = _run(tmp_path, "1")
+    trials = packed.trials
+    # Its n_trials, every one finished; some pruned and their slots refilled (10 trials through 4 slots).
+    assert len(trials) == 10 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert Counter(t.state for t in trials)[TrialState.PRUNED] >= 1
+    assert 2 <= _most_at_once(trials) <= 4  # trained together, never more than the pack holds
+    assert _most_at_once(single.trials) == 1
+    # One MLflow child run per trial, under one parent, each closed with its trial's state.
+    experiment = packed_client.get_experiment_by_name("packed")
+    runs = packed_client.search_runs([experiment.experiment_id], max_results=100)
+    children = [r for r in runs if TRIAL_NUMBER_TAG in r.data.tags]  # (the refit's run has none)
+    assert sorted(int(r.data.tags[TRIAL_NUMBER_TAG]) for r in children) == [t.number for t in trials]
+    assert all(r.data.tags[STATE_TAG] == trials[int(r.data.tags[TRIAL_NUMBER_TAG])].state.name for r in children)
+    # The best model was tested and registered.
+    assert TEST_ATTR in packed.user_attrs
+    assert packed_client.get_registered_model("packed").latest_versions
+    # The records of a packed trial are those of a trial trained alone: the same kinds, for each end.
+    for state in (TrialState.COMPLETE, TrialState.PRUNED):
+        assert _records(packed, packed_client, state) == _records(single, single_client, state), state
+    # Refills were asked with the structure of their pack fixed, and got it (no param changed after the ask).
+    refills = [t for t in trials if "fixed_params" in t.system_attrs]
+    assert refills and all(t.params[k] == v for t in refills for k, v in t.system_attrs["fixed_params"].items())
+
+
+def test_a_pack_size_that_is_no_positive_integer_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, _with(PACKED, study={"pack": 0}))
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 1 and "study.pack" in result.output and "positive integer" in result.output
+    result = CliRunner().invoke(cli, ["run", str(path), "--pack", "many"])
+    assert result.exit_code == 2 and "--pack" in result.output and "'many'" in result.output
+
+
+def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: Path) -> None:
+    spec = _with(PACKED, study={"n_trials": 2}, task={"epochs": 1}, model={"family": "cnn"},
+                 space={"lr": SPEC["space"]["lr"]}, tracking={"enabled": False})
+    result = CliRunner().invoke(cli, ["run", str(_write(tmp_path, spec)), "--pack", "4", "--no-finish",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("cannot be packed") == 1
+    study = optuna.load_study(study_name="packed", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+
+
+PACKED_LONG = _with(LONG_TRIALS, study={"n_trials": 4})
+
+
+@pytest.mark.slow
+def test_a_killed_packed_workers_members_are_failed_and_retried(tmp_path: Path) -> None:
+    path = _write(tmp_path, PACKED_LONG)
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    victim = _popen(["worker", str(path), "--quiet", "--threads", "1", "--pack", "3"], tmp_path, "w0.log",
+                    env=_env(tmp_path))
+    survivor = None
+    try:
+        doomed = _wait_for(lambda: len(found := [t for t in _mid_training(storage, "shared")
+                                                 if t.user_attrs.get("worker") == f"{HOST}:{victim.pid}"]) == 3
+                           and found, [victim], "the victim's pack to be mid-training")
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        survivor = _popen(["worker", str(path), "--quiet", "--threads", "1", "--pack", "2"], tmp_path, "w1.log",
+                          env=_env(tmp_path))
+        assert survivor.wait(timeout=240) == 0, (tmp_path / "w1.log").read_text()
+    finally:
+        for p in (victim, survivor):
+            if p is not None and p.poll() is None:
+                p.kill()
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
+    for dead in doomed:  # every member of the killed pack: failed without a reason of its own, then retried
+        retry = retried(trials, dead.number, survivor.pid)  # same params, same seed
+        print(f"killed trial {dead.number} retried as trial {retry.number} after "
+              f"{retry.datetime_start.timestamp() - killed_at:.1f} s")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    for dead in doomed:
+        assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_every_member_of_a_pack_as_interrupted(tmp_path: Path, signum: int) -> None:
+    path = _write(tmp_path, _with(PACKED_LONG, study={"n_trials": 30}))
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    worker = _popen(["worker", str(path), "--threads", "1", "--pack", "3"], tmp_path, "w.log", env=_env(tmp_path))
+    try:
+        _wait_for(lambda: len(_mid_training(storage, "shared")) == 3, [worker], "a full pack mid-training")
+        os.kill(worker.pid, signum)
+        assert worker.wait(timeout=60) == 130, (tmp_path / "w.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "Traceback" not in (tmp_path / "w.log").read_text()
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if "interrupted" in t.user_attrs]
+    # Each member was interrupted (or had just finished): none counts towards n_trials, none is left open.
+    assert 1 <= len(interrupted) <= 3 and all(t.state == TrialState.FAIL for t in interrupted)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    for t in interrupted:
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_every_running_member_keeps_its_heartbeat(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with(SPEC, study={"heartbeat_interval": 1, "grace_period": 2})),
+                     runs_dir=str(tmp_path / "runs"))
+    study = open_study(spec)
+    members, silent = [study.ask() for _ in range(3)], study.ask()
+    with Heartbeats(study._storage) as heartbeats:
+        for trial in members:
+            heartbeats.add(trial._trial_id)
+        time.sleep(3.5)  # past the grace period: only a trial with no beat since is stale
+        assert fail_stale_trials(study, grace_period=2) == [silent.number]
+        heartbeats.remove(members[0]._trial_id)  # it left its pack: no more beats for it
+        time.sleep(3.5)
+        assert fail_stale_trials(study, grace_period=2) == [members[0].number]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert [states[t.number] for t in members[1:]] == [TrialState.RUNNING] * 2
