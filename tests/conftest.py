@@ -43,14 +43,15 @@ _one_cpu_per_xdist_worker()
 class LogLines:
     """hpsearch's messages of a test, each as the command line prints it (``warning: ...``)."""
 
-    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
-        self._caplog = caplog
+    def __init__(self, caplog: pytest.LogCaptureFixture, *, level: int = logging.INFO) -> None:
+        self._caplog, self._level = caplog, level
 
     def _lines(self) -> list[str]:
         from hpsearch.log import ROOT, Formatter
 
         formatter = Formatter()
-        return [formatter.format(r) for r in self._caplog.records if r.name.split(".", 1)[0] == ROOT]
+        return [formatter.format(r) for r in self._caplog.records
+                if r.name.split(".", 1)[0] == ROOT and r.levelno >= self._level]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._lines())
