@@ -65,7 +65,7 @@ def pack_capacity(spec: Spec, device: torch.device) -> int:
     size, free = largest_model(spec), available_memory(device)
     k = max(1, min(AUTO_MAX, int(AUTO_MEMORY_SHARE * (free or 0) // size.bytes)))
     logger.info(f"study.pack auto: {k} trials trained together on {device} (the largest model needs about "
-         f"{size.bytes / 2**20:.0f} MB, {(free or 0) / 2**30:.1f} GB are free).")
+                f"{size.bytes / 2**20:.0f} MB, {(free or 0) / 2**30:.1f} GB are free).")
     return k
 
 
