@@ -189,13 +189,20 @@ def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | 
     key = f"{FINISH_KEY}{trial}"
     said = False
     while True:
-        done = study.user_attrs.get(TEST_ATTR)
-        if done and done.get("trial") == trial:
+        done = _recorded(study, trial)
+        if done is not None:
             yield done
             return
         mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
         if claim(study, key, mine):
-            break
+            # Another process may have recorded the test and released its claim since the look above.
+            done = _recorded(study, trial)
+            if done is None:
+                break
+            with contextlib.suppress(Exception):
+                release_claim(study, key, mine)
+            yield done
+            return
         held = read_claim(study, key)
         if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
             logger.info(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which stopped; "
@@ -224,6 +231,12 @@ def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | 
         beat.join()
         with contextlib.suppress(Exception):  # a claim not released goes stale
             release_claim(study, key, holding["value"])
+
+
+def _recorded(study: optuna.Study, trial: int) -> dict[str, Any] | None:
+    """Return the study's test record if it is of ``trial``, else None."""
+    done = study.user_attrs.get(TEST_ATTR)
+    return done if done and done.get("trial") == trial else None
 
 
 def _claim_dead(held: dict[str, Any]) -> bool:

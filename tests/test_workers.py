@@ -509,6 +509,24 @@ def test_a_finish_claimed_by_a_live_process_is_waited_for(tmp_path: Path, messag
     assert read_claim(study, f"{FINISH_KEY}0")["worker"] == "other-host:1"  # not ours to release
 
 
+def test_a_finish_recorded_just_before_this_process_claims_it_is_not_done_again(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other process wrote its record and released its claim between this one's look and its claim."""
+    import hpsearch.finish
+
+    study = open_study(load_spec(_write(tmp_path, SPEC)))
+    record = {"trial": 0, "metrics": {"test_accuracy": 0.9}}
+
+    def claim_after_the_other_finished(*args: object) -> bool:
+        study.set_user_attr(TEST_ATTR, record)  # the other process's record; its claim is gone again
+        return claim(*args)
+
+    monkeypatch.setattr(hpsearch.finish, "claim", claim_after_the_other_finished)
+    with _finish_claim(study, 0) as done:
+        assert done == record  # its record, not a second test (CI ran two finishes and registered version 2)
+    assert read_claim(study, f"{FINISH_KEY}0") is None  # the claim this process won is released
+
+
 @pytest.mark.slow
 def test_two_runs_of_one_spec_started_together_share_the_study_and_finish_it_once(tmp_path: Path) -> None:
     spec = _with(SPEC, study={"n_trials": 6}, task={"epochs": 1}, tracking={"enabled": True})
