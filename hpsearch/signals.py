@@ -7,8 +7,10 @@ holds them off while a record is written, so it is either absent or whole.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,18 +46,56 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 @contextmanager
-def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """Run ``handler`` on the stop signals while inside (main thread only; one ignored, as under nohup, stays so)."""
+def on_stop_signals(handler: Callable[[int, Any], None], *,
+                    swallowed: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Run ``handler`` on the stop signals while inside (main thread only; one ignored, as under nohup, stays so).
+
+    A KeyboardInterrupt that ``handler`` raises where Python ignores exceptions (a weakref
+    callback or ``__del__`` that happened to run when the signal came) would be lost, printed as
+    "Exception ignored"; instead it is dropped silently and ``swallowed(signum)`` runs, by default
+    delivering the signal again a moment later, where it can stop the code.
+    """
     previous = {}
-    if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
+    last = [signal.SIGINT]
+
+    def handle(signum: int, frame: Any) -> None:
+        last[0] = signum
+        handler(signum, frame)
+
+    def hook(unraisable: Any) -> None:
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return unraisable_before(unraisable)
+        logger.debug("a stop signal landed in code whose exceptions Python ignores (%r); it is delivered again.",
+                     unraisable.object)
+        (swallowed or _deliver_again)(last[0])
+
+    unraisable_before = sys.unraisablehook
+    main = threading.current_thread() is threading.main_thread()  # only the main thread gets signals
+    if main:
         for signum in STOP_SIGNALS:
             if signal.getsignal(signum) is not signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, handler)
+                previous[signum] = signal.signal(signum, handle)
+        sys.unraisablehook = hook
     try:
         yield
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        if main:
+            sys.unraisablehook = unraisable_before
+
+
+def _deliver_again(signum: int) -> None:
+    """Deliver ``signum`` to the main thread again, shortly (from another thread: not inside the current frame)."""
+    threading.Timer(_IO_RECHECK_S, _signal_main, (signum,)).start()
+
+
+def _signal_main(signum: int) -> None:
+    """Send ``signum`` to the main thread (a real signal wakes a sleep or a blocking read; Windows: simulated)."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident or 0, signum)
+    else:
+        _thread.interrupt_main(signum)
 
 
 def interrupt(signum: int, frame: Any) -> None:
@@ -81,7 +121,7 @@ class StopSignals:
         self._raised = False
 
     def __enter__(self) -> StopSignals:
-        self._handling = on_stop_signals(self._handle)
+        self._handling = on_stop_signals(self._handle, swallowed=self._swallowed)
         self._handling.__enter__()
         return self
 
@@ -108,9 +148,14 @@ class StopSignals:
         self._raised = True  # a second Ctrl-C must not break the interrupted trial's clean-up
         raise KeyboardInterrupt
 
+    def _swallowed(self, signum: int) -> None:
+        """The KeyboardInterrupt raised was lost (raised inside a finalizer): raise it again, as a re-check."""
+        self._raised = False
+        threading.Timer(_IO_RECHECK_S, self._recheck, (signum,)).start()
+
     def _recheck(self, signum: int) -> None:
         self._rechecks += 1
-        signal.pthread_kill(threading.main_thread().ident or 0, signum)  # runs _handle in the main thread
+        _signal_main(signum)  # runs _handle in the main thread
 
     @contextmanager
     def trial(self, trial: optuna.Trial) -> Iterator[None]:
