@@ -49,6 +49,10 @@ class TrialFailed(Exception):
     """The trial ended without a result (diverged, bad combination); the study goes on."""
 
 
+class TakenOver(TrialFailed):
+    """Another worker closed this trial while it ran (declared it stale, see study._taken_over)."""
+
+
 @dataclass
 class TrialContext:
     """What every trial of one worker shares: spec, data on the device, tracking."""
@@ -87,6 +91,8 @@ def guarded(trial: optuna.Trial, ctx: TrialContext, part: Callable[[], _T]) -> _
         return part()
     except (TrialFailed, optuna.TrialPruned):
         raise
+    except optuna.exceptions.UpdateFinishedTrialError:  # the trial is no longer this worker's to write
+        raise TakenOver(f"trial {trial.number} was closed by another worker") from None
     except Exception as exc:
         if worker_fault(exc):
             raise

@@ -28,7 +28,7 @@ from hpsearch import insights, space, stopping
 from hpsearch.errors import HPSearchError, SpecError, StorageError
 from hpsearch.finish import finish
 from hpsearch.pack_loop import pack_capacity, work_packed
-from hpsearch.objective import TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
+from hpsearch.objective import TakenOver, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
 from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, FINGERPRINT_ATTR, RUN_ID_ATTR,
                              SAMPLER_STREAM_ATTR, SAMPLER_STREAM_KEY, SPEC_ATTR, STATE_TAG, STOPPED_ATTR,
                              SURPLUS_ATTR, WORKER_ATTR, artifact_store, count, count_trials, open_existing, read_spec,
@@ -268,8 +268,10 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
 
     def not_a_failure(record: logging.LogRecord) -> bool:
         # Optuna reports a surplus trial as failed, with a traceback; it is no failure. Nor is a
-        # full disk the trial's: the worker stops with one line that says so.
+        # full disk the trial's (the worker stops with one line that says so), nor one another worker took over.
         if record.exc_info and record.exc_info[1] is not None and disk_full_cause(record.exc_info[1]):
+            return False
+        if record.exc_info and isinstance(record.exc_info[1], TakenOver):  # said once, by _taken_over
             return False
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
@@ -286,9 +288,10 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
                 try:
                     study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus))
                 except Exception as exc:  # noqa: BLE001 - a full disk ends the worker, anything else as it was
-                    if disk_full_cause(exc) is None:
+                    if disk_full_cause(exc) is not None:
+                        raise _stop_on_full_disk(spec, study, current, setup.tracker, exc) from None
+                    if not _taken_over(spec, study, current):
                         raise
-                    raise _stop_on_full_disk(spec, study, current, setup.tracker, exc) from None
                 ran += 1
                 after_trial()
             elif what == "wait":
@@ -301,6 +304,20 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     if (stopped or count_trials(study).finished >= n_trials) and setup.tracker and setup.parent_run_id:
         setup.tracker.end_run(setup.parent_run_id, "FINISHED")  # each worker may say so: idempotent
     return ran
+
+
+def _taken_over(spec: Spec, study: optuna.Study, trials: list[optuna.Trial]) -> bool:
+    """Return whether another worker closed one of this worker's ``trials`` (declared it stale), saying so.
+
+    A worker stalled past the grace period (an overloaded machine, a paused process) finds its
+    trial failed, and retried, by another: Optuna then cannot tell it. Its result is dropped.
+    """
+    lost = [t.number for t in trials if study._storage.get_trial(t._trial_id).state.is_finished()]
+    for number in lost:
+        logger.warning(f"trial {number} was declared stale by another worker (its heartbeat was over "
+                       f"{spec.study.grace_period} s late: an overloaded machine or a paused process?), and failed "
+                       "and retried there; this worker drops its result and goes on.")
+    return bool(lost)
 
 
 def _record_stop(study: optuna.Study, verdict: stopping.Verdict) -> bool:

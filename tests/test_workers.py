@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from hpsearch.cli import cli
 from hpsearch.errors import SpecError
 from hpsearch.spec import load_spec
-from hpsearch.storage import claim, read_claim, release_claim, swap_claim
+from hpsearch.storage import claim, fail_stale_trials, read_claim, release_claim, swap_claim
 from hpsearch.finish import FINISH_STALE_S, _finish_claim
 from hpsearch.record import FINISH_KEY, SAMPLER_STREAM_KEY, SPEC_ATTR, TEST_ATTR, worker_id
 from hpsearch.study import _surplus, load_stored_spec, open_study
@@ -264,6 +264,33 @@ def _mid_training(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 LONG_TRIALS = _with(SPEC, study={"n_trials": 4, "grace_period": 3},
                     task={"epochs": 100},  # a second or more per trial on one thread: long enough to see one mid-trial
                     tracking={"enabled": True})
+
+
+@pytest.mark.slow
+def test_a_worker_whose_trial_another_declared_stale_drops_it_and_goes_on(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker stalled past the grace period (an overloaded machine, a paused VM) finds its trial
+    # failed and retried by another worker: it drops its result with a warning, not a traceback.
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 1}, task={"epochs": 40}))
+    monkeypatch.setenv("HPSEARCH_RUNS_DIR", str(tmp_path / "runs"))
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    run = _popen(["run", str(path), "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
+    try:
+        _wait_for(lambda: _mid_training(storage, "shared"), [run], "trial 0 past its first epoch")
+        run.send_signal(signal.SIGSTOP)
+        time.sleep(LONG_TRIALS["study"]["grace_period"] + 2)
+        assert fail_stale_trials(open_study(load_spec(path)), grace_period=LONG_TRIALS["study"]["grace_period"]) == [0]
+        run.send_signal(signal.SIGCONT)
+        code = run.wait(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = (tmp_path / "run.log").read_text()
+    assert code == 0 and "Traceback" not in output, output
+    assert "trial 0 was declared stale by another worker" in output, output
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the retry ran, here
+    assert trials[1].system_attrs.get("failed_trial") == 0
 
 
 def retried(trials: list[optuna.trial.FrozenTrial], number: int, pid: int) -> optuna.trial.FrozenTrial:
