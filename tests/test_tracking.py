@@ -770,3 +770,16 @@ def optuna_studies(db: Path) -> list[str]:
     if not db.exists():
         return []
     return [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{db}")]
+
+
+def test_a_dataset_read_from_a_folder_is_a_local_source_without_mlflow_warning_of_ambiguity(tmp_path: Path) -> None:
+    # MLflow registers its local source twice; resolving a file URI warned on every Fashion-MNIST run.
+    import warnings
+
+    from hpsearch.tracking._datasets import DatasetRecord, dataset_entity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entity = dataset_entity(DatasetRecord(name="fashion-mnist", digest="abc", source=str(tmp_path),
+                                              context="training"))
+    assert entity.source_type == "local" and tmp_path.as_uri() in entity.source

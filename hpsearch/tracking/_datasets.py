@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ def dataset_entity(record: DatasetRecord) -> Any:
     elif record.source.startswith("/"):
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        with contextlib.suppress(Exception):  # no local source registered: the code source above
+        # MLflow registers its local source twice and warns that a file URI is ambiguous: it is not.
+        with contextlib.suppress(Exception), warnings.catch_warnings():  # no local source: the code source above
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             source = resolve_dataset_source(Path(record.source).as_uri())
     return Dataset(name=record.name, digest=record.digest, source_type=source._get_source_type(),
                    source=source.to_json(), profile=json.dumps(dict(record.profile)))
