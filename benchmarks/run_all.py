@@ -1,6 +1,6 @@
 """Every benchmark of hpsearch in one run, printed as one markdown table of side-by-side ratios.
 
-    python benchmarks/run_all.py            # about 25 minutes on 2 cores
+    python benchmarks/run_all.py            # about 35 minutes on 2 cores
     python benchmarks/run_all.py --quick    # about 7 minutes: smaller data, fewer trials and seeds
 
 Each figure compares two things measured in this run on this machine, their runs interleaved
@@ -65,16 +65,20 @@ class Sizes:
     search_target: float  # validation accuracy to reach, reachable with that much data in 6 epochs
     batched_train_limit: int  # Fashion-MNIST images for the batched-trials comparison
     batched_repeats: int  # measured epochs per side and K (after one warm-up)
+    pack_seeds: tuple[int, ...]  # the quickstart search, one trial at a time and in packs, once per seed
+    pack_budget: float  # wall seconds per search
+    pack_ks: tuple[int, ...]  # trials a pack
 
 
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
              overhead_train_limit=20000, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=20, pruning_epochs=8,
              search_seeds=(0, 1, 2, 3, 4), search_budgets=(20.0, 40.0), search_train_limit=20000, search_target=0.85,
-             batched_train_limit=20000, batched_repeats=3)
+             batched_train_limit=20000, batched_repeats=3, pack_seeds=(0, 1, 2), pack_budget=60.0,
+             pack_ks=(4, 16, 64))
 QUICK = Sizes(train_limit=6000, epoch_repeats=2, overhead_trials=5, overhead_epochs=6,
               overhead_train_limit=10000, pruning_seeds=(0, 1), pruning_trials=10, pruning_epochs=6,
               search_seeds=(0, 1), search_budgets=(10.0, 20.0), search_train_limit=6000, search_target=0.80,
-              batched_train_limit=6000, batched_repeats=2)
+              batched_train_limit=6000, batched_repeats=2, pack_seeds=(0, 1), pack_budget=20.0, pack_ks=(4,))
 BATCHED_KS = (2, 4, 8)  # trials trained together; benchmarks/batched_trials.py goes further
 BATCHED_VARIANTS = ["bmm-own", "bmm-shared"]  # vmap was slower than bmm everywhere measured
 
@@ -94,9 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the ~2-minute version")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
-    parser.add_argument("--only", default="epoch,augment,overhead,workers,pruning,target,batched",
+    parser.add_argument("--only", default="epoch,augment,overhead,workers,pruning,target,batched,packs",
                         help="comma-separated subset of: epoch, augment, overhead, workers, pruning, target, "
-                             "batched")
+                             "batched, packs")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     only = set(args.only.split(","))
@@ -121,6 +125,7 @@ def main() -> None:
         ("pruning", lambda: pruning_rows(sizes, args.threads)),
         ("target", lambda: target_rows(sizes, args.threads)),
         ("batched", lambda: batched_rows(sizes, args.threads)),
+        ("packs", lambda: pack_rows(sizes, args.threads)),
     ]
     for name, step in steps:
         if name not in only:
@@ -289,6 +294,35 @@ def batched_rows(sizes: Sizes, threads: int) -> list[Row]:
                             f"({variant}) vs {k} sequential `fit`s, {len(data.train)}+{len(data.val)} images, "
                             "s per trial-epoch", f"{theirs:.4f} s", f"{ours:.4f} s", f"**{ours / theirs:.2f}x**"))
     return rows
+
+
+def pack_rows(sizes: Sizes, threads: int) -> list[Row]:
+    """Rows: the quickstart search in packs of K trials vs one trial at a time: trials a minute and best value
+    after the same wall time, over sampler seeds (benchmarks/search_seeds.py --spec studies/quickstart.yaml)."""
+    searchers = ("hpsearch", *(f"hpsearch-pack{k}" for k in sizes.pack_ks))
+    runs = search_seeds.measure(seeds=sizes.pack_seeds, budget=sizes.pack_budget, threads=threads,
+                                searchers=searchers, spec_file=QUICKSTART)
+    summary = search_seeds.summarize(runs, target=1.0, budgets=(sizes.pack_budget,))
+    alone = summary["hpsearch"]
+    per_min = 60 / sizes.pack_budget
+    where = (f"quickstart study (mnist-5k MLP), seeds {','.join(map(str, sizes.pack_seeds))}, "
+             f"{sizes.pack_budget:g} s each, CPU; median [min, max]")
+    rows = []
+    for k in sizes.pack_ks:
+        packed = summary[f"hpsearch-pack{k}"]
+        rate, rate_alone = packed["trials"].median * per_min, alone["trials"].median * per_min
+        rows.append(Row(f"packs: trials finished a minute, packs of {k} vs one at a time ({where})",
+                        f"{rate:.1f}", f"{rate_alone:.1f}",
+                        f"{rate / rate_alone:.2f}x" if rate_alone else "-", "GPU: > 1x; CPU: auto keeps 1"))
+        gap = packed["best_at"][sizes.pack_budget].median - alone["best_at"][sizes.pack_budget].median
+        rows.append(Row(f"packs: best val_accuracy after {sizes.pack_budget:g} s, packs of {k} vs one at a time",
+                        packed["best_at"][sizes.pack_budget].text(".4f", "none"),
+                        alone["best_at"][sizes.pack_budget].text(".4f", "none"),
+                        f"{100 * gap:+.2f} points" if math.isfinite(gap) else "-"))
+    return rows
+
+
+QUICKSTART = HERE.parent / "studies" / "quickstart.yaml"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,17 @@ space on all of Fashion-MNIST, 6 epochs a trial), each with the same sampler see
     hpsearch    the same with hpsearch's defaults: reports within an epoch (auto: one per ~10,000
                 training images, 5 an epoch here), so the pruner can stop a hopeless trial early.
 
-Order: per seed the three run one after another, the order rotated by one each seed (seed 0:
+    hpsearch-packK  the same with trial packs of K members (`study.pack: K`, hpsearch/pack_loop.py):
+                K trials of the study trained together in one stacked pass, each refilled when it
+                ends (any K: hpsearch-pack4, hpsearch-pack16, ...). On the CPU packs are not
+                expected to pay (`pack: auto` is 1 there); on a GPU they are the point.
+
+Another study (--spec: e.g. studies/quickstart.yaml or studies/bottleneck.yaml) can be searched
+instead, by the hpsearch searchers (plain knows only the MLP classifier of search_seeds.yaml):
+its name, seed and n_trials are set by the benchmark, its enqueued trials dropped (they would make
+every seed's first trial the same), its metric and direction kept.
+
+Order: per seed the searchers run one after another, the order rotated by one each seed (seed 0:
 plain, hpsearch-1, hpsearch; seed 1: hpsearch-1, hpsearch, plain; ...), so slow drift in the
 machine's load hits all alike. Before any clock, a warm-up runs a one-epoch trial of hpsearch
 and of plain: the stores' tables, MLflow's imports, the data files read (cached for the process
@@ -30,6 +40,7 @@ value after each budget.
 
 Usage: python benchmarks/search_seeds.py [--seeds 0,1,2,3,4] [--budgets 60,120,300] [--target 0.88]
            [--train-limit N] [--threads N] [--plot docs/img/search_seeds.png] [--json runs.json]
+           [--searchers plain,hpsearch-1,hpsearch,hpsearch-pack4] [--spec studies/quickstart.yaml]
        python benchmarks/search_seeds.py --from-json runs.json [--plot ...]   # the table (and plot) again
 """
 
@@ -49,6 +60,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -81,6 +93,29 @@ LABELS = {
     "hpsearch": "hpsearch defaults, reports within an epoch (SQLite, MLflow)",
 }
 COLORS = {"plain": "tab:gray", "hpsearch-1": "tab:blue", "hpsearch": "tab:orange"}
+_PACKED = re.compile(r"hpsearch-pack([1-9][0-9]*)")
+
+
+def pack_size(searcher: str) -> int | None:
+    """Return K of a packed searcher ("hpsearch-packK"), else None."""
+    match = _PACKED.fullmatch(searcher)
+    return int(match.group(1)) if match else None
+
+
+def label(searcher: str) -> str:
+    """Return what the tables and the plot call ``searcher``."""
+    k = pack_size(searcher)
+    return f"hpsearch defaults, packs of {k} trials (study.pack: {k})" if k else LABELS[searcher]
+
+
+def check_searchers(searchers: Sequence[str], spec_file: Path) -> None:
+    """Raise ValueError unless each of ``searchers`` is one this benchmark runs on ``spec_file``."""
+    unknown = [s for s in searchers if s not in SEARCHERS and pack_size(s) is None]
+    if unknown:
+        raise ValueError(f"{unknown} are not searchers; expected some of {list(SEARCHERS)} or hpsearch-packK "
+                         "(K a positive integer)")
+    if "plain" in searchers and spec_file.resolve() != SPEC_FILE.resolve():
+        raise ValueError(f"the plain searcher knows only {SPEC_FILE.name}'s MLP classifier, not {spec_file}")
 
 
 @dataclass
@@ -94,37 +129,45 @@ class Run:
     reports_per_epoch: int
     trials: list[dict[str, Any]]  # number, state, value (complete only), seconds (at its end), epochs, best_report
     space: dict[str, str]  # every param its trials suggested, and its distribution (as Optuna writes it in JSON)
+    maximize: bool = True  # the study's direction (val_accuracy: up; val_mse: down)
 
     def curve(self, horizon: float) -> list[tuple[float, float]]:
-        """Return (seconds, best value so far) at each complete trial that raised the best within ``horizon``."""
+        """Return (seconds, best value so far) at each complete trial that bettered the best within ``horizon``."""
+        sign = 1.0 if self.maximize else -1.0
         points: list[tuple[float, float]] = []
         for t in sorted((t for t in self.trials if t["value"] is not None and t["seconds"] <= horizon),
                         key=lambda t: t["seconds"]):
-            if not points or t["value"] > points[-1][1]:
+            if not points or sign * t["value"] > sign * points[-1][1]:
                 points.append((t["seconds"], t["value"]))
         return points
 
     def best_at(self, seconds: float) -> float:
-        """Return the best value of the trials complete by ``seconds`` (-inf: none yet)."""
-        return max((v for s, v in self.curve(seconds)), default=-math.inf)
+        """Return the best value of the trials complete by ``seconds`` (the worst infinity: none yet)."""
+        points = self.curve(seconds)
+        return points[-1][1] if points else (-math.inf if self.maximize else math.inf)
 
     def time_to(self, target: float, horizon: float) -> float:
         """Return the seconds until a complete trial first reached ``target`` (inf: not within ``horizon``)."""
-        return next((s for s, v in self.curve(horizon) if v >= target), math.inf)
+        reached = (lambda v: v >= target) if self.maximize else (lambda v: v <= target)
+        return next((s for s, v in self.curve(horizon) if reached(v)), math.inf)
 
 
 # --------------------------------------------------------------------------- the searchers
 
 
-def bench_spec(searcher: str, seed: int, *, runs_dir: Path, train_limit: int | None) -> Spec:
-    """Return benchmarks/search_seeds.yaml for ``searcher`` and ``seed``, its stores in ``runs_dir``."""
-    raw = read_yaml(SPEC_FILE)
-    raw["study"].update(name=f"{raw['study']['name']}-{searcher}-seed{seed}", seed=seed)
-    if searcher != "hpsearch":
+def bench_spec(searcher: str, seed: int, *, runs_dir: Path, train_limit: int | None,
+               spec_file: Path = SPEC_FILE) -> Spec:
+    """Return ``spec_file`` (benchmarks/search_seeds.yaml) for ``searcher`` and ``seed``, its stores in ``runs_dir``."""
+    raw = read_yaml(spec_file)
+    raw["study"].update(name=f"{raw['study']['name']}-{searcher}-seed{seed}", seed=seed, n_trials=100000)
+    raw["study"].pop("enqueue", None)
+    if searcher in ("plain", "hpsearch-1"):
         raw["task"]["reports_per_epoch"] = 1
+    if (k := pack_size(searcher)) is not None:
+        raw["study"]["pack"] = k
     if train_limit:
         raw["task"]["train_limit"] = train_limit
-    return parse_spec(raw, source=str(SPEC_FILE), runs_dir=runs_dir)
+    return parse_spec(raw, source=str(spec_file), runs_dir=runs_dir)
 
 
 def run_hpsearch(searcher: str, spec: Spec, *, budget: float, threads: int) -> Run:
@@ -138,7 +181,8 @@ def run_hpsearch(searcher: str, spec: Spec, *, budget: float, threads: int) -> R
         work(spec, study, setup, timeout=budget - setup_seconds)
     trials = study.get_trials(deepcopy=False)
     return Run(searcher, spec.study.seed, setup_seconds, time.perf_counter() - started, setup.reports_per_epoch,
-               trial_records(trials, started_at, setup.reports_per_epoch), searched_space(trials))
+               trial_records(trials, started_at, setup.reports_per_epoch), searched_space(trials),
+               maximize=spec.study.directions[0] == "maximize")
 
 
 def run_plain(spec: Spec, *, budget: float, threads: int) -> Run:
@@ -247,31 +291,36 @@ def check_same_space(runs: Sequence[Run]) -> None:
                                f"make PlainSearch.objective suggest what {SPEC_FILE.name} says.")
 
 
-def warm_up(runs_dir: Path, *, threads: int, train_limit: int | None) -> None:
+def warm_up(runs_dir: Path, *, threads: int, train_limit: int | None, spec_file: Path = SPEC_FILE,
+            with_plain: bool = True) -> None:
     """Run a one-epoch trial of hpsearch and of plain outside every clock: stores' tables, imports, first touches."""
-    spec = bench_spec("hpsearch", 0, runs_dir=runs_dir, train_limit=train_limit)
+    spec = bench_spec("hpsearch", 0, runs_dir=runs_dir, train_limit=train_limit, spec_file=spec_file)
     spec = dataclasses.replace(spec, study=dataclasses.replace(spec.study, name="warm-up", n_trials=1),
                                task=dataclasses.replace(spec.task, epochs=1))
     logging.getLogger("hpsearch").setLevel(logging.ERROR)  # the benchmark prints its own lines
     study = open_study(spec)
     work(spec, study, setup_worker(spec, study, threads=threads))
+    if not with_plain:
+        return
     plain = PlainSearch(spec, threads=threads)
     plain.study.optimize(plain.objective, n_trials=1)
 
 
 def measure(*, seeds: Sequence[int], budget: float, threads: int | None = None, train_limit: int | None = None,
-            searchers: Sequence[str] = SEARCHERS, progress: bool = False) -> list[Run]:
+            searchers: Sequence[str] = SEARCHERS, progress: bool = False, spec_file: Path = SPEC_FILE) -> list[Run]:
     """Return every searcher's run for every seed, the searchers' order rotated by one each seed."""
+    check_searchers(searchers, spec_file)
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="hpsearch-search-seeds-") as tmp:
         runs_dir = Path(tmp)
-        warm_up(runs_dir, threads=threads, train_limit=train_limit)
+        warm_up(runs_dir, threads=threads, train_limit=train_limit, spec_file=spec_file,
+                with_plain="plain" in searchers)
         for i, seed in enumerate(seeds):
             for searcher in searchers[i % len(searchers):] + searchers[:i % len(searchers)]:
-                spec = bench_spec(searcher, seed, runs_dir=runs_dir, train_limit=train_limit)
+                spec = bench_spec(searcher, seed, runs_dir=runs_dir, train_limit=train_limit, spec_file=spec_file)
                 if searcher == "plain":
                     run = run_plain(spec, budget=budget, threads=threads)
                 else:
@@ -324,24 +373,27 @@ def summarize(runs: Sequence[Run], *, target: float, budgets: Sequence[float]) -
     return out
 
 
-def print_table(runs: Sequence[Run], *, target: float, budgets: Sequence[float]) -> None:
+def print_table(runs: Sequence[Run], *, target: float, budgets: Sequence[float], metric: str = "val_accuracy") -> None:
     """Print the markdown table of the runs: median [min, max] over the seeds."""
     summary = summarize(runs, target=target, budgets=budgets)
     horizon = max(budgets)
     seeds = sorted({r.seed for r in runs})
+    reach = ">=" if all(r.maximize for r in runs) else "<="
     print(f"seeds {','.join(map(str, seeds))}; budget {horizon:g} s per searcher and seed; "
           f"median [min, max] over the seeds\n")
-    best_heads = "".join(f" best val_accuracy at {b:g} s |" for b in budgets)
-    print(f"| searcher | s to val_accuracy >= {target:g} | reached |{best_heads} trials (complete) | setup s |")
-    print("|---|---:|---:|" + "---:|" * len(budgets) + "---:|---:|")
+    best_heads = "".join(f" best {metric} at {b:g} s |" for b in budgets)
+    print(f"| searcher | s to {metric} {reach} {target:g} | reached |{best_heads} trials (complete) | trials/min "
+          "| setup s |")
+    print("|---|---:|---:|" + "---:|" * len(budgets) + "---:|---:|---:|")
     for searcher, s in summary.items():
         best = "".join(f" {s['best_at'][b].text('.4f', 'none')} |" for b in budgets)
-        print(f"| {LABELS.get(searcher, searcher)} | {s['time_to_target'].text('.0f', f'> {horizon:g}')} | "
+        print(f"| {label(searcher)} | {s['time_to_target'].text('.0f', f'> {horizon:g}')} | "
               f"{s['reached']}/{s['seeds']} |{best} {s['trials'].median:g} ({s['complete'].median:g}) | "
-              f"{s['setup'].median:.1f} |")
+              f"{s['trials'].median * 60 / horizon:.1f} | {s['setup'].median:.1f} |")
 
 
-def plot(runs: Sequence[Run], *, target: float, budgets: Sequence[float], path: Path) -> None:
+def plot(runs: Sequence[Run], *, target: float, budgets: Sequence[float], path: Path,
+         title: str = "Fashion-MNIST MLP search", metric: str = "val_accuracy") -> None:
     """Write the anytime curves: per searcher, the median best-so-far over the seeds and its min-max band."""
     import matplotlib
 
@@ -353,28 +405,34 @@ def plot(runs: Sequence[Run], *, target: float, budgets: Sequence[float], path: 
     grid = np.linspace(0.0, horizon, 600)
     curves = {searcher: np.array([[r.best_at(float(x)) for x in grid] for r in runs if r.searcher == searcher])
               for searcher in dict.fromkeys(r.searcher for r in runs)}
-    # Show the target and the curves' median above it, down to 5 points below it at most.
+    # Show the target and the curves' median beyond it, down to 5 points short of it at most.
+    maximize = all(r.maximize for r in runs)
     finals = [np.median(best[:, -1]) for best in curves.values()]
-    floor = min(target - 0.005, max(target - 0.05, min(finals) - 0.01))
+    if maximize:
+        floor, ceiling = min(target - 0.005, max(target - 0.05, min(finals) - 0.01)), None
+    else:
+        floor, ceiling = None, max(target * 1.1, min(target * 1.5, max(finals) * 1.1))
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for searcher, best in curves.items():
         median = np.median(best, axis=0)
         median = np.where(np.isinf(median), np.nan, median)  # no complete trial yet in half the seeds
-        low = np.maximum(best.min(axis=0), floor)  # a seed with no complete trial yet: the band reaches down
-        high = np.where(np.isinf(best.max(axis=0)), np.nan, best.max(axis=0))
+        if maximize:  # a seed with no complete trial yet: the band reaches to the edge
+            low, high = np.maximum(best.min(axis=0), floor), np.where(np.isinf(best.max(axis=0)), np.nan, best.max(axis=0))
+        else:
+            low, high = np.where(np.isinf(best.min(axis=0)), np.nan, best.min(axis=0)), np.minimum(best.max(axis=0), ceiling)
         color = COLORS.get(searcher)
-        ax.step(grid, median, where="post", color=color, label=LABELS.get(searcher, searcher))
+        ax.step(grid, median, where="post", color=color, label=label(searcher))
         ax.fill_between(grid, low, high, step="post", color=color, alpha=0.2, linewidth=0)
     ax.axhline(target, color="black", linestyle=":", linewidth=1)
     for b in budgets:
         ax.axvline(b, color="black", linestyle="--", linewidth=0.5, alpha=0.5)
-    ax.set_ylim(floor, None)
+    ax.set_ylim(floor, ceiling)
     ax.set_xlim(0, horizon)
     ax.set_xlabel("seconds since the study started (setup included)")
-    ax.set_ylabel("best validation accuracy so far")
+    ax.set_ylabel(f"best {metric} so far")
     seeds = sorted({r.seed for r in runs})
-    ax.set_title(f"Fashion-MNIST MLP search: median and range over {len(seeds)} sampler seeds", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{title}: median and range over {len(seeds)} sampler seeds", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right" if maximize else "upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,8 +448,10 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.88, help="validation accuracy to reach")
     parser.add_argument("--train-limit", type=int, default=None, help="cap on train+validation images (tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--searchers", default=",".join(SEARCHERS), help="comma-separated subset of "
-                        + ", ".join(SEARCHERS))
+    parser.add_argument("--searchers", default=",".join(SEARCHERS), help="comma-separated, of "
+                        + ", ".join(SEARCHERS) + " and hpsearch-packK (K trials a pack)")
+    parser.add_argument("--spec", type=Path, default=SPEC_FILE, help="the study to search (default: "
+                        f"{SPEC_FILE.name}; e.g. studies/quickstart.yaml, hpsearch searchers only)")
     parser.add_argument("--json", type=Path, default=None, help="write the runs (every trial) to this file")
     parser.add_argument("--from-json", type=Path, default=None, help="read the runs from this file instead of "
                         "running them")
@@ -405,24 +465,28 @@ def main() -> None:
         print(saved["about"] + "\n")
     else:
         searchers = tuple(args.searchers.split(","))
-        unknown = sorted(set(searchers) - set(SEARCHERS))
-        if unknown:
-            parser.error(f"--searchers: {unknown} are not searchers; expected some of {list(SEARCHERS)}")
+        try:
+            check_searchers(searchers, args.spec)
+        except ValueError as exc:
+            parser.error(f"--searchers: {exc}")
         about = (f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; {platform.machine()}, "
                  f"{os.cpu_count()} cores, torch {torch.__version__}, optuna {optuna.__version__}; "
                  f"train limit {args.train_limit or 'none'}; load average at start {_load()}")
         print(about, flush=True)
         started = time.perf_counter()
         runs = measure(seeds=[int(s) for s in args.seeds.split(",")], budget=max(budgets), threads=args.threads,
-                       train_limit=args.train_limit, searchers=searchers, progress=True)
+                       train_limit=args.train_limit, searchers=searchers, progress=True, spec_file=args.spec)
         about += f", at end {_load()}; {time.perf_counter() - started:.0f} s in all"
         print(f"load average at end {_load()}; {time.perf_counter() - started:.0f} s in all\n")
         if args.json:
-            args.json.write_text(json.dumps({"about": about, "spec": read_yaml(SPEC_FILE),
+            args.json.write_text(json.dumps({"about": about, "spec": read_yaml(args.spec),
                                              "runs": [dataclasses.asdict(r) for r in runs]}, indent=1))
-    print_table(runs, target=args.target, budgets=budgets)
+    raw = saved["spec"] if args.from_json else read_yaml(args.spec)
+    metric = raw["study"].get("metric", "value")
+    print_table(runs, target=args.target, budgets=budgets, metric=metric)
     if args.plot:
-        plot(runs, target=args.target, budgets=budgets, path=args.plot)
+        plot(runs, target=args.target, budgets=budgets, path=args.plot, metric=metric,
+             title=f"{raw['task']['dataset']} {raw['model']['family']} search ({raw['study']['name']})")
         print(f"\nanytime curves: {args.plot}")
 
 
