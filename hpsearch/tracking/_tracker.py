@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from hpsearch.tracking._tags import PARENT_TAG, REFIT_TAG, ROLE_TAG, STUDY_TAG, 
 from hpsearch.tracking._values import log_batch, log_epochs, log_missing_params, param_value, quote, strings, to_int
 from hpsearch.tracking._views import KIND_TAG, MODEL_TRAINING, run_page_url, save_study_view
 from hpsearch.tracking._warnings import RateLimit, failure_reason
+from hpsearch.tracking._writer import QueuedRun
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,6 +76,7 @@ class Tracker:
         self._experiment_id: str | None = None
         self.failures = 0  # calls that failed so far: a caller tells whether its records reached the store
         self._monitors: dict[str, Any] = {}  # run id -> its running system metrics monitor
+        self._lock = threading.Lock()  # the background writer's thread calls too (see later)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -97,7 +100,8 @@ class Tracker:
                         # Jittered, so processes that collided do not collide again.
                         time.sleep(0.1 * 2**attempt * (1 + random.random()))
                         continue
-                    self.failures += 1
+                    with self._lock:
+                        self.failures += 1
                     logger.warning("MLflow store %s could not %s: %s. The study goes on without it.",
                                    self._shown, what, failure_reason(exc, self.uri))
                     return None
@@ -105,9 +109,18 @@ class Tracker:
 
     def _mlflow(self) -> MlflowClient:
         """Return the client, built on first use (which creates a new SQLite store's tables)."""
-        if self._client is None:
-            self._client = open_client(self._store_uri)
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = open_client(self._store_uri)
+            return self._client
+
+    def later(self, run_id: str) -> QueuedRun:
+        """Return the run's writes made in the background, in order, by this process's one writer thread.
+
+        Each is this Tracker's own call, made later (a failure warns and counts in ``failures``
+        then); ``flush()`` waits for them. See :mod:`hpsearch.tracking._writer`.
+        """
+        return QueuedRun(self, run_id)
 
     @property
     def experiment_id(self) -> str | None:
