@@ -229,7 +229,7 @@ def _start_mlflow_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, 
         tags[RETRIED_FROM_TAG] = str(retried_from)
     logged = {**params, "seed": seed, "n_params": n_params, "device": str(ctx.device),
               **ctx.data.provenance.as_params()}
-    return ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags)
+    return ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags, params_later=True)
 
 
 @dataclass

@@ -202,12 +202,13 @@ class Tracker:
                             f"tags.`{STUDY_TAG}` = {quote(study_name)} and tags.`{ROLE_TAG}` = 'study'")
 
     def start_trial(self, parent_run_id: str, trial_number: int, *, params: Mapping[str, Any],
-                    tags: Mapping[str, str]) -> str | None:
+                    tags: Mapping[str, str], params_later: bool = False) -> str | None:
         """Return the id of a new child run for the trial, nested under the study's parent run.
 
         If the trial already has a RUNNING run under that parent (the call is repeated in the
         same process), that run is returned, with any params it still lacks. A retried trial has
         a new trial number, so it gets a new run; the caller tags it ``hpsearch.retried_from``.
+        With ``params_later`` the params are logged by the background writer (see :meth:`later`).
         """
         exp = self.experiment_id
         if exp is None:
@@ -218,7 +219,12 @@ class Tracker:
                        if r.info.status == "RUNNING"]
             run = running[-1] if running else client.create_run(exp, run_name=f"trial-{trial_number}", tags={
                 **strings(tags), PARENT_TAG: parent_run_id, TRIAL_TAG: str(trial_number), ROLE_TAG: "trial"})
-            log_missing_params(client, run, {"trial_number": trial_number, **params})
+            logged = {"trial_number": trial_number, **params}
+            if params_later:
+                self.later(run.info.run_id).log_params({k: v for k, v in logged.items()
+                                                        if str(k) not in run.data.params})
+            else:
+                log_missing_params(client, run, logged)
             return run.info.run_id
 
         return self._call(f"start the run of trial {trial_number}", start)
