@@ -54,7 +54,7 @@ def _popen(args: list[str], tmp_path: Path, log_name: str) -> subprocess.Popen[b
                             stdout=(tmp_path / log_name).open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for(condition, proc: subprocess.Popen[bytes], what: str, timeout: float = 120):  # noqa: ANN001, ANN202
+def _wait_for(condition, proc: subprocess.Popen[bytes], what: str, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):  # the study may not exist yet
