@@ -11,6 +11,10 @@ A window of trials (``--window``, 100) is run at study sizes 0, ``--every`` (1,0
            metrics, a 20 kB image artifact and its end to the background writer, and the flush before tell;
 - tell     ``study.tell`` with the value (or PRUNED).
 
+Every other trial makes its MLflow calls at once instead, as hpsearch did before its background
+writer: its tracking time is the last column (``waited``), beside the queued trials' ``tracking``.
+The reports stand in for the training the queued writes overlap with.
+
 Between windows the study is filled up to the next window's start with finished trials of the same
 space and ten reports each (``add_trials``, random params, synthetic values): the sampler and the
 pruner see a study of that size, at a fraction of the time. The MLflow store holds only the windows'
@@ -49,6 +53,7 @@ from hpsearch.study import make_pruner, make_sampler, open_study  # noqa: E402
 from hpsearch.tracking import Tracker  # noqa: E402
 
 PARTS = ("ask", "report", "attrs", "tracking", "tell")
+COLUMNS = (*PARTS, "waited")  # waited: the tracking of the same trials' other half, every MLflow call waited for
 
 
 def spec_raw(storage: str, tracking: str) -> dict[str, Any]:
@@ -105,8 +110,12 @@ def _fill(study: optuna.Study, upto: int, distributions: dict[str, Any], reports
 
 
 def _one_trial(study: optuna.Study, spec: Any, tracker: Tracker, parent: str | None, reports: int,
-               rng: random.Random, image: Path) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run one trial without training; return seconds per part, and its distributions."""
+               rng: random.Random, image: Path, *, waited: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run one trial without training; return seconds per part, and its distributions.
+
+    ``waited``: every MLflow call made at once, as before the background writer (its time under
+    ``waited`` instead of ``tracking``).
+    """
     t: dict[str, float] = {}
     clock = time.perf_counter()
     optuna.storages.fail_stale_trials(study)  # as Study.optimize does before each trial, with heartbeats on
@@ -121,7 +130,10 @@ def _one_trial(study: optuna.Study, spec: Any, tracker: Tracker, parent: str | N
 
     clock = time.perf_counter()
     run_id = tracker.start_trial(parent, trial.number, params=params, tags={"hpsearch.study": "growth"},
-                                 params_later=True) if parent else None
+                                 params_later=not waited) if parent else None
+    writes = (_AtOnce(tracker, run_id) if waited else tracker.later(run_id)) if run_id else None
+    if writes:
+        writes.log_datasets([])
     t["tracking"] = time.perf_counter() - clock
 
     curve = _curve(_score({**space.base_params(spec), **params}, rng), reports)
@@ -136,24 +148,47 @@ def _one_trial(study: optuna.Study, spec: Any, tracker: Tracker, parent: str | N
     t["report"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    if run_id:
-        queued = tracker.later(run_id)
-        queued.log_epochs([(s, 0, {"val_accuracy": v}) for s, v in enumerate(curve)])
-        queued.log_artifact(image, "images")
-        queued.end_run("FINISHED", tags={"hpsearch.state": "PRUNED" if pruned else "COMPLETE"})
+    if writes:
+        writes.log_epochs([(s, 0, {"val_accuracy": v}) for s, v in enumerate(curve)])
+        writes.log_artifact(image, "images")
+        writes.end_run("FINISHED", tags={"hpsearch.state": "PRUNED" if pruned else "COMPLETE"})
     t["tracking"] += time.perf_counter() - clock
     clock = time.perf_counter()
     set_user_attrs(trial, {"train_seconds": 1.0, "val_accuracy": curve[-1], "model": "x"})  # while the writer works
     t["attrs"] += time.perf_counter() - clock
     clock = time.perf_counter()
-    if run_id:
-        queued.flush()  # what is left of the run's writes when the trial is about to be told
+    if writes:
+        writes.flush()  # what is left of the run's writes when the trial is about to be told
     t["tracking"] += time.perf_counter() - clock
+    if waited:
+        t["waited"] = t.pop("tracking")
 
     clock = time.perf_counter()
     study.tell(trial, None if pruned else curve[-1], state=TrialState.PRUNED if pruned else None)
     t["tell"] = time.perf_counter() - clock
     return t, trial.distributions
+
+
+class _AtOnce:
+    """A run's writes made at once, as hpsearch made them before its background writer."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker, self.run_id = tracker, run_id
+
+    def log_datasets(self, datasets: list[Any]) -> None:
+        self.tracker.log_datasets(self.run_id, datasets)
+
+    def log_epochs(self, epochs: list[Any]) -> None:
+        self.tracker.log_epochs(self.run_id, epochs)
+
+    def log_artifact(self, path: Path, artifact_path: str) -> None:
+        self.tracker.log_artifact(self.run_id, path, artifact_path)
+
+    def end_run(self, status: str, *, tags: dict[str, str]) -> None:
+        self.tracker.end_run(self.run_id, status, tags=tags)
+
+    def flush(self) -> None:
+        pass
 
 
 def grow(storage: str, tracking: str, *, size: int, every: int, window: int, reports: int,
@@ -176,14 +211,14 @@ def grow(storage: str, tracking: str, *, size: int, every: int, window: int, rep
         if distributions is not None:
             _fill(study, start, distributions, reports, rng)
         times = []
-        for _ in range(window):
-            t, distributions = _one_trial(study, spec, tracker, parent, reports, rng, image)
+        for i in range(window):
+            t, distributions = _one_trial(study, spec, tracker, parent, reports, rng, image, waited=i % 2 == 1)
             times.append(t)
-        row = {"start": start, **{p: 1000 * statistics.fmean(t[p] for t in times) for p in PARTS}}
+        row = {"start": start, **{p: 1000 * statistics.fmean(t[p] for t in times if p in t) for p in COLUMNS}}
         row["total"] = sum(row[p] for p in PARTS)
         rows.append(row)
         if verbose:
-            print(f"  {start:>6,}-{start + window:,}: " + "  ".join(f"{p} {row[p]:.1f}" for p in (*PARTS, "total"))
+            print(f"  {start:>6,}-{start + window:,}: " + "  ".join(f"{p} {row[p]:.1f}" for p in (*COLUMNS, "total"))
                   + " ms", flush=True)
     return rows
 
@@ -202,10 +237,11 @@ def _stores(kind: str, tmp: Path) -> Iterator[tuple[str, str]]:
 
 def table(rows: list[dict[str, Any]], window: int) -> str:
     """Return the rows as a markdown table (ms per trial)."""
-    lines = ["| trials | " + " | ".join(PARTS) + " | total |", "|---" * (len(PARTS) + 2) + "|"]
+    lines = ["| trials | " + " | ".join(PARTS) + " | total | tracking, every call waited for |",
+             "|---" * (len(PARTS) + 3) + "|"]
     for r in rows:
         lines.append(f"| {r['start']:,}-{r['start'] + window:,} | "
-                     + " | ".join(f"{r[p]:.1f}" for p in (*PARTS, "total")) + " |")
+                     + " | ".join(f"{r[p]:.1f}" for p in (*PARTS, "total", "waited")) + " |")
     return "\n".join(lines)
 
 
