@@ -177,6 +177,7 @@ def test_sigkill_while_records_are_queued_leaves_the_run_killed_never_half_writt
             _whole(tmp_path, runs[t.number], t)
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_only_warns_and_marks_the_trials_untracked(tmp_path: Path,
                                                                                  messages: list[str]) -> None:
     path = tmp_path / "spec.yaml"
