@@ -43,6 +43,7 @@ import augment_cost  # noqa: E402
 import batched_trials  # noqa: E402
 import epoch_speed  # noqa: E402
 import overhead  # noqa: E402
+import overhead_growth  # noqa: E402
 import pruning  # noqa: E402
 import search_seeds  # noqa: E402
 
@@ -56,6 +57,8 @@ class Sizes:
     overhead_trials: int  # tracked/bare pairs (a multiple of 5: the study's plots are drawn every 5 trials)
     overhead_epochs: int
     overhead_train_limit: int
+    growth_sizes: int  # overhead_growth on SQLite: windows at study sizes 0, 1,000, ... below this
+    growth_window: int  # trials measured per window
     pruning_seeds: tuple[int, ...]  # the pruned and unpruned study once per seed
     pruning_trials: int
     pruning_epochs: int
@@ -71,12 +74,12 @@ class Sizes:
 
 
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
-             overhead_train_limit=20000, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=20, pruning_epochs=8,
+             overhead_train_limit=20000, growth_sizes=2000, growth_window=50, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=20, pruning_epochs=8,
              search_seeds=(0, 1, 2, 3, 4), search_budgets=(20.0, 40.0), search_train_limit=20000, search_target=0.85,
              batched_train_limit=20000, batched_repeats=3, pack_seeds=(0, 1, 2), pack_budget=60.0,
              pack_ks=(4, 16, 64))
 QUICK = Sizes(train_limit=6000, epoch_repeats=2, overhead_trials=5, overhead_epochs=6,
-              overhead_train_limit=10000, pruning_seeds=(0, 1), pruning_trials=10, pruning_epochs=6,
+              overhead_train_limit=10000, growth_sizes=1000, growth_window=20, pruning_seeds=(0, 1), pruning_trials=10, pruning_epochs=6,
               search_seeds=(0, 1), search_budgets=(10.0, 20.0), search_train_limit=6000, search_target=0.80,
               batched_train_limit=6000, batched_repeats=2, pack_seeds=(0, 1), pack_budget=20.0, pack_ks=(4,))
 BATCHED_KS = (2, 4, 8)  # trials trained together; benchmarks/batched_trials.py goes further
@@ -203,7 +206,19 @@ def overhead_rows(sizes: Sizes, threads: int) -> list[Row]:
             f"{100 * (s['median_ratio'] - 1):+.1f} %"),
         Row("trial overhead per trial, ms (median of pairs / difference of means)", "", "",
             f"{s['per_trial_ms']:.0f} ms / {s['mean_ms']:.0f} ms"),
+        *growth_rows(sizes),
     ]
+
+
+def growth_rows(sizes: Sizes) -> list[Row]:
+    """Rows: where a trial's time outside training goes, at study sizes 0, 1,000, ... (benchmarks/overhead_growth.py)."""
+    rows = overhead_growth.measure("sqlite", size=sizes.growth_sizes, every=1000, window=sizes.growth_window)
+    parts = overhead_growth.PARTS
+    return [Row(f"per-trial overhead without training, SQLite, trials {r['start']:,}-{r['start'] + sizes.growth_window:,} "
+                f"of a growing study: tracking queued vs every MLflow call waited for (alternate trials); "
+                f"split {' / '.join(parts)} ms (10 reports, TPE 6 params)",
+                f"{r['total']:.0f} ms", f"{r['total'] - r['tracking'] + r['waited']:.0f} ms",
+                " / ".join(f"{r[p]:.0f}" for p in parts)) for r in rows]
 
 
 def worker_rows(quick: bool, extra: list[str]) -> list[Row]:

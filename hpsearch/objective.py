@@ -6,6 +6,10 @@ This is the edge where Optuna and MLflow meet the training code: `train.fit` see
 What a trial records costs it little: its user attrs are written in two transactions (at the start
 and at the end), not one commit each; per-epoch metrics go to MLflow in batches at most every
 few seconds (each epoch at once when epochs are slower than that), and the rest with the run's end.
+Its MLflow writes after the run's start are queued for the process's background writer
+(``Tracker.later``), so training never waits for the store; the trial waits for them (``flush``)
+before it ends, so Optuna is told its state only once its run is whole in MLflow (or its failure
+counted, and the trial marked untracked).
 """
 
 from __future__ import annotations
@@ -101,7 +105,9 @@ def guarded(trial: optuna.Trial, ctx: TrialContext, part: Callable[[], _T]) -> _
             trial.set_user_attr(FAIL_REASON_ATTR, reason)
             run_id = trial.user_attrs.get(RUN_ID_ATTR)
             if ctx.tracker is not None and run_id:
-                ctx.tracker.end_run(run_id, "FAILED", tags={STATE_TAG: "FAIL", FAIL_REASON_TAG: reason})
+                queued = ctx.tracker.later(run_id)  # after the run's records still queued
+                queued.end_run("FAILED", tags={STATE_TAG: "FAIL", FAIL_REASON_TAG: reason})
+                queued.flush()
         raise TrialFailed(reason) from None
 
 
@@ -207,7 +213,7 @@ def _start_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, Any], s
         if run_id:
             if ctx.spec.tracking.system_metrics:
                 ctx.tracker.monitor_system(run_id)  # stopped by end_run
-            ctx.tracker.log_datasets(run_id, ctx.datasets)
+            ctx.tracker.later(run_id).log_datasets(ctx.datasets)
             attrs[RUN_ID_ATTR] = run_id
             if url := ctx.tracker.run_url(run_id):
                 attrs[RUN_URL_ATTR] = url
@@ -223,7 +229,7 @@ def _start_mlflow_run(trial: optuna.Trial, ctx: TrialContext, params: dict[str, 
         tags[RETRIED_FROM_TAG] = str(retried_from)
     logged = {**params, "seed": seed, "n_params": n_params, "device": str(ctx.device),
               **ctx.data.provenance.as_params()}
-    return ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags)
+    return ctx.tracker.start_trial(ctx.parent_run_id, trial.number, params=logged, tags=tags, params_later=True)
 
 
 @dataclass
@@ -243,7 +249,7 @@ class _EpochLog:
 
     def send(self) -> None:
         if self.tracker and self.run_id and self.held:
-            self.tracker.log_epochs(self.run_id, self.held)
+            self.tracker.later(self.run_id).log_epochs(self.held)
         self.held = []
         self.sent_at = time.monotonic()
 
@@ -326,12 +332,13 @@ class _Running:
         mean, std = ctx.input_stats
         grid = pictures.reconstruction_grid(self.model, ctx.data.val, self.task, mean=mean, std=std,
                                             device=ctx.device)
-        ctx.tracker.log_image(self.run_id, grid, f"images/reconstruction_epoch_{epoch:03d}.png")
+        ctx.tracker.later(self.run_id).log_image(grid, f"images/reconstruction_epoch_{epoch:03d}.png")
 
     def end(self, status: str, state: str, *, images: bool = False, reason: str | None = None,
             attrs: Mapping[str, Any] | None = None) -> None:
-        """Store the trial's last attrs (with its final picture if ``images``), then close its MLflow run
-        (``status``; tagged with the Optuna ``state`` and the ``reason``) with the epochs not sent yet."""
+        """Close the trial's MLflow run (``status``; tagged with the Optuna ``state`` and the ``reason``) with
+        the epochs not sent yet, store its last attrs (with its final picture if ``images``), and wait for
+        its queued MLflow records: the trial is told only after this."""
         ctx = self.ctx
         attrs = dict(attrs or {})
         # A pruned classifier's confusion matrix tells little; reconstructions of pruned autoencoders
@@ -341,17 +348,21 @@ class _Running:
                 attrs.update(self._final_images())
             except Exception as exc:  # noqa: BLE001 - pictures are a bonus; never lose the trial over them
                 logger.warning(f"could not draw trial {self.trial.number}'s images: {exc}")
+        queued = None
         if ctx.tracker is not None and self.run_id is not None:
             tags = {STATE_TAG: state}
             if reason:
                 tags[FAIL_REASON_TAG] = reason[:5000]
-            ctx.tracker.end_run(self.run_id, status, tags=tags, epochs=self.epochs.take())
+            queued = ctx.tracker.later(self.run_id)
+            queued.end_run(status, tags=tags, epochs=self.epochs.take())
+        set_user_attrs(self.trial, attrs)  # while the writer ends the run
+        if queued is not None:
+            queued.flush()  # its records in MLflow, or their failures counted, before the trial is told
         if ctx.spec.tracking.enabled and (self.run_id is None or ctx.tracker is None
                                           or ctx.tracker.failures > self.epochs.failures_before):
             # Said in the study, where `status` and the report see it; `track_late` records the run once MLflow is back.
-            attrs[UNTRACKED_ATTR] = ("the MLflow server was unreachable while this trial ran: its run is missing or "
-                                     "incomplete")
-        set_user_attrs(self.trial, attrs)
+            set_user_attrs(self.trial, {UNTRACKED_ATTR: "the MLflow server was unreachable while this trial ran: "
+                                                        "its run is missing or incomplete"})
 
     def _final_images(self) -> dict[str, str]:
         """Return the user attr that names the trial's final picture, uploaded as an Optuna artifact."""
@@ -371,7 +382,7 @@ class _Running:
             path = Path(tmp) / name
             save_png(image, path)  # encoded once, for both stores
             if ctx.tracker is not None and self.run_id is not None:
-                ctx.tracker.log_artifact(self.run_id, path, "images")
+                ctx.tracker.later(self.run_id).log_artifact(path, "images")  # a copy: the directory goes
             artifact_id = optuna.artifacts.upload_artifact(
                 artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=self.trial,
                 mimetype="image/png")

@@ -5,6 +5,8 @@ one concept each:
 
 - ``_tracker``: :class:`Tracker`, through which every call to the store goes, its failures turned
   into warnings;
+- ``_writer``: a trial's writes made by one background thread per process (``Tracker.later``), in
+  order, flushed before the trial is told and at exit;
 - ``_store``: a tracking URI checked (by the spec's one rule) and MLflow opened on it safely and with time limits;
 - ``_warnings``: what a failed call says, once a minute at most;
 - ``_tags`` and ``_values``: what ties runs to a study, and values logged within MLflow's limits;

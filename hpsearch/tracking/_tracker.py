@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from hpsearch.tracking._tags import PARENT_TAG, REFIT_TAG, ROLE_TAG, STUDY_TAG, 
 from hpsearch.tracking._values import log_batch, log_epochs, log_missing_params, param_value, quote, strings, to_int
 from hpsearch.tracking._views import KIND_TAG, MODEL_TRAINING, run_page_url, save_study_view
 from hpsearch.tracking._warnings import RateLimit, failure_reason
+from hpsearch.tracking._writer import QueuedRun
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,6 +76,7 @@ class Tracker:
         self._experiment_id: str | None = None
         self.failures = 0  # calls that failed so far: a caller tells whether its records reached the store
         self._monitors: dict[str, Any] = {}  # run id -> its running system metrics monitor
+        self._lock = threading.Lock()  # the background writer's thread calls too (see later)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -97,7 +100,8 @@ class Tracker:
                         # Jittered, so processes that collided do not collide again.
                         time.sleep(0.1 * 2**attempt * (1 + random.random()))
                         continue
-                    self.failures += 1
+                    with self._lock:
+                        self.failures += 1
                     logger.warning("MLflow store %s could not %s: %s. The study goes on without it.",
                                    self._shown, what, failure_reason(exc, self.uri))
                     return None
@@ -105,9 +109,18 @@ class Tracker:
 
     def _mlflow(self) -> MlflowClient:
         """Return the client, built on first use (which creates a new SQLite store's tables)."""
-        if self._client is None:
-            self._client = open_client(self._store_uri)
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = open_client(self._store_uri)
+            return self._client
+
+    def later(self, run_id: str) -> QueuedRun:
+        """Return the run's writes made in the background, in order, by this process's one writer thread.
+
+        Each is this Tracker's own call, made later (a failure warns and counts in ``failures``
+        then); ``flush()`` waits for them. See :mod:`hpsearch.tracking._writer`.
+        """
+        return QueuedRun(self, run_id)
 
     @property
     def experiment_id(self) -> str | None:
@@ -189,12 +202,13 @@ class Tracker:
                             f"tags.`{STUDY_TAG}` = {quote(study_name)} and tags.`{ROLE_TAG}` = 'study'")
 
     def start_trial(self, parent_run_id: str, trial_number: int, *, params: Mapping[str, Any],
-                    tags: Mapping[str, str]) -> str | None:
+                    tags: Mapping[str, str], params_later: bool = False) -> str | None:
         """Return the id of a new child run for the trial, nested under the study's parent run.
 
         If the trial already has a RUNNING run under that parent (the call is repeated in the
         same process), that run is returned, with any params it still lacks. A retried trial has
         a new trial number, so it gets a new run; the caller tags it ``hpsearch.retried_from``.
+        With ``params_later`` the params are logged by the background writer (see :meth:`later`).
         """
         exp = self.experiment_id
         if exp is None:
@@ -205,7 +219,12 @@ class Tracker:
                        if r.info.status == "RUNNING"]
             run = running[-1] if running else client.create_run(exp, run_name=f"trial-{trial_number}", tags={
                 **strings(tags), PARENT_TAG: parent_run_id, TRIAL_TAG: str(trial_number), ROLE_TAG: "trial"})
-            log_missing_params(client, run, {"trial_number": trial_number, **params})
+            logged = {"trial_number": trial_number, **params}
+            if params_later:
+                self.later(run.info.run_id).log_params({k: v for k, v in logged.items()
+                                                        if str(k) not in run.data.params})
+            else:
+                log_missing_params(client, run, logged)
             return run.info.run_id
 
         return self._call(f"start the run of trial {trial_number}", start)
