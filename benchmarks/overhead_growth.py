@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from hpsearch import space  # noqa: E402
-from hpsearch.objective import set_user_attrs  # noqa: E402
+from hpsearch.storage import set_user_attrs  # noqa: E402
 from hpsearch.spec import parse_spec  # noqa: E402
 from hpsearch.study import make_pruner, make_sampler, open_study  # noqa: E402
 from hpsearch.tracking import Tracker  # noqa: E402

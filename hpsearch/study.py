@@ -28,7 +28,7 @@ from hpsearch import insights, space, stopping
 from hpsearch.errors import HPSearchError, SpecError, StorageError
 from hpsearch.finish import finish
 from hpsearch.pack_loop import pack_capacity, work_packed
-from hpsearch.objective import TakenOver, TrialContext, TrialFailed, run_trial, set_user_attrs, track_late
+from hpsearch.objective import TakenOver, TrialContext, TrialFailed, run_trial, track_late
 from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, FINGERPRINT_ATTR, RUN_ID_ATTR,
                              SAMPLER_STREAM_ATTR, SAMPLER_STREAM_KEY, SPEC_ATTR, STATE_TAG, STOPPED_ATTR,
                              SURPLUS_ATTR, WORKER_ATTR, artifact_store, count, count_trials, open_existing, read_spec,
@@ -36,7 +36,7 @@ from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, F
 from hpsearch.signals import StopSignals
 from hpsearch.spec import PrunerSpec, Spec, mask_password, spec_from_dict
 from hpsearch.storage import claim, claims, disk_full_cause, disk_full_error, fail_stale_trials, make_storage, rdb, \
-    shrink_sqlite
+    set_user_attrs, shrink_sqlite
 from hpsearch.tracking import Tracker, check_store
 from hpsearch.worker_setup import WorkerSetup, setup_worker
 from hpsearch.vocab import pruner_class, sampler_class

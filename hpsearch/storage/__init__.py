@@ -7,9 +7,11 @@ One concept per module:
 - ``_resilient``: the storage that waits out an outage (:func:`make_storage`);
 - ``_disk``: a full disk, recognised and said in one line;
 - ``_heartbeats``: trials left RUNNING by dead workers;
-- ``_claims``: study attrs inserted atomically, so that exactly one racing worker wins.
+- ``_claims``: study attrs inserted atomically, so that exactly one racing worker wins;
+- ``_attrs``: a running trial's user attrs in one transaction.
 """
 
+from hpsearch.storage._attrs import set_user_attrs
 from hpsearch.storage._claims import claim, claims, read_claim, release_claim, swap_claim
 from hpsearch.storage._connect import (CONNECT_TIMEOUT_S, NOTICE_AFTER_S, PG_CONNECT_ARGS, SQLITE_TIMEOUT_S,
                                        announced_wait, checked_driver_url, driver_url, engine_kwargs, opening,
@@ -23,5 +25,5 @@ __all__ = [
     "RunningTrial", "announced_wait", "checked_driver_url", "claim", "claims", "disk_full_cause",
     "disk_full_error", "driver_url", "engine_kwargs", "fail_stale_trials", "is_connection_error", "make_storage",
     "opening", "prepare_sqlite", "rdb", "read_claim", "release_claim", "running_trials", "shrink_sqlite",
-    "swap_claim", "sync_on_checkpoint",
+    "set_user_attrs", "swap_claim", "sync_on_checkpoint",
 ]

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from hpsearch.tracking._datasets import DatasetRecord
-    from hpsearch.tracking._tracker import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +118,8 @@ def _flush_at_exit() -> None:
 class QueuedRun:
     """The writes of one run, made by the background writer in the order they are called (see the module)."""
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
-        self.tracker = tracker
+    def __init__(self, tracker: Any, run_id: str) -> None:
+        self.tracker = tracker  # the Tracker whose calls are queued (not imported here: it imports this module)
         self.run_id = run_id
 
     def _submit(self, method: Callable[..., object], *args: Any, **kwargs: Any) -> None:
