@@ -6,6 +6,9 @@ with --train-limit), the same model, the same optimizer (Adam, lr 1e-3) and batc
 An "epoch" is one pass over the training split plus one over the validation split, in both.
 
     (a) hpsearch  `hpsearch.train.fit`: uint8 tensors on the device, batches by index.
+    (a0)          the CNN only: the same `fit` on the CNN as it was before issue 14, each ReLU
+                  before its max pool and the default (NCHW) layout on the CPU; now the CNN pools
+                  first (same numbers, a quarter of the activations) and runs in channels_last.
     (b) DataLoader the pipeline of Optuna's PyTorch example: a torchvision-style Dataset of PIL
                    images, ToTensor + Normalize, DataLoader(batch_size=128, shuffle=True), and the
                    model as people write it: the same layers and initial weights, from torch.nn
@@ -53,7 +56,7 @@ from torchvision import transforms
 from hpsearch.data import SearchData, Split, load_search_data  # noqa: E402
 from hpsearch.knobs import defaults  # noqa: E402
 from hpsearch.models import Dropout as HpsearchDropout  # noqa: E402
-from hpsearch.models import build_model  # noqa: E402
+from hpsearch.models import _cnn, build_model, read_arch  # noqa: E402
 from hpsearch.tasks import make_task  # noqa: E402
 from hpsearch.train import TrainConfig, fit  # noqa: E402
 
@@ -92,6 +95,7 @@ class EpochResult:
     case: Case
     hpsearch: list[float]
     hpsearch_bf16: list[float]  # empty unless asked for
+    hpsearch_before: list[float]  # the CNN's path before issue 14 (empty for the other models)
     dataloader: list[float]
     dataloader_our_model: list[float]
     loader_only: list[float]
@@ -127,6 +131,8 @@ def main() -> None:
                          device=device, bf16=args.precision == "bf16")
         ours = min(r.hpsearch)
         rows = [("(a) hpsearch `fit`", r.hpsearch)]
+        if r.hpsearch_before:
+            rows.append(("(a0) hpsearch `fit`, the CNN before issue 14 (ReLU before pool, NCHW)", r.hpsearch_before))
         if r.hpsearch_bf16:
             layout = ", channels_last" if name == "cnn" and device.type == "cuda" else ""
             rows.append((f"(a') hpsearch `fit`, bf16 autocast{layout}", r.hpsearch_bf16))
@@ -154,29 +160,38 @@ def measure_case(case: Case, data: SearchData, *, epochs: int, batch_size: int =
     # The pipelines take turns, an epoch each: a busy neighbour slows them alike, not one of them.
     ours = HpsearchLoop(case, data, batch_size, device=str(device))
     ours_bf16 = HpsearchLoop(case, data, batch_size, device=str(device), precision="bf16") if bf16 else None
+    before = HpsearchLoop(case, data, batch_size, device=str(device), before=True) if case.family == "cnn" else None
     loader = DataLoaderLoop(case, data, batch_size, device=device)
     loader_our_model = DataLoaderLoop(case, data, batch_size, device=device, stock=False)
     # Warm-up: first-touch allocations, thread pools.
     ours.epoch(), loader.epoch(with_model=True), loader_our_model.epoch(with_model=True)
-    if ours_bf16:
-        ours_bf16.epoch()
-    hpsearch, hpsearch_bf16, dataloader, dataloader_our_model, loader_only = [], [], [], [], []
+    for extra in (ours_bf16, before):
+        if extra:
+            extra.epoch()
+    # Not `hpsearch`: that name is the package, imported first for its OpenMP policy.
+    ours_times, hpsearch_bf16, hpsearch_before, dataloader, dataloader_our_model, loader_only = [], [], [], [], [], []
     for _ in range(epochs):
-        hpsearch.append(ours.epoch())
+        ours_times.append(ours.epoch())
         if ours_bf16:
             hpsearch_bf16.append(ours_bf16.epoch())
+        if before:
+            hpsearch_before.append(before.epoch())
         dataloader.append(loader.epoch(with_model=True))
         dataloader_our_model.append(loader_our_model.epoch(with_model=True))
         loader_only.append(loader.epoch(with_model=False))
     flops = epoch_flops(case, data, batch_size)
     peak = peak or peak_matmul_flops(device=device)
-    return EpochResult(case=case, hpsearch=hpsearch, hpsearch_bf16=hpsearch_bf16, dataloader=dataloader,
+    return EpochResult(case=case, hpsearch=ours_times, hpsearch_bf16=hpsearch_bf16, hpsearch_before=hpsearch_before,
+                       dataloader=dataloader,
                        dataloader_our_model=dataloader_our_model, loader_only=loader_only, gflop=flops / 1e9,
                        floor=flops / peak)
 
 
-def fresh_model(case: Case, data: SearchData) -> nn.Module:
+def fresh_model(case: Case, data: SearchData, *, before: bool = False) -> nn.Module:
+    """Return the case's model, seeded; ``before``: the CNN in its order before issue 14 (same weights)."""
     torch.manual_seed(0)
+    if before:
+        return _cnn(data.image_shape, read_arch(case.family, case.params), data.n_classes, pool_first=False)
     return build_model(case.family, case.params, image_shape=data.image_shape, n_classes=data.n_classes)
 
 
@@ -194,15 +209,17 @@ class HpsearchLoop:
     """(a): one `fit` call per epoch, on one model that keeps training."""
 
     def __init__(self, case: Case, data: SearchData, batch_size: int, *, device: str = "cpu",
-                 precision: str = "fp32") -> None:
-        self.data, self.batch_size, self.model, self.seed = data, batch_size, fresh_model(case, data), 0
+                 precision: str = "fp32", before: bool = False) -> None:
+        self.data, self.batch_size, self.model, self.seed = data, batch_size, fresh_model(case, data, before=before), 0
         self.task = make_task(case.task, case.params)
         self.device, self.precision = device, precision
+        # Before issue 14 the CPU kept the default layout (channels_last was auto: CUDA only).
+        self.channels_last = False if before and torch.device(device).type == "cpu" else None
 
     def epoch(self) -> float:
         self.seed += 1  # a new shuffle each epoch, as one long fit would draw
         config = TrainConfig(epochs=1, batch_size=self.batch_size, optimizer="adam", lr=LR, seed=self.seed,
-                             device=self.device, precision=self.precision)
+                             device=self.device, precision=self.precision, channels_last=self.channels_last)
         result = fit(self.model, self.data, self.task, config, lambda step, metrics: None)
         return result.history[0]["epoch_seconds"]
 

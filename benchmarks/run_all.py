@@ -171,6 +171,11 @@ def epoch_rows(sizes: Sizes, threads: int) -> list[Row]:
         rows.append(Row(f"epoch: {case.label}: hpsearch vs FLOP floor ({r.gflop:.1f} GFLOP at "
                         f"{peak / 1e9:.0f} GFLOP/s)", f"{ours:.3f} s", f"{r.floor:.3f} s",
                         f"{ours / r.floor:.1f}x the floor"))
+        if r.hpsearch_before:
+            before = min(r.hpsearch_before)
+            rows.append(Row(f"epoch: {case.label}: hpsearch `fit` now (pool before ReLU, channels_last) vs before "
+                            f"issue 14 (ReLU before pool, NCHW), side by side", f"{ours:.3f} s", f"{before:.3f} s",
+                            f"{_faster(ours, before)}; before: {before / r.floor:.1f}x the floor"))
     return rows
 
 

@@ -29,6 +29,10 @@ ACTIVATION_LAYERS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU,
     "elu": nn.ELU,
 }
+# The activations that never decrease (f(a) <= f(b) whenever a <= b), so that pooling the maximum
+# first gives the same numbers: a CNN pools before these, on a quarter of the values (gelu and
+# silu dip below zero, so they come first). tests/test_models.py checks the list.
+POOL_FIRST_ACTIVATIONS = frozenset({"relu", "tanh", "leaky_relu", "elu"})
 
 
 @dataclass(frozen=True)
@@ -179,16 +183,21 @@ def _conv_unit(c_in: int, c_out: int, arch: Arch, *, stride: int = 1) -> list[nn
     return layers
 
 
-def _cnn(shape: tuple[int, int, int], arch: Arch, n_classes: int) -> nn.Module:
+def _cnn(shape: tuple[int, int, int], arch: Arch, n_classes: int, *, pool_first: bool = True) -> nn.Module:
+    """Return the CNN; ``pool_first=False`` keeps the activation before every pool (the older, slower order)."""
     channels, height, width = shape
     layers: list[nn.Module] = []
     for block in range(arch.conv_blocks):
         c_out = arch.conv_channels * 2**block
-        layers += _conv_unit(channels, c_out, arch)
+        unit = _conv_unit(channels, c_out, arch)
         # Pool only while there is something to pool: an 8x8 digit survives 3 poolings, not 4.
         if min(height, width) >= 2:
-            layers.append(nn.MaxPool2d(2))
+            # max(f(x)) = f(max(x)) for a non-decreasing f: the activation then runs on (and keeps
+            # for its backward) a quarter of the values. The gradients are the same too.
+            first = pool_first and arch.activation in POOL_FIRST_ACTIVATIONS
+            unit.insert(len(unit) - 1 if first else len(unit), nn.MaxPool2d(2))
             height, width = height // 2, width // 2
+        layers += unit
         channels = c_out
     n_flat = channels * height * width
     layers += [nn.Flatten(), *_dense_stack(n_flat, arch), nn.Linear(_last_width(n_flat, arch), n_classes)]

@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast; weights and optimizer stay fp32
-    channels_last: bool | None = None  # conv models' memory layout; None: on for conv models on CUDA
+    channels_last: bool | None = None  # conv models' memory layout; None: see memory_format
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, numbers.Integral) or self.epochs < 1:
@@ -213,7 +213,7 @@ def fit(model: nn.Module, data: SearchData, task: Task, config: TrainConfig,
                 images = augment(images)
             inputs, images01, mask = task.training_batch(images, generator, mean, std)
             labels = train.labels.index_select(0, index)
-            if layout is torch.channels_last:  # conv models on CUDA: NHWC inputs; no extra call otherwise
+            if layout is torch.channels_last:  # conv models: NHWC inputs; no extra call otherwise
                 inputs = inputs.contiguous(memory_format=layout)
             if plain_step is not None:
                 loss = plain_step(inputs, labels)
@@ -313,11 +313,16 @@ def memory_format(model: nn.Module, device: torch.device, channels_last: bool | 
     """Return the memory layout for ``model``'s inputs: channels_last for conv models where asked.
 
     ``None`` (auto) means channels_last on CUDA, where cuDNN's convolutions are fastest in NHWC
-    (and bf16 tensor cores need it); on the CPU the default layout is kept.
+    (and bf16 tensor cores need it), and on the CPU for models without transposed convolutions
+    (the CNN): oneDNN's convolutions and PyTorch's max pooling are faster in NHWC there (pooling
+    8x at 28x28; a CNN epoch 1.3-1.7x, docs/benchmarks.md). The conv autoencoder keeps the
+    default layout on the CPU: its transposed convolutions were not measured there.
     """
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    wanted = device.type == "cuda" if channels_last is None else channels_last
-    return torch.channels_last if wanted and has_conv else torch.contiguous_format
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if channels_last is None:
+        transposed = any(isinstance(m, nn.modules.conv._ConvTransposeNd) for m in convs)
+        channels_last = device.type == "cuda" or (device.type == "cpu" and not transposed)
+    return torch.channels_last if channels_last and convs else torch.contiguous_format
 
 
 def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig,

@@ -10,7 +10,8 @@ from torch import nn
 
 from hpsearch.errors import SpecError
 from hpsearch.knobs import defaults
-from hpsearch.models import FAMILIES, Dropout, build_model, count_params
+from hpsearch.models import (ACTIVATION_LAYERS, FAMILIES, POOL_FIRST_ACTIVATIONS, Dropout, _cnn, build_model,
+                             count_params, read_arch)
 
 SHAPES = [(1, 28, 28), (1, 8, 8)]
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -83,6 +84,38 @@ def test_cnn_pools_only_while_the_image_is_at_least_2x2() -> None:
     pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 3  # 8 → 4 → 2 → 1, then no more pooling
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_pool_first_activations_are_exactly_the_non_decreasing_ones() -> None:
+    x = torch.linspace(-8.0, 8.0, 100_001)
+    for name, layer in ACTIVATION_LAYERS.items():
+        non_decreasing = bool((layer()(x).diff() >= 0).all())
+        assert (name in POOL_FIRST_ACTIVATIONS) == non_decreasing, name
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_LAYERS))
+def test_cnn_pooling_before_the_activation_gives_the_same_outputs_and_gradients(activation: str,
+                                                                               batchnorm: bool) -> None:
+    p = params(conv_blocks=2, conv_channels=4, n_layers=1, activation=activation, batchnorm=batchnorm)
+    arch = read_arch("cnn", p)
+    models = []
+    for pool_first in (True, False):
+        torch.manual_seed(0)
+        models.append(_cnn((1, 12, 12), arch, 10, pool_first=pool_first))
+    fast, slow = models
+    order = [type(m) for m in fast if type(m) in (nn.MaxPool2d, ACTIVATION_LAYERS[activation])]
+    first = activation in POOL_FIRST_ACTIVATIONS
+    assert order[:2] == ([nn.MaxPool2d, ACTIVATION_LAYERS[activation]] if first
+                         else [ACTIVATION_LAYERS[activation], nn.MaxPool2d])
+    assert fast.state_dict().keys() == slow.state_dict().keys()  # a saved model loads in either order
+    images = torch.randn(16, 1, 12, 12)
+    outputs = [model(images) for model in models]
+    assert torch.equal(outputs[0], outputs[1])  # max(f(x)) is f(max(x)), bit for bit
+    for output in outputs:
+        output.square().sum().backward()
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_cnn_with_no_conv_blocks_is_a_dense_net() -> None:

@@ -121,7 +121,7 @@ class TaskSpec:
     mask: MaskSpec = field(default_factory=MaskSpec)
     threads: int | None = None  # CPU threads per trial; None: the machine's cores / workers
     precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward passes (fast on GPUs)
-    channels_last: bool | None = None  # conv memory layout; None: on for conv models on CUDA
+    channels_last: bool | None = None  # conv memory layout; None: NHWC on CUDA, and for the CNN on the CPU
     # Validation reports (and pruning decisions) per epoch; None ("auto"): one per ~10,000 training
     # images, at least one, so a hopeless trial on a large dataset is judged before its first epoch ends.
     reports_per_epoch: int | None = None
