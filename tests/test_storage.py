@@ -24,7 +24,7 @@ from hpsearch.storage import (CONNECT_TIMEOUT_S, PG_CONNECT_ARGS, engine_kwargs,
                               make_storage, prepare_sqlite)
 
 from .conftest import LogLines
-from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, postgres_url, silent_server  # noqa: F401  (a fixture)
+from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, silent_server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,7 @@ from hpsearch.study import _surplus, load_stored_spec, open_study
 from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
 
 from .conftest import LogLines
-from .servers import free_port, mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
+from .servers import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
