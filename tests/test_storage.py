@@ -103,7 +103,10 @@ def _open_and_create(url: str, barrier: multiprocessing.synchronize.Barrier, nam
 
 def test_processes_opening_a_fresh_sqlite_storage_at_once_all_succeed(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    ctx = multiprocessing.get_context("spawn")  # as separate as `hpsearch worker` processes
+    # As separate as `hpsearch worker` processes (no storage opened before they start), forked from
+    # a server process that imported this module once rather than spawned to import it four times.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_open_and_create, args=(url, barrier, "shared")) for _ in range(4)]
     for p in procs:
