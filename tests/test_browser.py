@@ -23,7 +23,7 @@ from hpsearch import insights, report, servers
 from hpsearch.errors import HPSearchError
 from hpsearch.spec import parse_spec
 
-from .servers import free_port, port_is_open, wait_http
+from .servers import _QUIET_ENV, free_port, port_is_open, wait_http
 from .test_figures import Built, _tracker, build_study, make_spec, spec_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--no-first-run"]
 UI_TIMEOUT_MS = 30_000  # the MLflow UI's first render pulls megabytes of JavaScript: slow on 2 cores
 _IMAGE_LOADED = """sel => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth > 0; }"""
-_QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # no phoning home from a test
+_QUIET = _QUIET_ENV  # no phoning home from a test, no MLflow job runner (tests/servers.py says why)
 
 
 # --------------------------------------------------------------------------- command lines (fast)
