@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# The shared servers, one of each per test process (each xdist worker): a fixture imported into
+# several test modules would be a fixture of each, and start a server per module. Tests name
+# their studies and experiments uniquely, so they can share them.
+from .servers import mlflow_url, postgres_url  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
 

@@ -6,10 +6,12 @@ Each server is a context manager that starts a real process bound to
 outlives the ``with`` block. Server output goes to a log file in the given
 directory; a failed start raises :class:`ServerStartError` with the log's tail.
 
-Tests import what they need; pytest finds the fixtures once they are imported
-into a test module (or named in conftest's ``pytest_plugins = ["tests.servers"]``)::
+Tests import the context managers they need; the session fixtures ``postgres_url``
+and ``mlflow_url`` come from tests/conftest.py, so that every test module of a test
+process shares one server of each (imported into a test module, a fixture would be
+that module's own and start a server per module)::
 
-    from .servers import mlflow_server, postgres_url  # noqa: F401
+    from .servers import mlflow_server  # the fixtures need no import
 
 Set ``HPSEARCH_TEST_POSTGRES_URL`` (see ``.ci/start-postgres``) to use a running
 PostgreSQL instead of starting one.
@@ -62,8 +64,11 @@ LOG_TAIL_CHARS = 4000  # enough of a log to show the traceback that ended a fail
 PG_USER = "hpsearch"
 PG_DATABASES = ("hpsearch", "mlflow")  # MLflow needs its own: both it and Optuna keep `alembic_version`
 
-# Servers must not phone home from a test run (and there is no internet here anyway).
-_QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# Servers must not phone home from a test run (and there is no internet here anyway). MLflow's job
+# runner (a huey consumer process, for GenAI jobs hpsearch never submits) would cost each server
+# start another process that imports MLflow: seconds of CPU on 2 cores.
+_QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+              "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 class ServerStartError(RuntimeError):

@@ -23,8 +23,8 @@ from hpsearch import insights, report, servers
 from hpsearch.errors import HPSearchError
 from hpsearch.spec import parse_spec
 
-from .servers import free_port, port_is_open, wait_http
-from .test_figures import Built, _tracker, build_study, make_spec
+from .servers import _QUIET_ENV, free_port, port_is_open, wait_http
+from .test_figures import Built, _tracker, build_study, make_spec, spec_raw
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-output" / "screenshots"
@@ -33,7 +33,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--no-first-run"]
 UI_TIMEOUT_MS = 30_000  # the MLflow UI's first render pulls megabytes of JavaScript: slow on 2 cores
 _IMAGE_LOADED = """sel => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth > 0; }"""
-_QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # no phoning home from a test
+_QUIET = _QUIET_ENV  # no phoning home from a test, no MLflow job runner (tests/servers.py says why)
 
 
 # --------------------------------------------------------------------------- command lines (fast)
@@ -411,22 +411,25 @@ def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: P
 
 
 @pytest.mark.slow
-def test_the_study_page_is_asked_of_the_running_server(tmp_path: Path) -> None:
+def test_the_study_page_is_asked_of_the_running_server(tmp_path: Path, mlflow_url: str) -> None:
+    import uuid
+
     from mlflow import MlflowClient
 
-    from .servers import mlflow_server
-
-    spec = make_spec(tmp_path, "classify")
+    # The session's server may hold other tests' experiments: this one's name is its own.
+    raw = spec_raw(tmp_path, "classify")
+    raw["tracking"] = {**raw["tracking"], "experiment": f"page-{uuid.uuid4().hex[:8]}"}
+    spec = parse_spec(raw, source="classify.yaml", runs_dir=tmp_path / "runs")
     said: list[str] = []
-    with mlflow_server(tmp_path / "server") as url:
-        page = servers.study_page(spec, said.append)
-        # Before the study's first run: the server's own address, and why.
-        assert page(url) == url
-        assert said == [f"the MLflow experiment {spec.tracking.experiment!r} is not in this store yet "
-                        f"(run `hpsearch run {spec.path}` first)."]
-        # An experiment without hpsearch's saved view (an older study): its runs, in the model-training view.
-        client = MlflowClient(url)
-        experiment_id = client.create_experiment(spec.tracking.experiment)
-        assert page(url) == f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.hpsearch-{spec.study.name}", "{}")
-        assert page(url).endswith(f"?workflowType=machine_learning&viewStateShareKey=hpsearch-{spec.study.name}")
+    url = mlflow_url
+    page = servers.study_page(spec, said.append)
+    # Before the study's first run: the server's own address, and why.
+    assert page(url) == url
+    assert said == [f"the MLflow experiment {spec.tracking.experiment!r} is not in this store yet "
+                    f"(run `hpsearch run {spec.path}` first)."]
+    # An experiment without hpsearch's saved view (an older study): its runs, in the model-training view.
+    client = MlflowClient(url)
+    experiment_id = client.create_experiment(spec.tracking.experiment)
+    assert page(url) == f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.hpsearch-{spec.study.name}", "{}")
+    assert page(url).endswith(f"?workflowType=machine_learning&viewStateShareKey=hpsearch-{spec.study.name}")

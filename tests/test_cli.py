@@ -14,8 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from hpsearch.cli import cli
 
-from .servers import postgres_url  # noqa: F401  (a fixture)
-
 SMALL = {
     "study": {
         "name": "e2e",

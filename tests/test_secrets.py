@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from hpsearch.cli import cli
 from hpsearch.spec import hide_secrets, mask_password, url_secrets, without_credentials
 
-from .servers import free_port, mlflow_url, postgres_server  # noqa: F401  (mlflow_url is a fixture)
+from .servers import free_port, postgres_server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,12 @@ from urllib.parse import urlsplit
 import optuna
 import pytest
 
-from .servers import (  # noqa: F401  (postgres_url is a fixture)
+from .servers import (
     POSTGRES_URL_ENV,
     dashboard_server,
     mlflow_server,
     port_is_open,
     postgres_server,
-    postgres_url,
     wait_http,
     with_database,
 )

@@ -24,7 +24,7 @@ from hpsearch.storage import (CONNECT_TIMEOUT_S, PG_CONNECT_ARGS, engine_kwargs,
                               make_storage, prepare_sqlite)
 
 from .conftest import LogLines
-from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, postgres_url, silent_server  # noqa: F401  (a fixture)
+from .servers import POSTGRES_URL_ENV, PG_BIN, postgres_server, silent_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,10 @@ def _open_and_create(url: str, barrier: multiprocessing.synchronize.Barrier, nam
 
 def test_processes_opening_a_fresh_sqlite_storage_at_once_all_succeed(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    ctx = multiprocessing.get_context("spawn")  # as separate as `hpsearch worker` processes
+    # As separate as `hpsearch worker` processes (no storage opened before they start), forked from
+    # a server process that imported this module once rather than spawned to import it four times.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_open_and_create, args=(url, barrier, "shared")) for _ in range(4)]
     for p in procs:

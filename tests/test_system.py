@@ -28,7 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from .servers import dashboard_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
+from .servers import dashboard_server
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 6
@@ -65,7 +65,7 @@ def _running_mid_training(study: optuna.Study, worker: str) -> optuna.trial.Froz
 
 @pytest.mark.slow
 def test_workers_share_a_postgres_study_and_survive_a_killed_worker(
-        postgres_url: str, mlflow_url: str, tmp_path: Path) -> None:  # noqa: F811
+        postgres_url: str, mlflow_url: str, tmp_path: Path) -> None:
     name = f"system-{uuid.uuid4().hex[:8]}"
     password = postgres_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
     assert len(password) >= 8  # the check below means something only for a real password

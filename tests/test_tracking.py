@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from hpsearch.spec import check_tracking_uri as check_uri  # the one rule, in th
 from hpsearch.tracking import Tracker
 
 from .conftest import LogLines
-from .servers import free_port, mlflow_server
+from .servers import free_port
 
 HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
@@ -358,7 +358,9 @@ def test_workers_starting_together_share_one_experiment_and_one_parent_run(tmp_p
         shutil.copy(_schema_db, runs / "mlflow.db")
     # A new store's tables are created by the first worker while the others wait for it.
     uri, artifacts = f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
-    ctx = multiprocessing.get_context("spawn")
+    # Forked from a server process that imported this module (MLflow, hpsearch) once, not four times.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     barrier, results = ctx.Barrier(4), ctx.Queue()
     workers = [ctx.Process(target=_worker, args=(uri, artifacts, i, barrier, results)) for i in range(4)]
     for w in workers:
@@ -421,7 +423,8 @@ def _model() -> Any:
                                torch.nn.Dropout(0.5), torch.nn.Linear(16, 10))
 
 
-def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch, name: str = "s") -> None:
+    """Check that the tracker registers versions of the model ``name`` (new to the store) that load back."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -433,9 +436,9 @@ def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
               {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
 
-    assert tracker.log_model(parent, model, input_example=example, registered_name="s") == "1"
+    assert tracker.log_model(parent, model, input_example=example, registered_name=name) == "1"
     # Each call adds a version. (A one-row example must not tie the saved model to batches of one.)
-    assert tracker.log_model(parent, model, input_example=example[:1], registered_name="s") == "2"
+    assert tracker.log_model(parent, model, input_example=example[:1], registered_name=name) == "2"
     assert tracker.log_model(parent, model, input_example=example, registered_name=None) is None  # not registered
     # MLflow's process-wide URIs and variables are as they were; the model too (mode, device).
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
@@ -443,7 +446,7 @@ def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch
     assert model.training
 
     client = _client(uri)
-    versions = client.search_model_versions("name = 's'")
+    versions = client.search_model_versions(f"name = '{name}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert {v.run_id for v in versions} == {parent}
     # It loads back, through the registry, and computes the same outputs.
@@ -453,9 +456,9 @@ def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch
     with torch.no_grad():
         expected = model.eval()(batch)
         for version in ("1", "2"):
-            assert torch.allclose(mlflow.pytorch.load_model(f"models:/s/{version}")(batch), expected, atol=1e-6)
+            assert torch.allclose(mlflow.pytorch.load_model(f"models:/{name}/{version}")(batch), expected, atol=1e-6)
     # The signature was inferred from the example and the model's output.
-    info = mlflow.models.get_model_info("models:/s/2")
+    info = mlflow.models.get_model_info(f"models:/{name}/2")
     assert info.signature is not None
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
@@ -530,19 +533,14 @@ def test_a_broken_store_warns_and_the_tracker_tries_again_later(tmp_path: Path, 
 # --------------------------------------------------------------------------- a real server
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
-    """Yield the URL of an MLflow server on 127.0.0.1 (SQLite backend in tmp_path), stopped afterwards."""
-    with mlflow_server(tmp_path / "server") as url:
-        yield url
-
-
 @pytest.mark.slow
-def test_a_tracking_server_gets_the_same_runs_images_and_models(server: str, warnings: list[str],
+def test_a_tracking_server_gets_the_same_runs_images_and_models(mlflow_url: str, warnings: list[str],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    tracker = Tracker(server, "exp", artifact_root="/ignored/for/a/server")
+    server = mlflow_url  # the session's server: names of this test's own (other tests record there too)
+    exp = f"exp-{uuid.uuid4().hex[:8]}"
+    tracker = Tracker(server, exp, artifact_root="/ignored/for/a/server")
     parent = tracker.study_run("s", params={"a": 1}, tags={})
-    assert parent is not None and Tracker(server, "exp").study_run("s", params={}, tags={}) == parent
+    assert parent is not None and Tracker(server, exp).study_run("s", params={}, tags={}) == parent
     run_id = tracker.start_trial(parent, 0, params={"lr": 0.1}, tags={})
     assert run_id is not None
     for step in (1, 2):
@@ -560,7 +558,7 @@ def test_a_tracking_server_gets_the_same_runs_images_and_models(server: str, war
         f"{server}/#/experiments/{tracker.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     assert [c["run_id"] for c in tracker.child_runs(parent)] == [run_id]
 
-    _check_log_model(tracker, server, monkeypatch)
+    _check_log_model(tracker, server, monkeypatch, name=exp)
     assert warnings == []
 
 

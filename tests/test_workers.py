@@ -32,7 +32,7 @@ from hpsearch.study import _surplus, load_stored_spec, open_study
 from hpsearch.workers import Placement, parse_gpus, place_on_gpus, plan
 
 from .conftest import LogLines
-from .servers import free_port, mlflow_server, mlflow_url, postgres_url  # noqa: F401  (fixtures)
+from .servers import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -431,7 +431,10 @@ def _elect(uri: str, experiment: str, barrier: multiprocessing.synchronize.Barri
 def test_racing_processes_agree_on_one_parent_run(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_url")
     experiment = f"race-{store}-{os.getpid()}-{time.time_ns()}"
-    ctx = multiprocessing.get_context("spawn")
+    # Four fresh processes, forked from a server process that imported this module (MLflow, hpsearch)
+    # once: spawned ones would import it four times over, on the one CPU this test process has.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     barrier, results = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_elect, args=(uri, experiment, barrier, results)) for _ in range(4)]
     for p in procs:
