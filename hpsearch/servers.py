@@ -81,7 +81,14 @@ def ui_command(spec: Spec, host: str = DEFAULT_HOST, port: int = UI_PORT) -> Ser
         command += ["--default-artifact-root", Path(root).as_uri(), "--artifacts-destination", root]
     # `mlflow server --backend-store-uri` reads this variable when the option is not given.
     backend = checked_driver_url(spec.tracking.uri, what="the MLflow tracking URI")
-    return ServerCommand(command, {"MLFLOW_BACKEND_STORE_URI": backend, **_connect_timeout()})
+    env = {"MLFLOW_BACKEND_STORE_URI": backend, **_connect_timeout()}
+    # MLflow 3's server also starts a job runner and its consumers (8 processes, each importing
+    # MLflow) for GenAI jobs that hpsearch never submits; unless the user asks for it, not here.
+    env[JOB_EXECUTION_ENV] = os.environ.get(JOB_EXECUTION_ENV, "false")
+    return ServerCommand(command, env)
+
+
+JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 
 
 def _connect_timeout() -> dict[str, str]:

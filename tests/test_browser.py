@@ -34,6 +34,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 UI_TIMEOUT_MS = 30_000  # the MLflow UI's first render pulls megabytes of JavaScript: slow on 2 cores
 _IMAGE_LOADED = """sel => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth > 0; }"""
 _QUIET = _QUIET_ENV  # no phoning home from a test, no MLflow job runner (tests/servers.py says why)
+_QUIET_NOT_JOBS = {k: v for k, v in _QUIET.items() if k != servers.JOB_EXECUTION_ENV}  # what `hpsearch ui` sets
 
 
 # --------------------------------------------------------------------------- command lines (fast)
@@ -196,17 +197,18 @@ def page(seen: Built, browser: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def running(cmd: servers.ServerCommand, ready_url: str, log: Path) -> Iterator[None]:
+def running(cmd: servers.ServerCommand, ready_url: str, log: Path,
+            env: dict[str, str] = _QUIET) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server command until the block exits (stopped as `hpsearch dashboard/ui` stop it)."""
     with log.open("ab") as out:
         process = subprocess.Popen(cmd.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **_QUIET, **cmd.env}, start_new_session=True)
+                                   env={**os.environ, **env, **cmd.env}, start_new_session=True)
     try:
         try:
             wait_http(ready_url, process=process)
         except Exception as exc:
             raise AssertionError(f"{cmd.argv[0]} did not start: {exc}\n{log.read_text()[-3000:]}") from None
-        yield
+        yield process
     finally:
         servers.stop(process)
 
@@ -259,7 +261,11 @@ def test_mlflow_ui_shows_the_experiment_runs_and_images(seen: Built, page: Any) 
     spec = seen.spec
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with running(servers.ui_command(spec, port=port), f"{url}/health", Path(spec.runs_dir) / "mlflow-ui.log"):
+    with running(servers.ui_command(spec, port=port), f"{url}/health", Path(spec.runs_dir) / "mlflow-ui.log",
+                 env=_QUIET_NOT_JOBS) as process:
+        # Only the server and its one worker: not MLflow's job runner and its consumers (8 processes).
+        group = subprocess.run(["ps", "-o", "args=", "-g", str(process.pid)], capture_output=True, text=True).stdout
+        assert "huey" not in group and "_job_runner" not in group, group
         # MLflow 3 opens experiments in its GenAI view; the query picks the model-training view.
         page.goto(f"{url}/#/experiments/{seen.experiment_id}/runs?workflowType=machine_learning")
         expect(page.get_by_text(spec.tracking.experiment).first).to_be_visible(timeout=UI_TIMEOUT_MS)
