@@ -158,13 +158,19 @@ def test_a_pack_size_that_is_no_positive_integer_is_refused(tmp_path: Path) -> N
     assert result.exit_code == 2 and "--pack" in result.output and "'many'" in result.output
 
 
-def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: Path) -> None:
-    spec = _with(PACKED, study={"n_trials": 2}, task={"epochs": 1}, model={"family": "cnn"},
-                 space={"lr": SPEC["space"]["lr"]}, tracking={"enabled": False})
+@pytest.mark.parametrize("model, why", [
+    ({"model": {"family": "cnn"}}, "model.family 'cnn' cannot be packed"),
+    # An autoencoder space that can give the conv encoder (as inpainting.yaml's): every trial trains alone.
+    ({"model": {"family": "autoencoder"}, "task": {"type": "denoise"}, "study": {"metric": "val_mse"},
+      "space": {"encoder": ["dense", "conv"]}}, "encoder 'conv' cannot be packed")], ids=["cnn", "conv-encoder"])
+def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: Path, model: dict, why: str) -> None:
+    spec = _with(PACKED, study={"n_trials": 2, **model.get("study", {})}, task={"epochs": 1, **model.get("task", {})},
+                 model=model["model"], tracking={"enabled": False})
+    spec["space"] = {"lr": SPEC["space"]["lr"], **model.get("space", {})}
     result = CliRunner().invoke(cli, ["run", str(_write(tmp_path, spec)), "--pack", "4", "--no-finish",
                                       "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
-    assert result.output.count("cannot be packed") == 1
+    assert result.output.count("cannot be packed") == 1 and why in result.output
     study = optuna.load_study(study_name="packed", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
 
