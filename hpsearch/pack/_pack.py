@@ -109,8 +109,8 @@ class Pack:
         self.batch = self.bounds[0][1] - self.bounds[0][0]  # the widest batch: every slot's column count
         self.reconstructs = key.family == "autoencoder"  # the outputs are images, the loss task.loss's MSE
         n_in = math.prod(data.image_shape)
-        self.stack = StackedDense(key, capacity=capacity, n_in=n_in, n_out=n_in if self.reconstructs else data.n_classes,
-                                  device=self.device)
+        self.stack = StackedDense(key, capacity=capacity, n_in=n_in,
+                                  n_out=n_in if self.reconstructs else data.n_classes, device=self.device)
         # The CPU steps each member's own fit optimizer on its own model (its very kernel and numbers, and
         # cheap there); other devices, where K optimizer calls would cost K kernel launches, one stacked pass.
         self.stacked = (None if self.device.type == "cpu"
