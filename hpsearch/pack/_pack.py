@@ -183,7 +183,8 @@ class Pack:
         self.slots[member.slot] = None
         history = tuple(member.history)
         result = TrainResult(metrics=dict(history[-1]) if history else {}, history=history,
-                             epochs_run=member.epoch - 1 + (member.batch == len(self.bounds)), seconds=time.perf_counter() - member.started)
+                             epochs_run=member.epoch - 1 + (member.batch == len(self.bounds)),
+                             seconds=time.perf_counter() - member.started)
         return Departure(member=member, model=member.model, result=result, error=error)
 
     # ----------------------------------------------------------------------- training
