@@ -34,6 +34,7 @@ from optuna.study._optimize import _log_failed_trial
 from optuna.trial import TrialState
 
 from hpsearch.checks import available_memory, largest_model
+from hpsearch.knobs import KNOBS
 from hpsearch.objective import TrialContext, TrialFailed, _Running, begin_trial, guarded
 from hpsearch.pack import Pack, StructureKey, pack_refusal, structure_key
 from hpsearch.signals import StopSignals
@@ -51,7 +52,8 @@ def pack_capacity(spec: Spec, device: torch.device) -> int:
     asked = spec.study.pack
     if asked == 1:
         return 1
-    refusal = pack_refusal(spec.model.family, spec.task.type, precision=spec.task.precision)
+    refusal = pack_refusal(spec.model.family, spec.task.type, precision=spec.task.precision,
+                           encoders=_encoders(spec))
     if refusal is not None:
         if asked is not None or device.type == "cuda":  # where a pack was asked for, or auto would choose one
             logger.warning(f"study.pack: {refusal}")
@@ -67,6 +69,14 @@ def pack_capacity(spec: Spec, device: torch.device) -> int:
     logger.info(f"study.pack auto: {k} trials trained together on {device} (the largest model needs about "
                 f"{size.bytes / 2**20:.0f} MB, {(free or 0) / 2**30:.1f} GB are free).")
     return k
+
+
+def _encoders(spec: Spec) -> tuple[str, ...]:
+    """Return the autoencoder encoders the study's trials can have (searched, fixed, or the knob's default)."""
+    param = next((p for p in spec.space if p.name == "encoder"), None)
+    if param is None:
+        return (KNOBS["encoder"].default,)
+    return tuple(param.choices) if param.type == "categorical" else (param.value,)
 
 
 class Heartbeats:
@@ -131,13 +141,13 @@ def work_packed(ctx: TrialContext, study: optuna.Study, capacity: int, *, decide
     ran = 0
 
     def build(this: _Running) -> torch.nn.Module:
-        key = structure_key(this.params)
+        key = structure_key(this.params, family=ctx.spec.model.family, task=ctx.spec.task.type)
         if key not in packs:
             mean, std = ctx.input_stats
             packs[key] = Pack(ctx.data, this.task, key, capacity=capacity, device=str(ctx.device), mean=mean,
                               std=std, reports_per_epoch=ctx.reports_per_epoch)
             fixed_left.setdefault(key, capacity - 1)
-        return packs[key].add(this.params, seed=this.seed, report=this.report, tag=this.trial).model
+        return packs[key].add(this.params, seed=this.seed, report=this.report, tag=this.trial, task=this.task).model
 
     with Heartbeats(study._storage) as heartbeats:
         try:

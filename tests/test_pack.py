@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from hpsearch.knobs import defaults
 from hpsearch.models import build_model
 from hpsearch.pack import Departure, Pack, pack_refusal, structure_key
 from hpsearch.pack._optim import StackedOptimizer
-from hpsearch.tasks import make_task
+from hpsearch.tasks import Task, make_task
 from hpsearch.train import Diverged, TrainConfig, TrainResult, fit, make_optimizer
 from hpsearch.vocab import LR_SCHEDULES, OPTIMIZERS
 
@@ -33,15 +34,34 @@ def params(**overrides: Any) -> dict[str, Any]:
     return {**defaults(), "epochs": 2, "n_layers": 2, "batch_size": 64, **overrides}
 
 
-def fit_alone(data: SearchData, p: dict[str, Any], seed: int, *, reports_per_epoch: int = 1
+@dataclass
+class Kind:
+    """What a pack trains: the model family and the task (with the study's task settings)."""
+
+    family: str = "mlp"
+    task: str = "classify"
+    options: dict[str, Any] = field(default_factory=dict)  # make_task's: noise_kind, mask_placement, reference
+
+    def make_task(self, p: dict[str, Any]) -> Task:
+        return make_task(self.task, p, **self.options)
+
+    def pack(self, data: SearchData, p: dict[str, Any], **kwargs: Any) -> Pack:
+        """Return a pack of ``p``'s structure."""
+        return Pack(data, self.make_task(p), structure_key(p, family=self.family, task=self.task), **kwargs)
+
+
+CLASSIFY = Kind()
+
+
+def fit_alone(data: SearchData, p: dict[str, Any], seed: int, *, reports_per_epoch: int = 1, kind: Kind = CLASSIFY
               ) -> tuple[torch.nn.Module, TrainResult | BaseException, list]:
     """Return (model, result or what fit raised, reports) of one trial trained as the objective does."""
     torch.manual_seed(seed)
-    model = build_model("mlp", p, image_shape=data.image_shape, n_classes=data.n_classes)
+    model = build_model(kind.family, p, image_shape=data.image_shape, n_classes=data.n_classes)
     reports: list = []
     try:
         result: TrainResult | BaseException = fit(
-            model, data, make_task("classify", p), TrainConfig.from_params(p, seed=seed, device="cpu"),
+            model, data, kind.make_task(p), TrainConfig.from_params(p, seed=seed, device="cpu"),
             lambda step, metrics: reports.append((step, metrics)), reports_per_epoch=reports_per_epoch)
     except Diverged as exc:
         result = exc
@@ -49,21 +69,22 @@ def fit_alone(data: SearchData, p: dict[str, Any], seed: int, *, reports_per_epo
 
 
 def run_pack(data: SearchData, members: list[dict[str, Any]], *, capacity: int | None = None,
-             reports_per_epoch: int = 1) -> tuple[dict[int, Departure], dict[int, list]]:
-    """Return ({member index: departure}, {member index: its reports}) of one pack of ``members``."""
-    pack = Pack(data, make_task("classify", members[0]), structure_key(members[0]),
-                capacity=capacity or len(members), reports_per_epoch=reports_per_epoch)
+             reports_per_epoch: int = 1, kind: Kind = CLASSIFY) -> tuple[dict[int, Departure], dict[int, list]]:
+    """Return ({member index: departure}, {member index: its reports}) of one pack of ``members``, each
+    with its own task (made from its params, as the objective makes it)."""
+    pack = kind.pack(data, members[0], capacity=capacity or len(members), reports_per_epoch=reports_per_epoch)
     reports: dict[int, list] = {}
     for i, p in enumerate(members):
         reports[i] = []
-        pack.add(p, seed=100 + i, tag=i, report=lambda step, metrics, i=i: reports[i].append((step, metrics)))
+        pack.add(p, seed=100 + i, tag=i, task=kind.make_task(p),
+                 report=lambda step, metrics, i=i: reports[i].append((step, metrics)))
     return {d.member.tag: d for d in pack.drain()}, reports
 
 
 def assert_same_training(data: SearchData, p: dict[str, Any], seed: int, departure: Departure, reports: list,
-                         *, reports_per_epoch: int = 1) -> None:
+                         *, reports_per_epoch: int = 1, kind: Kind = CLASSIFY) -> None:
     """Assert that ``departure`` is what fit gives for ``p`` and ``seed``: weights, reports, result."""
-    model, result, fit_reports = fit_alone(data, p, seed, reports_per_epoch=reports_per_epoch)
+    model, result, fit_reports = fit_alone(data, p, seed, reports_per_epoch=reports_per_epoch, kind=kind)
     assert isinstance(result, TrainResult) and departure.error is None
     torch.testing.assert_close(departure.model.state_dict(), model.state_dict(), **WEIGHTS)
     assert [step for step, _ in reports] == [step for step, _ in fit_reports]
@@ -131,20 +152,96 @@ def test_augmentation_and_reports_within_an_epoch(digits: SearchData) -> None:
         assert_same_training(digits, p, 100 + i, departures[i], reports[i], reports_per_epoch=3)
 
 
-def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData) -> None:
-    first, late = params(width=32, epochs=3), params(width=48, lr=3e-3, dropout=0.2)  # wider: the pack grows
-    pack = Pack(digits, make_task("classify", first), structure_key(first), capacity=3)
+@pytest.mark.parametrize("family", ["mlp", "autoencoder"])
+def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData, family: str) -> None:
+    kind = CLASSIFY if family == "mlp" else Kind("autoencoder", "denoise")
+    # Wider, and (autoencoder) a wider code and more noise: the pack grows.
+    first = params(width=32, epochs=3, bottleneck_dim=4)
+    late = params(width=48, lr=3e-3, dropout=0.2, bottleneck_dim=16, noise_std=0.5)
+    pack = kind.pack(digits, first, capacity=3)
     reports: dict[str, list] = {"first": [], "late": []}
-    pack.add(first, seed=1, tag="first", report=lambda s, m: reports["first"].append((s, m)))
+    pack.add(first, seed=1, tag="first", task=kind.make_task(first),
+             report=lambda s, m: reports["first"].append((s, m)))
     departures = []
     for _ in range(7):  # a third of an epoch: the late member starts at epoch 0 beside a running one
         departures += pack.step()
-    pack.add(late, seed=2, tag="late", report=lambda s, m: reports["late"].append((s, m)))
+    pack.add(late, seed=2, tag="late", task=kind.make_task(late), report=lambda s, m: reports["late"].append((s, m)))
     departures += pack.drain()
     by_tag = {d.member.tag: d for d in departures}
     assert [d.member.tag for d in departures] == ["late", "first"]  # 2 epochs end before the other's 3
-    assert_same_training(digits, first, 1, by_tag["first"], reports["first"])
-    assert_same_training(digits, late, 2, by_tag["late"], reports["late"])
+    assert_same_training(digits, first, 1, by_tag["first"], reports["first"], kind=kind)
+    assert_same_training(digits, late, 2, by_tag["late"], reports["late"], kind=kind)
+
+
+# --------------------------------------------------------------------------- dense autoencoders
+
+AUTOENCODER_FAST = {("denoise", "adam", "onecycle"), ("inpaint", "sgd", "cosine")}
+
+
+@pytest.fixture(scope="module")
+def reference(digits: SearchData) -> torch.nn.Module:
+    """An in-painting reference classifier: untrained, but it reads each member's in-painted digits as it
+    reads those of the member's own fit."""
+    torch.manual_seed(0)
+    return build_model("mlp", params(width=16), image_shape=digits.image_shape, n_classes=digits.n_classes).eval()
+
+
+def autoencoding(task: str, reference: torch.nn.Module, **options: Any) -> Kind:
+    """Return the dense autoencoder on ``task`` (inpaint: with ``reference``, so val_inpaint_success is reported)."""
+    return Kind("autoencoder", task, {"reference": reference, **options} if task == "inpaint" else options)
+
+
+def autoencoders(**shared: Any) -> list[dict[str, Any]]:
+    """Return three dense autoencoders that differ in everything a pack lets them: widths, code size, lr, decay,
+    momenta, dropout, noise level and mask size."""
+    return [params(width=32, bottleneck_dim=8, noise_std=0.3, noise_amount=0.1, mask_size=4, **shared),
+            params(width=16, bottleneck_dim=12, lr=3e-3, weight_decay=1e-2, momentum=0.5, beta1=0.8, beta2=0.99,
+                   dropout=0.2, noise_std=0.5, noise_amount=0.3, mask_size=3, **shared),
+            params(width=24, width_0=24, width_1=8, bottleneck_dim=4, lr=2e-3, weight_decay=1e-3, nesterov=True,
+                   noise_std=0.1, noise_amount=0.05, mask_size=5, **shared)]
+
+
+@pytest.mark.parametrize("task, optimizer, lr_schedule", [
+    pytest.param(t, o, s, marks=[] if (t, o, s) in AUTOENCODER_FAST else [pytest.mark.slow])
+    for t in ("denoise", "inpaint") for o in OPTIMIZERS for s in LR_SCHEDULES])
+def test_autoencoders_end_where_their_fits_end(digits: SearchData, reference: torch.nn.Module, task: str,
+                                               optimizer: str, lr_schedule: str) -> None:
+    kind = autoencoding(task, reference)
+    members = autoencoders(optimizer=optimizer, lr_schedule=lr_schedule)
+    departures, reports = run_pack(digits, members, kind=kind)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=kind)
+    if task == "inpaint":  # the reference classifier read every member's in-painted digits
+        assert all("val_inpaint_success" in metrics for r in reports.values() for _, metrics in r)
+
+
+@pytest.mark.parametrize("task, options", [
+    pytest.param("denoise", {"noise_kind": "gaussian"}, marks=pytest.mark.slow),
+    ("denoise", {"noise_kind": "salt_pepper"}),
+    pytest.param("inpaint", {"mask_placement": "center"}, marks=pytest.mark.slow),
+    ("inpaint", {"mask_placement": "random"})])  # random holes: drawn from each member's generator
+def test_autoencoders_with_batchnorm_and_each_corruption(digits: SearchData, reference: torch.nn.Module, task: str,
+                                                         options: dict[str, Any]) -> None:
+    # SGD under batchnorm: see test_batchnorm_and_activations. Reports within the epoch, as a study may ask.
+    kind = autoencoding(task, reference, **options)
+    members = autoencoders(batchnorm=True, optimizer="sgd", activation="tanh")
+    departures, reports = run_pack(digits, members, kind=kind, reports_per_epoch=2)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=kind, reports_per_epoch=2)
+
+
+def test_a_diverged_autoencoder_fails_alone(digits: SearchData) -> None:
+    # RMSprop at lr 10 (the knob table's largest) with momentum 0.99: NaN by the end of the second epoch. The
+    # other at lr 1e-4: at 1e-3 its units die, and RMSprop scales their rounding-noise gradients up to full
+    # steps (in fit too: a chaotic training no pack can follow, as under batchnorm with Adam).
+    kind = Kind("autoencoder", "denoise")
+    members = [params(n_layers=3, width=256, optimizer="rmsprop", lr=10.0, momentum=0.99),
+               params(n_layers=3, width=16, optimizer="rmsprop", lr=1e-4)]
+    departures, reports = run_pack(digits, members, kind=kind)
+    _, alone, _ = fit_alone(digits, members[0], 100, kind=kind)
+    assert isinstance(alone, Diverged) and isinstance(departures[0].error, Diverged)
+    assert str(departures[0].error) == str(alone)  # same epoch, step and value as fit raises
+    assert_same_training(digits, members[1], 101, departures[1], reports[1], kind=kind)
 
 
 # --------------------------------------------------------------------------- members end alone
@@ -185,18 +282,25 @@ def test_a_pruned_member_leaves_with_its_reports(digits: SearchData) -> None:
     assert_same_training(digits, members[1], 101, departures[1], kept)
 
 
-def test_a_departed_model_is_its_own_plain_model(digits: SearchData) -> None:
-    members = [params(width=64, batchnorm=True), params(width=16, batchnorm=True)]
-    departures, _ = run_pack(digits, members)
+@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "denoise")], ids=["mlp", "autoencoder"])
+def test_a_departed_model_is_its_own_plain_model(digits: SearchData, kind: Kind) -> None:
+    members = [params(width=64, batchnorm=True, bottleneck_dim=16), params(width=16, batchnorm=True, bottleneck_dim=3)]
+    departures, _ = run_pack(digits, members, kind=kind)
     model = departures[1].model
-    fresh = build_model("mlp", members[1], image_shape=digits.image_shape, n_classes=digits.n_classes)
+    fresh = build_model(kind.family, members[1], image_shape=digits.image_shape, n_classes=digits.n_classes)
     fresh.load_state_dict(model.state_dict())  # unpadded: exactly the narrow model's shapes
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
     assert model[1].weight.shape == (16, 64)
+    if kind.family == "autoencoder":  # the code layer and the decoder's first layer: the member's own code size
+        code, decoder = [m for m in model if isinstance(m, torch.nn.Linear)][2:4]
+        assert code.weight.shape == (3, 16) and decoder.weight.shape == (16, 3)
 
 
-def test_padded_units_stay_zero(digits: SearchData) -> None:
-    members = [params(width=64, batchnorm=True, dropout=0.2), params(width=16, batchnorm=True, weight_decay=0.1)]
-    pack = Pack(digits, make_task("classify", members[0]), structure_key(members[0]), capacity=3)
+@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "inpaint")], ids=["mlp", "autoencoder"])
+def test_padded_units_stay_zero(digits: SearchData, kind: Kind) -> None:
+    members = [params(width=64, batchnorm=True, dropout=0.2, bottleneck_dim=16, mask_size=4),
+               params(width=16, batchnorm=True, weight_decay=0.1, bottleneck_dim=3, mask_size=4)]
+    pack = kind.pack(digits, members[0], capacity=3)
     narrow = [pack.add(p, seed=i, report=lambda s, m: None) for i, p in enumerate(members)][1]
     for _ in range(25):  # past the short last batch of the first epoch
         pack.step()
@@ -216,6 +320,10 @@ def test_pack_refusal_names_the_reason() -> None:
     assert "model.family 'cnn' cannot be packed" in pack_refusal("cnn", "classify")
     assert "task.type 'denoise' cannot be packed" in pack_refusal("mlp", "denoise")
     assert "task.precision 'bf16'" in pack_refusal("mlp", "classify", precision="bf16")
+    assert pack_refusal("autoencoder", "denoise") is None and pack_refusal("autoencoder", "inpaint") is None
+    assert "task.type 'classify' cannot be packed" in pack_refusal("autoencoder", "classify")
+    # A space that can give a conv encoder (inpainting.yaml's `encoder: [dense, conv]`) trains alone.
+    assert "encoder 'conv' cannot be packed" in pack_refusal("autoencoder", "inpaint", encoders=("dense", "conv"))
 
 
 def test_a_member_of_another_structure_is_refused(digits: SearchData) -> None:
@@ -228,6 +336,9 @@ def test_a_member_of_another_structure_is_refused(digits: SearchData) -> None:
         pack.add(p, seed=1, report=lambda s, m: None)
     with pytest.raises(SpecError, match="task.type 'denoise'"):
         Pack(digits, make_task("denoise", p), structure_key(p), capacity=1)
+    autoencoder = Kind("autoencoder", "denoise").pack(digits, p, capacity=2)
+    with pytest.raises(ValueError, match="task must be the pack's 'denoise'"):
+        autoencoder.add(p, seed=0, report=lambda s, m: None, task=make_task("inpaint", p))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

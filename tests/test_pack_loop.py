@@ -11,16 +11,24 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from hpsearch import space
 from hpsearch.cli import cli
+from hpsearch.data import load_search_data
+from hpsearch.models import build_model
+from hpsearch.objective import MODEL_FILE
+from hpsearch.record import MODEL_ATTR, artifact_store
 from hpsearch.spec import load_spec
 from hpsearch.storage import fail_stale_trials
 from hpsearch.study import open_study
 from hpsearch.pack_loop import Heartbeats
 from hpsearch.record import STATE_TAG, TEST_ATTR, TRIAL_NUMBER_TAG
+from hpsearch.tasks import input_stats, make_task
+from hpsearch.train import TrainConfig, fit
 
 from .test_workers import HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write, retried
 
@@ -32,12 +40,24 @@ PACKED = _with(SPEC, study={"name": "packed", "n_trials": 10, "sampler": {"type"
                tracking={"enabled": True})
 
 
-def _run(tmp_path: Path, pack: str) -> tuple[optuna.Study, MlflowClient]:
+# The dense denoising autoencoder: widths, code size and noise level searched (per member), some trials pruned.
+PACKED_DENOISE = _with(PACKED, study={"name": "packed-ae", "metric": "val_mse", "n_trials": 5,
+                                      "sampler": {"type": "tpe", "n_startup_trials": 2}},
+                       task={"type": "denoise", "epochs": 2, "noise": {"kind": "gaussian", "std": 0.3}},
+                       model={"family": "autoencoder"},
+                       space={"width": {"type": "int", "low": 8, "high": 32},
+                              "bottleneck_dim": {"type": "int", "low": 2, "high": 8},
+                              "lr": {"type": "float", "low": 1e-3, "high": 1e-2},
+                              "noise_std": {"type": "float", "low": 0.1, "high": 0.5}},
+                       tracking={"enabled": True, "log_images_every": 1})
+
+
+def _run(tmp_path: Path, pack: str, spec: dict = PACKED) -> tuple[optuna.Study, MlflowClient]:
     runs = tmp_path / f"runs-{pack}"
-    path = _write(tmp_path, PACKED, f"spec-{pack}.yaml")
+    path = _write(tmp_path, spec, f"spec-{pack}.yaml")
     result = CliRunner().invoke(cli, ["run", str(path), "--pack", pack, "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output
-    study = optuna.load_study(study_name="packed", storage=f"sqlite:///{runs / 'optuna.db'}")
+    study = optuna.load_study(study_name=spec["study"]["name"], storage=f"sqlite:///{runs / 'optuna.db'}")
     return study, MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
 
 
@@ -85,6 +105,51 @@ def test_a_packed_run_finishes_its_trials_with_the_records_of_an_unpacked_one(tm
     assert refills and all(t.params[k] == v for t in refills for k, v in t.system_attrs["fixed_params"].items())
 
 
+@pytest.mark.slow
+def test_a_packed_denoising_run_gives_every_trial_its_records(tmp_path: Path) -> None:
+    packed, client = _run(tmp_path, "3", PACKED_DENOISE)
+    single, single_client = _run(tmp_path, "1", PACKED_DENOISE)
+    trials = packed.trials
+    assert len(trials) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert 2 <= _most_at_once(trials) <= 3
+    # Optuna: every trial's reports; a completed one's value is its last report.
+    assert all(t.intermediate_values for t in trials)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done and all(t.value == t.intermediate_values[max(t.intermediate_values)] for t in done)
+    # MLflow: one child run per trial, closed with its state, with its reconstructions (each epoch, and the last).
+    experiment = client.get_experiment_by_name("packed-ae")
+    children = {int(r.data.tags[TRIAL_NUMBER_TAG]): r for r in client.search_runs([experiment.experiment_id])
+                if TRIAL_NUMBER_TAG in r.data.tags}
+    assert sorted(children) == [t.number for t in trials]
+    for t in trials:
+        run = children[t.number]
+        assert run.data.tags[STATE_TAG] == t.state.name and "val_psnr" in run.data.metrics
+        images = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")}
+        assert "reconstruction.png" in images and "reconstruction_epoch_001.png" in images, (t.number, images)
+    for state in {t.state for t in trials}:  # the records of a trial trained alone, for each end
+        assert _records(packed, client, state) == _records(single, single_client, state), state
+    # The saved model of a completed member loads alone into the autoencoder build_model makes, and holds the
+    # weights (and gave the reports) of the member's own fit: the trial trained alone with its params and seed.
+    spec = load_spec(tmp_path / "spec-3.yaml", runs_dir=str(tmp_path / "runs-3"))
+    data = load_search_data(spec.task.dataset, val_fraction=spec.task.val_fraction, seed=spec.study.seed)
+    trial = done[0]
+    params = {**space.base_params(spec), **trial.params}
+    saved = build_model("autoencoder", params, image_shape=data.image_shape, n_classes=data.n_classes)
+    path = tmp_path / MODEL_FILE
+    optuna.artifacts.download_artifact(artifact_store=artifact_store(spec), file_path=str(path),
+                                       artifact_id=trial.user_attrs[MODEL_ATTR])
+    saved.load_state_dict(torch.load(path))
+    torch.manual_seed(trial.user_attrs["seed"])
+    alone = build_model("autoencoder", params, image_shape=data.image_shape, n_classes=data.n_classes)
+    mean, std = input_stats(data.mean, data.std, standardise=spec.task.normalize)
+    reports: dict[int, float] = {}
+    fit(alone, data, make_task("denoise", params), TrainConfig.from_params(params, seed=trial.user_attrs["seed"],
+                                                                            device="cpu"),
+        lambda step, metrics: reports.update({step: metrics["val_mse"]}), mean=mean, std=std)
+    torch.testing.assert_close(saved.state_dict(), alone.state_dict(), rtol=1e-3, atol=1e-4)
+    assert trial.intermediate_values == pytest.approx(reports, rel=1e-4)
+
+
 def test_a_pack_size_that_is_no_positive_integer_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, _with(PACKED, study={"pack": 0}))
     result = CliRunner().invoke(cli, ["validate", str(path)])
@@ -93,13 +158,19 @@ def test_a_pack_size_that_is_no_positive_integer_is_refused(tmp_path: Path) -> N
     assert result.exit_code == 2 and "--pack" in result.output and "'many'" in result.output
 
 
-def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: Path) -> None:
-    spec = _with(PACKED, study={"n_trials": 2}, task={"epochs": 1}, model={"family": "cnn"},
-                 space={"lr": SPEC["space"]["lr"]}, tracking={"enabled": False})
+@pytest.mark.parametrize("model, why", [
+    ({"model": {"family": "cnn"}}, "model.family 'cnn' cannot be packed"),
+    # An autoencoder space that can give the conv encoder (as inpainting.yaml's): every trial trains alone.
+    ({"model": {"family": "autoencoder"}, "task": {"type": "denoise"}, "study": {"metric": "val_mse"},
+      "space": {"encoder": ["dense", "conv"]}}, "encoder 'conv' cannot be packed")], ids=["cnn", "conv-encoder"])
+def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: Path, model: dict, why: str) -> None:
+    spec = _with(PACKED, study={"n_trials": 2, **model.get("study", {})}, task={"epochs": 1, **model.get("task", {})},
+                 model=model["model"], tracking={"enabled": False})
+    spec["space"] = {"lr": SPEC["space"]["lr"], **model.get("space", {})}
     result = CliRunner().invoke(cli, ["run", str(_write(tmp_path, spec)), "--pack", "4", "--no-finish",
                                       "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
-    assert result.output.count("cannot be packed") == 1
+    assert result.output.count("cannot be packed") == 1 and why in result.output
     study = optuna.load_study(study_name="packed", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
 

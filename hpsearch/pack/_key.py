@@ -7,42 +7,81 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpsearch.errors import SpecError
-from hpsearch.models import read_arch
+from hpsearch.models import Arch, read_arch
 
-PACKABLE_FAMILIES = ("mlp",)  # the dense classifier first (issue 13); autoencoders and CNNs later
-PACKABLE_TASKS = ("classify",)  # its training batch draws no noise or masks from the trial's generator
+# The families a pack trains, each with the tasks it trains them on: the dense classifier, and the dense
+# denoising / in-painting autoencoder (issue 13; CNNs later). Each task's training batch is drawn per member.
+PACKABLE = {"mlp": ("classify",), "autoencoder": ("denoise", "inpaint")}
+PACKABLE_FAMILIES = tuple(PACKABLE)
+PACKABLE_TASKS = tuple(dict.fromkeys(task for tasks in PACKABLE.values() for task in tasks))
+PACKABLE_ENCODERS = ("dense",)  # an autoencoder's `encoder`: the conv one is a CNN, not packed yet
 
 
 @dataclass(frozen=True)
 class StructureKey:
-    """The params every member of a pack shares: they fix the pack's arithmetic, not its numbers."""
+    """The params every member of a pack shares: they fix the pack's arithmetic, not its numbers.
+
+    Field names are param names where a trial's params hold them (``n_layers`` ... ``encoder``):
+    the study loop fixes those of a pack for its refills. ``family`` and ``task`` are the study's.
+    """
 
     n_layers: int
     activation: str
     batchnorm: bool
     optimizer: str
     batch_size: int
+    encoder: str = "dense"
+    family: str = "mlp"
+    task: str = "classify"
 
 
-def structure_key(params: Mapping[str, Any]) -> StructureKey:
+def structure_key(params: Mapping[str, Any], *, family: str = "mlp", task: str = "classify") -> StructureKey:
     """Return the structure key of a trial's flat params (checked as ``build_model`` checks them)."""
-    arch = read_arch("mlp", params)
+    arch = read_arch(family, params)
     return StructureKey(n_layers=len(arch.widths), activation=arch.activation, batchnorm=arch.batchnorm,
-                        optimizer=params["optimizer"], batch_size=params["batch_size"])
+                        optimizer=params["optimizer"], batch_size=params["batch_size"], encoder=arch.encoder,
+                        family=family, task=task)
 
 
-def pack_refusal(family: str, task: str, *, precision: str = "fp32") -> str | None:
+def layer_widths(family: str, arch: Arch) -> tuple[int, ...]:
+    """Return the output width of every dense layer but the last, in the order ``build_model`` stacks them.
+
+    The classifier: its hidden widths. The dense autoencoder: the encoder's widths, the code
+    (``bottleneck_dim``), then the decoder's (the encoder's, mirrored).
+    """
+    if family == "autoencoder":
+        return (*arch.widths, arch.bottleneck_dim, *reversed(arch.widths))
+    return arch.widths
+
+
+def hidden_layers(key: StructureKey) -> tuple[bool, ...]:
+    """Return, for each layer of ``layer_widths``, whether it is hidden (batchnorm?, activation, dropout?).
+
+    The autoencoder's code layer is a plain linear map, as in PCA (see ``hpsearch.models``).
+    """
+    if key.family == "autoencoder":
+        return (True,) * key.n_layers + (False,) + (True,) * key.n_layers
+    return (True,) * key.n_layers
+
+
+def pack_refusal(family: str, task: str, *, precision: str = "fp32", encoders: tuple[str, ...] = ("dense",)
+                 ) -> str | None:
     """Return why trials of this family, task and precision cannot be packed, in one sentence; None if they can.
 
-    Everything else a trial of a packable family may vary is packed per member: learning rate and
-    schedule, momentum and betas, weight decay, dropout, widths, seed and augmentation.
+    ``encoders``: the autoencoder encoders the study's trials can have. Everything else a trial of a
+    packable family may vary is packed per member: learning rate and schedule, momentum and betas,
+    weight decay, dropout, widths (the code size too), seed, augmentation, noise level and mask size.
     """
-    if family not in PACKABLE_FAMILIES:
+    if family not in PACKABLE:
         return f"model.family {family!r} cannot be packed yet (packs train {list(PACKABLE_FAMILIES)}); " \
                "each trial trains alone."
-    if task not in PACKABLE_TASKS:
-        return f"task.type {task!r} cannot be packed yet (packs train {list(PACKABLE_TASKS)}); " \
-               "each trial trains alone."
+    if task not in PACKABLE[family]:
+        return f"task.type {task!r} cannot be packed yet with model.family {family!r} (packs train it on " \
+               f"{list(PACKABLE[family])}); each trial trains alone."
+    conv = [e for e in encoders if e not in PACKABLE_ENCODERS] if family == "autoencoder" else []
+    if conv:
+        return f"encoder {conv[0]!r} cannot be packed yet (packs train the {list(PACKABLE_ENCODERS)} autoencoder; " \
+               "fix `encoder: dense` in the space to pack); each trial trains alone."
     if precision != "fp32":
         return f"task.precision {precision!r} cannot be packed (packs train in fp32); each trial trains alone."
     return None

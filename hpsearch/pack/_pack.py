@@ -1,8 +1,11 @@
-"""The pack: K slots of MLP classifiers trained together, each member trained, reported and ended on its own.
+"""The pack: K slots of dense nets trained together, each member trained, reported and ended on its own.
+
+The nets: MLP classifiers (classify), or dense autoencoders (denoise, inpaint).
 
 Each member is the training ``hpsearch.train.fit`` gives it: built by ``build_model`` after
 ``torch.manual_seed(seed)`` (as the objective builds a trial's model), shuffled, augmented and
-(dropout) masked from generators seeded with its seed in ``fit``'s order, stepped by its own
+(dropout) masked from generators seeded with its seed in ``fit``'s order, its training batch
+corrupted by its own task (its noise level or mask size) from its own generator, stepped by its own
 optimizer settings and lr schedule, evaluated on the whole validation split in eval mode at the
 same points, with the same metrics, the same divergence checks and the same reporter contract.
 """
@@ -22,9 +25,9 @@ from torch import Tensor, nn
 from hpsearch.augment import make_augmenter
 from hpsearch.errors import DataError, SpecError
 from hpsearch.models import build_model, keep_mask, read_arch
-from hpsearch.pack._key import StructureKey, check_batchnorm_batches, pack_refusal, structure_key
+from hpsearch.pack._key import StructureKey, check_batchnorm_batches, layer_widths, pack_refusal, structure_key
 from hpsearch.pack._optim import StackedOptimizer
-from hpsearch.pack._stack import StackedMLP
+from hpsearch.pack._stack import StackedDense
 from hpsearch.tasks import Task
 from hpsearch.train import (_DIVERGENCE_CHECK_EVERY, Diverged, TrainConfig, TrainResult, batch_bounds, evaluate,
                             fused_step, make_optimizer, make_scheduler, report_points, resolve_device)
@@ -43,10 +46,11 @@ class Member:
     params: Mapping[str, Any]
     config: TrainConfig
     report: Report
+    task: Task  # its own: a denoiser's noise level, an in-painter's mask size
     slot: int
     model: nn.Module  # its own unpadded model: evaluated at reports, handed back when it leaves
     dropout_rate: float
-    widths: tuple[int, ...]
+    widths: tuple[int, ...]  # every layer's output width but the last's (_key.layer_widths)
     generator: torch.Generator  # shuffles and augmentation: fit's `generator`
     dropout_generator: torch.Generator  # dropout masks: fit's global generator after torch.manual_seed(seed)
     augment: Callable[[Tensor], Tensor] | None
@@ -76,7 +80,7 @@ class Departure:
 
 
 class Pack:
-    """K slots of MLP classifiers sharing ``key``, trained together on ``data`` (continuous batching).
+    """K slots of dense nets sharing ``key``, trained together on ``data`` (continuous batching).
 
     ``add`` puts a trial into a free slot at any time; it starts at epoch 0 with its own data
     order. ``step`` gives every member its next batch and returns the members that left.
@@ -84,9 +88,11 @@ class Pack:
 
     def __init__(self, data: SearchData, task: Task, key: StructureKey, *, capacity: int, device: str = "cpu",
                  mean: float | None = None, std: float | None = None, reports_per_epoch: int = 1) -> None:
-        refusal = pack_refusal("mlp", task.name)
+        refusal = pack_refusal(key.family, task.name, encoders=(key.encoder,))
         if refusal:
             raise SpecError(refusal)
+        if task.name != key.task:
+            raise ValueError(f"pack: the task {task.name!r} is not the structure's {key.task!r}.")
         if capacity < 1:
             raise ValueError(f"pack: capacity must be >= 1, but got {capacity!r}.")
         check_batchnorm_batches(key)
@@ -101,8 +107,10 @@ class Pack:
         self.bounds = batch_bounds(len(self.train), key.batch_size)
         self.per_epoch, self.report_after = report_points(len(self.bounds), reports_per_epoch)
         self.batch = self.bounds[0][1] - self.bounds[0][0]  # the widest batch: every slot's column count
-        self.stack = StackedMLP(key, capacity=capacity, n_in=math.prod(data.image_shape), n_classes=data.n_classes,
-                                device=self.device)
+        self.reconstructs = key.family == "autoencoder"  # the outputs are images, the loss task.loss's MSE
+        n_in = math.prod(data.image_shape)
+        self.stack = StackedDense(key, capacity=capacity, n_in=n_in,
+                                  n_out=n_in if self.reconstructs else data.n_classes, device=self.device)
         # The CPU steps each member's own fit optimizer on its own model (its very kernel and numbers, and
         # cheap there); other devices, where K optimizer calls would cost K kernel launches, one stacked pass.
         self.stacked = (None if self.device.type == "cpu"
@@ -121,19 +129,29 @@ class Pack:
     def free_slots(self) -> int:
         return self.slots.count(None)
 
-    def add(self, params: Mapping[str, Any], *, seed: int, report: Report, tag: Any = None) -> Member:
-        """Put a trial with ``params`` and ``seed`` into a free slot, at epoch 0; return its member."""
+    def add(self, params: Mapping[str, Any], *, seed: int, report: Report, tag: Any = None,
+            task: Task | None = None) -> Member:
+        """Put a trial with ``params`` and ``seed`` into a free slot, at epoch 0; return its member.
+
+        ``task``: the member's own (the objective's, made from its params: its noise level, its mask
+        size); default the pack's.
+        """
         if None not in self.slots:
             raise ValueError(f"pack: all {self.capacity} slots are taken; add after a member leaves.")
-        key = structure_key(params)
+        family = self.key.family
+        key = structure_key(params, family=family, task=self.key.task)
         if key != self.key:
             raise ValueError(f"pack: a member must have the pack's structure {self.key}, but got {key}.")
+        task = self.task if task is None else task
+        if task.name != self.key.task:
+            raise ValueError(f"pack: a member's task must be the pack's {self.key.task!r}, but got {task.name!r}.")
         config = TrainConfig.from_params(params, seed=seed, device=str(self.device))
-        arch = read_arch("mlp", params)
+        arch = read_arch(family, params)
+        widths = layer_widths(family, arch)
         torch.manual_seed(seed)  # as the objective builds a trial's model: the seed fixes the initial weights
-        model = build_model("mlp", params, image_shape=self.image_shape, n_classes=self.n_classes).to(self.device)
+        model = build_model(family, params, image_shape=self.image_shape, n_classes=self.n_classes).to(self.device)
         slot = self.slots.index(None)
-        grown = self.stack.grow(arch.widths)
+        grown = self.stack.grow(widths)
         if grown and self.stacked is not None:
             self.stacked.pad(grown)
         self.stack.load(slot, model)
@@ -147,8 +165,8 @@ class Pack:
         generator.manual_seed(seed)
         dropout_generator = torch.Generator()  # keep_mask draws on the CPU, as fit's Dropout does there
         dropout_generator.manual_seed(seed)
-        member = Member(tag=tag, params=params, config=config, report=report, slot=slot, model=model,
-                        dropout_rate=arch.dropout, widths=arch.widths, generator=generator,
+        member = Member(tag=tag, params=params, config=config, report=report, task=task, slot=slot, model=model,
+                        dropout_rate=arch.dropout, widths=widths, generator=generator,
                         dropout_generator=dropout_generator,
                         augment=make_augmenter(config.augmentation, tuple(self.train.images.shape[1:]), generator,
                                                self.device),
@@ -165,7 +183,8 @@ class Pack:
         self.slots[member.slot] = None
         history = tuple(member.history)
         result = TrainResult(metrics=dict(history[-1]) if history else {}, history=history,
-                             epochs_run=member.epoch - 1 + (member.batch == len(self.bounds)), seconds=time.perf_counter() - member.started)
+                             epochs_run=member.epoch - 1 + (member.batch == len(self.bounds)),
+                             seconds=time.perf_counter() - member.started)
         return Departure(member=member, model=member.model, result=result, error=error)
 
     # ----------------------------------------------------------------------- training
@@ -177,7 +196,9 @@ class Pack:
             return []
         # 1. Each member's batch from its own stream, gathered in one index_select.
         sizes = self._start_batches(members)
-        inputs, labels = self._gather(members, sizes)
+        images, flat = self._gather(members, sizes)
+        inputs, targets = (self._reconstruction_batch(members, sizes, images) if self.reconstructs
+                           else self._classification_batch(images, flat))
         short = any(size < self.batch for size in sizes.values())
         counts = torch.tensor([sizes.get(slot, self.batch) for slot in range(self.capacity)], device=self.device)
         sample_mask = (torch.arange(self.batch, device=self.device) < counts.view(-1, 1, 1)) if short else None
@@ -185,9 +206,12 @@ class Pack:
         # 2. One forward and backward for all slots; each member's loss is its own batch mean.
         for p in self.stack.params.values():
             p.grad = None
-        logits = self.stack.forward(inputs, self._dropout(members, sizes), sample_mask,
-                                    counts.view(-1, 1, 1).float() if short else None)
-        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        outputs = self.stack.forward(inputs, self._dropout(members, sizes), sample_mask,
+                                     counts.view(-1, 1, 1).float() if short else None)
+        if self.reconstructs:  # task.loss: the MSE of the sigmoid's pixels against the clean image, per sample
+            per_sample = (outputs.sigmoid() - targets.transpose(1, 2)).square().mean(1)
+        else:
+            per_sample = F.cross_entropy(outputs, targets, reduction="none")
         if short:
             losses = torch.where(sample_mask.squeeze(1), per_sample, 0.0).sum(1) / counts
         else:
@@ -228,7 +252,8 @@ class Pack:
         return sizes
 
     def _gather(self, members: list[Member], sizes: dict[int, int]) -> tuple[Tensor, Tensor]:
-        """Return (inputs (K, batch, n_in), labels (K, batch)); empty slots and short batches get sample 0."""
+        """Return (each slot's batch of uint8 images (K, batch, C, H, W), augmented, and their indexes (K * batch,));
+        empty slots and short batches get sample 0."""
         index = torch.zeros(self.capacity, self.batch, dtype=torch.int64, device=self.device)
         for member in members:
             start, stop = self.bounds[member.batch]
@@ -239,10 +264,28 @@ class Pack:
             if member.augment is not None:  # from its own generator, after its permutation: fit's order
                 size = sizes[member.slot]
                 images[member.slot, :size] = member.augment(images[member.slot, :size])
+        return images, flat
+
+    def _classification_batch(self, images: Tensor, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (inputs (K, batch, n_in), labels (K, batch)): classify draws nothing, so all slots at once."""
         inputs, _, _ = self.task.training_batch(images.view(-1, *self.image_shape), self._no_draws, self.mean,
                                                 self.std)
         labels = self.train.labels.index_select(0, flat).view(self.capacity, self.batch)
         return inputs.reshape(self.capacity, self.batch, -1), labels
+
+    def _reconstruction_batch(self, members: list[Member], sizes: dict[int, int], images: Tensor
+                              ) -> tuple[Tensor, Tensor]:
+        """Return (inputs, clean images in [0, 1]), both (K, batch, n_pixels): each member's batch corrupted by
+        its own task from its own generator, after its augmentation (fit's order); zeros elsewhere."""
+        inputs = torch.zeros(self.capacity, self.batch, self.stack.n_in, device=self.device)
+        targets = torch.zeros_like(inputs)
+        for member in members:
+            size = sizes[member.slot]
+            corrupted, clean, _ = member.task.training_batch(images[member.slot, :size], member.generator,
+                                                             self.mean, self.std)
+            inputs[member.slot, :size] = corrupted.flatten(1)
+            targets[member.slot, :size] = clean.flatten(1)
+        return inputs, targets
 
     def _dropout(self, members: list[Member], sizes: dict[int, int]) -> Callable[[int, int], Tensor | None]:
         """Return the dropout masks of one step: each member's from its own generator, layer by layer."""
@@ -293,7 +336,7 @@ class Pack:
         # (the objective draws a trial's images from its model at epochs' ends).
         self.stack.store(member.slot, member.model, steps=member.step)
         if len(self.val):  # no validation split (a refit on all the training data): nothing to evaluate
-            metrics.update(evaluate(member.model, self.val, self.task, mean=self.mean, std=self.std,
+            metrics.update(evaluate(member.model, self.val, member.task, mean=self.mean, std=self.std,
                                     device=self.device))
         if end_of_epoch:
             metrics["epoch_seconds"] = time.perf_counter() - member.epoch_started

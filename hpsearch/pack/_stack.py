@@ -1,4 +1,8 @@
-"""K MLPs of one structure as stacked (K, ...) tensors: one batched forward and backward for all.
+"""K dense nets of one structure as stacked (K, ...) tensors: one batched forward and backward for all.
+
+The nets are the MLP classifier and the dense autoencoder (``hpsearch.models.build_model``): a
+chain of Linear layers, each hidden one followed by batchnorm (optional), the activation and
+dropout (optional); the autoencoder's code layer is a plain Linear (``_key.hidden_layers``).
 
 Activations run feature-major, (K, features, batch), so that each weight's gradient comes out in
 the weight's own (K, out, in) layout (benchmarks/batched_trials.py: the batch-major ``h @ W^T``
@@ -17,19 +21,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpsearch.models import ACTIVATION_LAYERS
-from hpsearch.pack._key import StructureKey
+from hpsearch.pack._key import StructureKey, hidden_layers
 
 _BN_MOMENTUM = 0.1  # nn.BatchNorm1d's defaults, which build_model's layers keep
 _BN_EPS = 1e-5
 
 
-class StackedMLP:
+class StackedDense:
     """The parameters (K, ...) and batchnorm buffers of K slots, and their training forward pass."""
 
-    def __init__(self, key: StructureKey, *, capacity: int, n_in: int, n_classes: int, device: torch.device) -> None:
+    def __init__(self, key: StructureKey, *, capacity: int, n_in: int, n_out: int, device: torch.device) -> None:
         self.key, self.capacity, self.device = key, capacity, device
-        self.n_in, self.n_classes = n_in, n_classes
-        self.widths = (1,) * key.n_layers  # grows to the widest member's (see grow)
+        self.n_in, self.n_out = n_in, n_out
+        self.hidden = hidden_layers(key)  # per layer but the last: hidden (batchnorm?, activation, dropout?)
+        self.widths = (1,) * len(self.hidden)  # every layer's output width but the last's: grows (see grow)
         self.activation = ACTIVATION_LAYERS[key.activation]()
         self.params: dict[str, Tensor] = {}
         self.buffers: dict[str, Tensor] = {}
@@ -41,14 +46,13 @@ class StackedMLP:
                 self.params[name] = tensor.requires_grad_()
 
     def shapes(self, widths: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        """Return the stacked shape of every parameter and buffer for hidden ``widths``."""
-        dims = [self.n_in, *widths, self.n_classes]
-        hidden = len(widths)
+        """Return the stacked shape of every parameter and buffer for layer ``widths``."""
+        dims = [self.n_in, *widths, self.n_out]
         shapes: dict[str, tuple[int, ...]] = {}
-        for layer in range(hidden + 1):
+        for layer in range(len(widths) + 1):
             out = dims[layer + 1]
             shapes[f"weight{layer}"] = (self.capacity, out, dims[layer])
-            batchnorm = self.key.batchnorm and layer < hidden
+            batchnorm = self.key.batchnorm and layer < len(widths) and self.hidden[layer]
             if not batchnorm:  # build_model drops the Linear's bias before a batchnorm
                 shapes[f"bias{layer}"] = (self.capacity, out)
                 continue
@@ -113,44 +117,52 @@ class StackedMLP:
     def _slot_views(self, slot: int, model: nn.Module) -> list[tuple[str, Tensor]]:
         """Return (stacked name, the model's tensor) for every parameter and buffer of ``model``."""
         norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-        buffers = [(f"{name}{i}", getattr(m, name)) for i, m in enumerate(norms)
+        buffers = [(f"{name}{layer}", getattr(m, name)) for layer, m in zip(self._norm_layers(), norms)
                    for name in ("running_mean", "running_var")]
         return self._parameter_views(model) + buffers
+
+    def _norm_layers(self) -> list[int]:
+        """Return the layers with a batchnorm, in the order the model's BatchNorm1d modules come."""
+        return [layer for layer, hidden in enumerate(self.hidden) if hidden and self.key.batchnorm]
 
     def _parameter_views(self, model: nn.Module) -> list[tuple[str, Tensor]]:
         """Return (stacked name, the parameter, detached) in ``model.parameters()``'s order."""
         names: dict[int, str] = {}
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        norm_layers = self._norm_layers()
         norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-        if len(linears) != self.key.n_layers + 1 or len(norms) != (self.key.n_layers if self.key.batchnorm else 0):
+        if len(linears) != len(self.hidden) + 1 or len(norms) != len(norm_layers):
             raise ValueError(f"pack: the model does not have the pack's structure {self.key}.")
         for i, m in enumerate(linears):
             names[id(m.weight)] = f"weight{i}"
             if m.bias is not None:
                 names[id(m.bias)] = f"bias{i}"
-        for i, m in enumerate(norms):
-            names[id(m.weight)], names[id(m.bias)] = f"gamma{i}", f"beta{i}"
+        for layer, m in zip(norm_layers, norms):
+            names[id(m.weight)], names[id(m.bias)] = f"gamma{layer}", f"beta{layer}"
         return [(names[id(p)], p.detach()) for p in model.parameters()]
 
     # ----------------------------------------------------------------------- training
 
     def forward(self, inputs: Tensor, dropout: Callable[[int, int], Tensor | None],
                 sample_mask: Tensor | None, counts: Tensor | None) -> Tensor:
-        """Return logits (K, classes, batch) of ``inputs`` (K, batch, n_in) in training mode.
+        """Return the last layer's outputs (K, n_out, batch) of ``inputs`` (K, batch, n_in) in training mode.
 
-        ``dropout(layer, batch)`` gives that hidden layer's (K, width, batch) mask (kept units'
+        Logits for the classifier; for the autoencoder, before its sigmoid. ``dropout(layer, batch)``
+        gives that hidden layer's (K, width, batch) mask (kept units'
         scale, else 0) or None. ``sample_mask`` (K, 1, batch), where some member's batch is short,
         says which columns are real samples and ``counts`` (K, 1, 1) how many: batchnorm then
         takes each member's statistics over its own samples only.
         """
-        hidden = self.key.n_layers
+        last = len(self.hidden)
         h = inputs.transpose(1, 2)
-        for layer in range(hidden + 1):
+        for layer in range(last + 1):
             weight = self.params[f"weight{layer}"]
             bias = self.params.get(f"bias{layer}")
             h = torch.bmm(weight, h) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, h)
-            if layer == hidden:
+            if layer == last:
                 return h
+            if not self.hidden[layer]:  # the autoencoder's code: linear
+                continue
             if self.key.batchnorm:
                 h = self._batchnorm(layer, h, sample_mask, counts)
             h = self.activation(h)
