@@ -276,7 +276,17 @@ class _Running:
 
     def completed(self, result: TrainResult) -> float | list[float]:
         """Return the objective value(s) of a trial that trained to its end, with its model kept; raise
-        TrialFailed when a value is not finite."""
+        TrialFailed when a value is not finite.
+
+        A stop signal that comes while the records are written (waiting for the background writer,
+        say) ends the trial as one that comes during training: interrupted, its run KILLED.
+        """
+        try:
+            return self._completed(result)
+        except KeyboardInterrupt as exc:
+            self.left_early(exc)
+
+    def _completed(self, result: TrainResult) -> float | list[float]:
         ctx = self.ctx
         finished: dict[str, Any] = {TRAIN_SECONDS_ATTR: round(time.perf_counter() - self.started, 3),
                                     **result.metrics}

@@ -150,6 +150,27 @@ def test_sigterm_while_records_are_queued_leaves_them_in_mlflow(tmp_path: Path) 
     _whole(tmp_path, mlflow_run, trial)
 
 
+def test_a_stop_signal_after_training_ends_the_trial_as_interrupted(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Ctrl-C that lands once the trial has trained to its end (drawing its final picture, saving
+    # its model, waiting for the writer) left a plain FAIL: neither complete nor marked interrupted,
+    # its run not KILLED (seen in the suite: SIGTERM while the store was locked).
+    import hpsearch.objective
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as StopSignals raises it where the signal lands
+
+    monkeypatch.setenv("HPSEARCH_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(hpsearch.objective.pictures, "confusion_matrix", interrupted)
+    result = CliRunner().invoke(cli, ["run", str(_write(tmp_path, n_trials=1)), "--no-finish"])
+    assert result.exit_code == 130, result.output
+    [trial], runs = _trials(tmp_path), _runs(tmp_path)
+    assert trial.state == TrialState.FAIL and "interrupted" in trial.user_attrs, trial.user_attrs
+    assert len(trial.intermediate_values) == EPOCHS  # it had trained to its end
+    assert runs[0].info.status == "KILLED"
+    _whole(tmp_path, runs[0], trial)
+
+
 @pytest.mark.slow
 def test_sigkill_while_records_are_queued_leaves_the_run_killed_never_half_written(tmp_path: Path) -> None:
     path = _write(tmp_path, n_trials=2)
