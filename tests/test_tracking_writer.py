@@ -42,10 +42,14 @@ SPEC = {
 }
 
 
-def _write(tmp_path: Path, **study: object) -> Path:
+def _write(tmp_path: Path, epochs: int = EPOCHS, **study: object) -> Path:
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({**SPEC, "study": {**SPEC["study"], **study}}))
+    task = {**SPEC["task"], "epochs": epochs}
+    path.write_text(yaml.safe_dump({**SPEC, "study": {**SPEC["study"], **study}, "task": task}))
     return path
+
+
+LONG = 120  # epochs: a trial of seconds, so a poll of the stores (slow on a loaded machine) sees it mid-training
 
 
 def _popen(args: list[str], tmp_path: Path, log_name: str) -> subprocess.Popen[bytes]:
@@ -132,7 +136,7 @@ def test_training_goes_on_while_mlflow_waits_and_the_trial_is_told_once_its_run_
 
 @pytest.mark.slow
 def test_sigterm_while_records_are_queued_leaves_them_in_mlflow(tmp_path: Path) -> None:
-    run = _popen(["run", str(_write(tmp_path, n_trials=5)), "--no-finish"], tmp_path, "run.log")
+    run = _popen(["run", str(_write(tmp_path, epochs=LONG, n_trials=5)), "--no-finish"], tmp_path, "run.log")
     try:
         doomed = _wait_for(lambda: _tracked_mid_training(tmp_path), run, "a tracked trial mid-training")
         with _store_held(tmp_path):
@@ -173,7 +177,7 @@ def test_a_stop_signal_after_training_ends_the_trial_as_interrupted(tmp_path: Pa
 
 @pytest.mark.slow
 def test_sigkill_while_records_are_queued_leaves_the_run_killed_never_half_written(tmp_path: Path) -> None:
-    path = _write(tmp_path, n_trials=2)
+    path = _write(tmp_path, epochs=LONG, n_trials=2)
     worker = _popen(["worker", str(path), "--threads", "1"], tmp_path, "worker.log")
     try:
         doomed = _wait_for(lambda: _tracked_mid_training(tmp_path), worker, "a tracked trial mid-training")
