@@ -195,14 +195,12 @@ def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | 
             return
         mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
         if claim(study, key, mine):
-            # Another process may have recorded the test and released its claim since the look above.
-            done = _recorded(study, trial)
-            if done is None:
+            if _recorded(study, trial) is None:
                 break
+            # Another process recorded the test and released its claim since the look above: take its record.
             with contextlib.suppress(Exception):
                 release_claim(study, key, mine)
-            yield done
-            return
+            continue
         held = read_claim(study, key)
         if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
             logger.info(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which stopped; "

@@ -38,6 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from hpsearch.servers import JOB_EXECUTION_ENV
+
 __all__ = [
     "POSTGRES_URL_ENV",
     "ServerStartError",
@@ -68,7 +70,7 @@ PG_DATABASES = ("hpsearch", "mlflow")  # MLflow needs its own: both it and Optun
 # runner (a huey consumer process, for GenAI jobs hpsearch never submits) would cost each server
 # start another process that imports MLflow: seconds of CPU on 2 cores.
 _QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-              "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+              JOB_EXECUTION_ENV: "false"}
 
 
 class ServerStartError(RuntimeError):

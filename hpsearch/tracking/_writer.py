@@ -84,7 +84,10 @@ class _Writer:
     def pending(self, key: str | None = None) -> int:
         """Return how many calls (for ``key``, or all) are queued or under way."""
         with self._lock:
-            return sum(self._pending.values()) if key is None else self._pending.get(key, 0)
+            return self._count(key)
+
+    def _count(self, key: str | None) -> int:  # under the lock
+        return sum(self._pending.values()) if key is None else self._pending.get(key, 0)
 
     def flush(self, key: str | None = None, *, timeout: float | None = None) -> bool:
         """Wait until the calls queued for ``key`` (or all) are made; return False if ``timeout`` ran out first.
@@ -95,8 +98,7 @@ class _Writer:
             return True
         what = "the MLflow store to take " + (f"the queued records of run {key}" if key else "the queued records")
         with announced_wait(what), self._lock:
-            return self._idle.wait_for(lambda: (sum(self._pending.values()) if key is None
-                                                else self._pending.get(key, 0)) == 0, timeout)
+            return self._idle.wait_for(lambda: self._count(key) == 0, timeout)
 
 
 _WRITER = _Writer()
