@@ -184,34 +184,13 @@ def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | 
     processes finishing at once, one wins; the others wait for its record. The winner renews
     the claim every few seconds; a claim not renewed for a minute (its process died), or left
     by a dead process on this host, is taken over. The claim is released on the way out, test
-    recorded or not.
+    recorded or not, even when a stop signal lands the moment after it was stored.
     """
     key = f"{FINISH_KEY}{trial}"
     said = False
-    while True:
-        done = _recorded(study, trial)
-        if done is not None:
-            yield done
-            return
-        mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
-        if claim(study, key, mine):
-            if _recorded(study, trial) is None:
-                break
-            # Another process recorded the test and released its claim since the look above: take its record.
-            with contextlib.suppress(Exception):
-                release_claim(study, key, mine)
-            continue
-        held = read_claim(study, key)
-        if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
-            logger.info(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which stopped; "
-                        "this process takes it over.")
-            break
-        if held is not None and not said:
-            logger.info(f"waiting for {held.get('worker')} to finish testing and registering trial {trial}'s model.")
-            said = True
-        time.sleep(1.0)
+    holding: dict[str, Any] = {}  # the claim this process may have stored: released on the way out, whatever stops it
     stop = threading.Event()
-    holding = {"value": mine}
+    beat: threading.Thread | None = None
 
     def renew() -> None:
         while not stop.wait(FINISH_BEAT_S):
@@ -220,15 +199,44 @@ def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | 
                 if swap_claim(study, key, holding["value"], renewed):
                     holding["value"] = renewed
 
-    beat = threading.Thread(target=renew, daemon=True)
-    beat.start()
     try:
+        while True:
+            done = _recorded(study, trial)
+            if done is not None:
+                yield done
+                return
+            holding["value"] = mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
+            if claim(study, key, mine):
+                if _recorded(study, trial) is None:
+                    break
+                # Another process recorded the test and released its claim since the look above: take its record.
+                with contextlib.suppress(Exception):
+                    release_claim(study, key, mine)
+                del holding["value"]
+                continue
+            held = read_claim(study, key)
+            if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
+                logger.info(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which "
+                            "stopped; this process takes it over.")
+                break
+            del holding["value"]
+            if held is not None and not said:
+                logger.info(f"waiting for {held.get('worker')} to finish testing and registering trial {trial}'s "
+                            "model.")
+                said = True
+            time.sleep(1.0)
+        beat = threading.Thread(target=renew, daemon=True)
+        beat.start()
         yield None
     finally:
         stop.set()
-        beat.join()
-        with contextlib.suppress(Exception):  # a claim not released goes stale
-            release_claim(study, key, holding["value"])
+        try:
+            if beat is not None:
+                beat.join()
+        finally:
+            if "value" in holding:
+                with contextlib.suppress(Exception):  # a claim not released goes stale
+                    release_claim(study, key, holding["value"])
 
 
 def _recorded(study: optuna.Study, trial: int) -> dict[str, Any] | None:
