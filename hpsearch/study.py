@@ -29,8 +29,8 @@ from hpsearch.errors import HPSearchError, SpecError, StorageError
 from hpsearch.finish import finish
 from hpsearch.pack_loop import pack_capacity, work_packed
 from hpsearch.objective import TakenOver, TrialContext, TrialFailed, run_trial, track_late
-from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, FINGERPRINT_ATTR, RUN_ID_ATTR,
-                             SAMPLER_STREAM_ATTR, SAMPLER_STREAM_KEY, SPEC_ATTR, STATE_TAG, STOPPED_ATTR,
+from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, FINGERPRINT_ATTR, INTERRUPTED_ATTR,
+                             RUN_ID_ATTR, SAMPLER_STREAM_ATTR, SAMPLER_STREAM_KEY, SPEC_ATTR, STATE_TAG, STOPPED_ATTR,
                              SURPLUS_ATTR, WORKER_ATTR, artifact_store, count, count_trials, open_existing, read_spec,
                              stored_spec, worker_id)
 from hpsearch.signals import StopSignals
@@ -133,8 +133,22 @@ def open_study(spec: Spec, *, allow_space_change: bool = False) -> optuna.Study:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     for params in spec.study.enqueue:
-        study.enqueue_trial(dict(params), user_attrs={ENQUEUED_ATTR: True}, skip_if_exists=True)
+        if not _tried(study, params):
+            study.enqueue_trial(dict(params), user_attrs={ENQUEUED_ATTR: True})
     return study
+
+
+def _tried(study: optuna.Study, params: dict[str, Any]) -> bool:
+    """Return whether a trial of the study has tried ``params``, is trying them or waits to.
+
+    One stopped by Ctrl-C or SIGTERM (interrupted) has not: resuming the study tries its
+    configuration again, as a user who listed it first expects. One that failed on its own has.
+    """
+    for t in study.get_trials(deepcopy=False):
+        if t.system_attrs.get("fixed_params", t.params) == dict(params):
+            if not (t.state == optuna.trial.TrialState.FAIL and INTERRUPTED_ATTR in t.user_attrs):
+                return True
+    return False
 
 
 def _describe_change(attrs: dict[str, Any], spec: Spec) -> str:
