@@ -45,6 +45,16 @@ def _one_cpu_per_xdist_worker() -> None:
 _one_cpu_per_xdist_worker()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the slow tests first (each file's order kept), the quick ones last.
+
+    pytest-xdist's worksteal hands an idle test process the tail of another's queue; with the
+    slow tests (whole studies, servers, killed workers: 10-100 s each) at the end, the run ended
+    with one process on a long test and the other idle for minutes.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 class LogLines:
     """hpsearch's messages of a test, each as the command line prints it (``warning: ...``)."""
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,18 +160,4 @@ def test_no_refit_registers_the_best_trials_own_model(tmp_path: Path, monkeypatc
     assert not [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("hpsearch.role") == "refit"]
 
 
-@pytest.mark.slow
-def test_refit_happens_once_when_two_runs_finish_one_study(tmp_path: Path) -> None:
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({**SPEC, "study": {**SPEC["study"], "n_trials": 4}}))
-    # Two `hpsearch run`s of one spec at once: both finish the study, one of them refits and registers.
-    procs = [subprocess.Popen([sys.executable, "-m", "hpsearch", "run", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.get_experiment_by_name("rf")
-    refits = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("hpsearch.role") == "refit"]
-    assert len(refits) == 1 and len(client.search_model_versions("name = 'rf'")) == 1
-    assert all("Final model: Trial #" in out and "refit on" in out for out in outputs)  # both report the one refit
+# Refit once with several workers: tests/test_workers.py's two `run`s of one spec started together.
