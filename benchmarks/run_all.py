@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # run from a checkout, no install needed
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import augment_cost  # noqa: E402
 import batched_trials  # noqa: E402
@@ -317,32 +318,39 @@ def batched_rows(sizes: Sizes, threads: int) -> list[Row]:
 
 
 def pack_rows(sizes: Sizes, threads: int) -> list[Row]:
-    """Rows: the quickstart search in packs of K trials vs one trial at a time: trials a minute and best value
-    after the same wall time, over sampler seeds (benchmarks/search_seeds.py --spec studies/quickstart.yaml)."""
-    searchers = ("hpsearch", *(f"hpsearch-pack{k}" for k in sizes.pack_ks))
-    runs = search_seeds.measure(seeds=sizes.pack_seeds, budget=sizes.pack_budget, threads=threads,
-                                searchers=searchers, spec_file=QUICKSTART)
-    summary = search_seeds.summarize(runs, target=1.0, budgets=(sizes.pack_budget,))
-    alone = summary["hpsearch"]
-    per_min = 60 / sizes.pack_budget
-    where = (f"quickstart study (mnist-5k MLP), seeds {','.join(map(str, sizes.pack_seeds))}, "
-             f"{sizes.pack_budget:g} s each, CPU; median [min, max]")
+    """Rows: a search in packs of K trials vs one trial at a time, on the quickstart's MLP space and on
+    bottleneck.yaml's autoencoder space: trials a minute and best value after the same wall time, over
+    sampler seeds (benchmarks/search_seeds.py --spec ...)."""
     rows = []
-    for k in sizes.pack_ks:
-        packed = summary[f"hpsearch-pack{k}"]
-        rate, rate_alone = packed["trials"].median * per_min, alone["trials"].median * per_min
-        rows.append(Row(f"packs: trials finished a minute, packs of {k} vs one at a time ({where})",
-                        f"{rate:.1f}", f"{rate_alone:.1f}",
-                        f"{rate / rate_alone:.2f}x" if rate_alone else "-", "GPU: > 1x; CPU: auto keeps 1"))
-        gap = packed["best_at"][sizes.pack_budget].median - alone["best_at"][sizes.pack_budget].median
-        rows.append(Row(f"packs: best val_accuracy after {sizes.pack_budget:g} s, packs of {k} vs one at a time",
-                        packed["best_at"][sizes.pack_budget].text(".4f", "none"),
-                        alone["best_at"][sizes.pack_budget].text(".4f", "none"),
-                        f"{100 * gap:+.2f} points" if math.isfinite(gap) else "-"))
+    for spec_file, what in PACK_SPACES:
+        metric = yaml.safe_load(spec_file.read_text())["study"]["metric"]
+        searchers = ("hpsearch", *(f"hpsearch-pack{k}" for k in sizes.pack_ks))
+        runs = search_seeds.measure(seeds=sizes.pack_seeds, budget=sizes.pack_budget, threads=threads,
+                                    searchers=searchers, spec_file=spec_file)
+        maximize = runs[0].maximize
+        summary = search_seeds.summarize(runs, target=math.inf if maximize else -math.inf,
+                                         budgets=(sizes.pack_budget,))
+        alone = summary["hpsearch"]
+        per_min = 60 / sizes.pack_budget
+        where = (f"{what}, seeds {','.join(map(str, sizes.pack_seeds))}, {sizes.pack_budget:g} s each, CPU; "
+                 "median [min, max]")
+        for k in sizes.pack_ks:
+            packed = summary[f"hpsearch-pack{k}"]
+            rate, rate_alone = packed["trials"].median * per_min, alone["trials"].median * per_min
+            rows.append(Row(f"packs: trials finished a minute, packs of {k} vs one at a time ({where})",
+                            f"{rate:.1f}", f"{rate_alone:.1f}",
+                            f"{rate / rate_alone:.2f}x" if rate_alone else "-", "GPU: > 1x; CPU: auto keeps 1"))
+            best, best_alone = packed["best_at"][sizes.pack_budget], alone["best_at"][sizes.pack_budget]
+            gap = (best.median - best_alone.median) * (1 if maximize else -1)  # > 0: the pack did better
+            rows.append(Row(f"packs: best {metric} after {sizes.pack_budget:g} s, packs of {k} vs one at a time "
+                            f"({what})", best.text(".4f", "none"), best_alone.text(".4f", "none"),
+                            f"{gap:+.4f} {'higher' if maximize else 'lower'} is better" if math.isfinite(gap)
+                            else "-"))
     return rows
 
 
-QUICKSTART = HERE.parent / "studies" / "quickstart.yaml"
+PACK_SPACES = ((HERE.parent / "studies" / "quickstart.yaml", "quickstart study (mnist-5k MLP)"),
+               (HERE.parent / "studies" / "bottleneck.yaml", "bottleneck study (mnist-5k denoising autoencoder)"))
 
 
 if __name__ == "__main__":
