@@ -346,7 +346,7 @@ def test_a_departed_model_is_its_own_plain_model(digits: SearchData, kind: Kind)
     if kind.family == "cnn":  # 3 and 6 channels in the two conv blocks; 6 x 2 x 2 features into the dense head
         convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
         assert [c.weight.shape[:2] for c in convs] == [(3, 1), (6, 3)]
-        assert [m for m in model if isinstance(m, torch.nn.Linear)][0].weight.shape == (16, 24)
+        assert next(m for m in model if isinstance(m, torch.nn.Linear)).weight.shape == (16, 24)
     else:
         assert model[1].weight.shape == (16, 64)
     if kind.family == "autoencoder":  # the code layer and the decoder's first layer: the member's own code size

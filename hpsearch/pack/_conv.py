@@ -32,7 +32,7 @@ class StackedCNN(StackedDense):
                  device: torch.device) -> None:
         self.image_shape = image_shape
         self.channels = 1  # the widest member's conv_channels: grows (see grow_for)
-        channels, height, width = image_shape
+        _, height, width = image_shape
         self.pools: list[bool] = []  # per block: whether it pools (build_model's rule: while there is something)
         for _ in range(key.conv_blocks):
             self.pools.append(min(height, width) >= 2)
