@@ -69,10 +69,14 @@ def fit_alone(data: SearchData, p: dict[str, Any], seed: int, *, reports_per_epo
 
 
 def run_pack(data: SearchData, members: list[dict[str, Any]], *, capacity: int | None = None,
-             reports_per_epoch: int = 1, kind: Kind = CLASSIFY) -> tuple[dict[int, Departure], dict[int, list]]:
+             reports_per_epoch: int = 1, kind: Kind = CLASSIFY, stacked: bool = False
+             ) -> tuple[dict[int, Departure], dict[int, list]]:
     """Return ({member index: departure}, {member index: its reports}) of one pack of ``members``, each
-    with its own task (made from its params, as the objective makes it)."""
+    with its own task (made from its params, as the objective makes it). ``stacked``: every member
+    stepped by the one stacked update a pack uses off the CPU."""
     pack = kind.pack(data, members[0], capacity=capacity or len(members), reports_per_epoch=reports_per_epoch)
+    if stacked:
+        pack.stacked = StackedOptimizer(pack.key.optimizer, pack.stack.params, capacity=pack.capacity)
     reports: dict[int, list] = {}
     for i, p in enumerate(members):
         reports[i] = []
@@ -281,6 +285,17 @@ def test_cnn_dropout_masks_and_augmentation_are_the_members_own(digits: SearchDa
     departures, reports = run_pack(digits, members, kind=CNN, reports_per_epoch=2)
     for i, p in enumerate(members):
         assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN, reports_per_epoch=2)
+
+
+@pytest.mark.parametrize("optimizer, batchnorm", [("adamw", False), pytest.param("sgd", True, marks=pytest.mark.slow)])
+def test_cnn_members_stepped_by_the_stacked_optimizer_end_where_their_fits_end(digits: SearchData, optimizer: str,
+                                                                               batchnorm: bool) -> None:
+    # Off the CPU a pack steps all members in one stacked update (StackedOptimizer) over the conv and dense
+    # tensors, padding included (AdamW's decay of a padded zero stays zero); here it runs on the CPU.
+    members = cnns(optimizer=optimizer, batchnorm=batchnorm, lr_schedule="cosine")
+    departures, reports = run_pack(digits, members, kind=CNN, stacked=True)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN)
 
 
 def test_a_diverged_cnn_fails_alone(digits: SearchData) -> None:
