@@ -275,6 +275,16 @@ def test_cnns_end_where_their_fits_end(digits: SearchData, optimizer: str, batch
         assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN)
 
 
+@pytest.mark.parametrize("shape", [
+    {"conv_blocks": 3, "kernel_size": 5, "n_layers": 0},  # 8 -> 4 -> 2 -> 1 pixels, straight to the classes
+    pytest.param({"conv_blocks": 0, "n_layers": 1}, marks=pytest.mark.slow)])  # no conv: a dense net on the pixels
+def test_cnns_of_other_shapes_end_where_their_fits_end(digits: SearchData, shape: dict[str, int]) -> None:
+    members = cnns(**shape)
+    departures, reports = run_pack(digits, members, kind=CNN)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN)
+
+
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_cnn_dropout_masks_and_augmentation_are_the_members_own(digits: SearchData, batchnorm: bool) -> None:
     # Dropout in the dense head at 0.1 and 0.4, one member without; shifted digits for two; reports within the

@@ -39,7 +39,7 @@ class StackedCNN(StackedDense):
             height, width = (height // 2, width // 2) if self.pools[-1] else (height, width)
         self.spatial = height * width  # of each channel after the last block
         self.pool_first = key.activation in POOL_FIRST_ACTIVATIONS
-        self.key = key
+        self.key = key  # before StackedDense's __init__, whose first shapes() call reads it
         super().__init__(key, capacity=capacity, n_in=self._flat(), n_out=n_out, device=device)
 
     def _block_channels(self, block: int) -> int:
@@ -76,8 +76,10 @@ class StackedCNN(StackedDense):
     # ----------------------------------------------------------------------- a member's own model
 
     def _conv_modules(self, model: nn.Module, kind: type[nn.Module]) -> list[nn.Module]:
+        """Return ``model``'s modules of ``kind`` (nn.Conv2d, nn.BatchNorm2d): one per conv block, if any."""
         found = [m for m in model.modules() if isinstance(m, kind)]
-        if len(found) != (self.key.conv_blocks if kind is nn.Conv2d or self.key.batchnorm else 0):
+        expected = self.key.conv_blocks if kind is nn.Conv2d or self.key.batchnorm else 0
+        if len(found) != expected:
             raise ValueError(f"pack: the model does not have the pack's structure {self.key}.")
         return found
 
@@ -99,7 +101,8 @@ class StackedCNN(StackedDense):
 
     # ----------------------------------------------------------------------- training
 
-    def forward(self, inputs: Tensor, dropout: Callable[[int, int], Tensor | None], sample_mask: Tensor | None, counts: Tensor | None) -> Tensor:
+    def forward(self, inputs: Tensor, dropout: Callable[[int, int], Tensor | None], sample_mask: Tensor | None,
+                counts: Tensor | None) -> Tensor:
         """Return the logits (K, n_classes, batch) of ``inputs`` (K, batch, pixels) in training mode.
 
         As ``StackedDense.forward``; ``sample_mask`` and ``counts`` keep each member's conv

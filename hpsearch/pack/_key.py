@@ -73,8 +73,8 @@ def pack_refusal(family: str, task: str, *, precision: str = "fp32", encoders: t
 
     ``encoders``: the autoencoder encoders the study's trials can have. Everything else a trial of a
     packable family may vary is packed per member: learning rate and schedule, momentum and betas,
-    weight decay, dropout, widths (the code size and a CNN's channels too), seed, augmentation, noise level and
-    mask size.
+    weight decay, dropout, widths (the code size and a CNN's channels too), seed, augmentation,
+    noise level and mask size.
     """
     if family not in PACKABLE:
         return f"model.family {family!r} cannot be packed yet (packs train {list(PACKABLE_FAMILIES)}); " \
