@@ -1,16 +1,18 @@
-"""Trial packs against today's one-trial `fit`: trials' epochs per minute, on the quickstart's MLP space and on
-bottleneck.yaml's dense denoising autoencoder space.
+"""Trial packs against today's one-trial `fit`: trials' epochs per minute, on the quickstart's MLP space,
+bottleneck.yaml's dense denoising autoencoder space and cnn.yaml's CNN space.
 
 Members are drawn from each study's space by Optuna's random sampler, with the structure key fixed
 (what a pack shares: the MLP 2 hidden layers, ReLU, no batchnorm, Adam, batch 64; the autoencoder
-1 hidden layer each side, no batchnorm, Adam, batch 64, gaussian noise), so they differ in widths
-(padded to the widest; the autoencoder's code size too), learning rate, dropout or momentum, and
-seed, as a study's trials of one key do. Pack 1 is `hpsearch.train.fit`, one trial after another;
-pack K trains K such trials at once with `hpsearch.pack.Pack`. Every trial runs `--epochs` epochs
-with a validation pass per epoch on both sides; the figure is trial-epochs per minute of wall time.
+1 hidden layer each side, no batchnorm, Adam, batch 64, gaussian noise; the CNN 2 conv blocks of
+3x3 kernels, 1 dense layer, ReLU, no batchnorm, Adam, batch 128), so they differ in widths
+(padded to the widest; the autoencoder's code size and the CNN's conv channels too), learning
+rate, schedule, dropout or momentum, and seed, as a study's trials of one key do. Pack 1 is
+`hpsearch.train.fit`, one trial after another; pack K trains K such trials at once with
+`hpsearch.pack.Pack`. Every trial runs `--epochs` epochs with a validation pass per epoch on both
+sides; the figure is trial-epochs per minute of wall time.
 
-Usage: python benchmarks/packs.py [--models mlp,autoencoder] [--ks 4,16,64] [--ae-ks 4,16] [--epochs 1]
-                                  [--fits 4] [--threads 2] [--device cpu]
+Usage: python benchmarks/packs.py [--models mlp,autoencoder,cnn] [--ks 4,16,64] [--ae-ks 4,16]
+                                  [--cnn-ks 2,4] [--epochs 1] [--fits 4] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class Model:
 MODELS = {"mlp": Model("quickstart MLP space", "quickstart.yaml", {"n_layers": 2, "batchnorm": False,
                                                                      "optimizer": "adam"}),
           "autoencoder": Model("bottleneck.yaml denoising autoencoder space", "bottleneck.yaml",
-                               {"n_layers": 1, "batchnorm": False, "optimizer": "adam"})}
+                               {"n_layers": 1, "batchnorm": False, "optimizer": "adam"}),
+          "cnn": Model("cnn.yaml CNN space", "cnn.yaml", {"conv_blocks": 2, "kernel_size": 3, "n_layers": 1,
+                                                          "batchnorm": False, "optimizer": "adam"})}
 
 
 def draw_members(model: Model, spec: Spec, n: int, *, epochs: int, seed: int = 0) -> list[dict]:
@@ -122,6 +126,7 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,autoencoder", help=f"which of {list(MODELS)} to time")
     parser.add_argument("--ks", default="4,16,64", help="MLP pack sizes to compare with pack 1")
     parser.add_argument("--ae-ks", default="4,16", help="autoencoder pack sizes to compare with pack 1")
+    parser.add_argument("--cnn-ks", default="2,4", help="CNN pack sizes to compare with pack 1")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per trial")
     parser.add_argument("--fits", type=int, default=4, help="trials timed for pack 1 (one fit after another)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
@@ -130,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))
     for name in args.models.split(","):
-        ks = args.ks if name == "mlp" else args.ae_ks
+        ks = {"mlp": args.ks, "autoencoder": args.ae_ks, "cnn": args.cnn_ks}[name]
         compare(MODELS[name], [int(k) for k in ks.split(",")], epochs=args.epochs, fits=args.fits,
                 threads=args.threads, device=device)
 

@@ -69,10 +69,14 @@ def fit_alone(data: SearchData, p: dict[str, Any], seed: int, *, reports_per_epo
 
 
 def run_pack(data: SearchData, members: list[dict[str, Any]], *, capacity: int | None = None,
-             reports_per_epoch: int = 1, kind: Kind = CLASSIFY) -> tuple[dict[int, Departure], dict[int, list]]:
+             reports_per_epoch: int = 1, kind: Kind = CLASSIFY, stacked: bool = False
+             ) -> tuple[dict[int, Departure], dict[int, list]]:
     """Return ({member index: departure}, {member index: its reports}) of one pack of ``members``, each
-    with its own task (made from its params, as the objective makes it)."""
+    with its own task (made from its params, as the objective makes it). ``stacked``: every member
+    stepped by the one stacked update a pack uses off the CPU."""
     pack = kind.pack(data, members[0], capacity=capacity or len(members), reports_per_epoch=reports_per_epoch)
+    if stacked:
+        pack.stacked = StackedOptimizer(pack.key.optimizer, pack.stack.params, capacity=pack.capacity)
     reports: dict[int, list] = {}
     for i, p in enumerate(members):
         reports[i] = []
@@ -152,12 +156,12 @@ def test_augmentation_and_reports_within_an_epoch(digits: SearchData) -> None:
         assert_same_training(digits, p, 100 + i, departures[i], reports[i], reports_per_epoch=3)
 
 
-@pytest.mark.parametrize("family", ["mlp", "autoencoder"])
-def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData, family: str) -> None:
-    kind = CLASSIFY if family == "mlp" else Kind("autoencoder", "denoise")
-    # Wider, and (autoencoder) a wider code and more noise: the pack grows.
-    first = params(width=32, epochs=3, bottleneck_dim=4)
-    late = params(width=48, lr=3e-3, dropout=0.2, bottleneck_dim=16, noise_std=0.5)
+@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "denoise"), Kind("cnn")],
+                         ids=["mlp", "autoencoder", "cnn"])
+def test_a_member_added_mid_pack_matches_its_own_fit(digits: SearchData, kind: Kind) -> None:
+    # Wider, and (autoencoder) a wider code and more noise, (cnn) more channels: the pack grows.
+    first = params(width=32, epochs=3, bottleneck_dim=4, conv_channels=2)
+    late = params(width=48, lr=3e-3, dropout=0.2, bottleneck_dim=16, noise_std=0.5, conv_channels=5)
     pack = kind.pack(digits, first, capacity=3)
     reports: dict[str, list] = {"first": [], "late": []}
     pack.add(first, seed=1, tag="first", task=kind.make_task(first),
@@ -244,6 +248,78 @@ def test_a_diverged_autoencoder_fails_alone(digits: SearchData) -> None:
     assert_same_training(digits, members[1], 101, departures[1], reports[1], kind=kind)
 
 
+# --------------------------------------------------------------------------- CNNs
+
+CNN = Kind("cnn")
+
+
+def cnns(**shared: Any) -> list[dict[str, Any]]:
+    """Return three CNNs that differ in everything a pack lets them: conv channels, dense widths, lr, decay,
+    momenta. Two conv blocks on digits' 8x8 images: 2x2 maps of 2 x conv_channels into the dense head."""
+    base = {"conv_blocks": 2, "kernel_size": 3, "n_layers": 1, **shared}
+    return [params(**{**base, "conv_channels": 4, "width": 16}),
+            params(**{**base, "conv_channels": 2, "width": 8, "lr": 3e-3, "weight_decay": 1e-2, "momentum": 0.5,
+                      "beta1": 0.8, "beta2": 0.99}),
+            params(**{**base, "conv_channels": 3, "width": 12, "lr": 2e-3, "weight_decay": 1e-3, "nesterov": True})]
+
+
+@pytest.mark.parametrize("optimizer, batchnorm, activation", [
+    ("adam", False, "relu"),  # relu pools first, as the model does; gelu pools after its activation
+    ("sgd", True, "gelu"),  # SGD under batchnorm: see test_batchnorm_and_activations
+    pytest.param("adamw", False, "tanh", marks=pytest.mark.slow),
+    pytest.param("rmsprop", True, "relu", marks=pytest.mark.slow)])
+def test_cnns_end_where_their_fits_end(digits: SearchData, optimizer: str, batchnorm: bool, activation: str) -> None:
+    members = cnns(optimizer=optimizer, batchnorm=batchnorm, activation=activation, lr_schedule="cosine")
+    departures, reports = run_pack(digits, members, kind=CNN)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN)
+
+
+@pytest.mark.parametrize("shape", [
+    {"conv_blocks": 3, "kernel_size": 5, "n_layers": 0},  # 8 -> 4 -> 2 -> 1 pixels, straight to the classes
+    pytest.param({"conv_blocks": 0, "n_layers": 1}, marks=pytest.mark.slow)])  # no conv: a dense net on the pixels
+def test_cnns_of_other_shapes_end_where_their_fits_end(digits: SearchData, shape: dict[str, int]) -> None:
+    members = cnns(**shape)
+    departures, reports = run_pack(digits, members, kind=CNN)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_cnn_dropout_masks_and_augmentation_are_the_members_own(digits: SearchData, batchnorm: bool) -> None:
+    # Dropout in the dense head at 0.1 and 0.4, one member without; shifted digits for two; reports within the
+    # epoch, so a report falls on the short last batch's step too. (SGD under batchnorm: as above.)
+    members = cnns(n_layers=2, batchnorm=batchnorm, optimizer="sgd" if batchnorm else "adam")
+    for p, dropout, shift in zip(members, (0.1, 0.4, 0.0), (1, 0, 2)):
+        p.update(dropout=dropout, augment_shift=shift)
+    departures, reports = run_pack(digits, members, kind=CNN, reports_per_epoch=2)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN, reports_per_epoch=2)
+
+
+@pytest.mark.parametrize("optimizer, batchnorm", [("adamw", False), pytest.param("sgd", True, marks=pytest.mark.slow)])
+def test_cnn_members_stepped_by_the_stacked_optimizer_end_where_their_fits_end(digits: SearchData, optimizer: str,
+                                                                               batchnorm: bool) -> None:
+    # Off the CPU a pack steps all members in one stacked update (StackedOptimizer) over the conv and dense
+    # tensors, padding included (AdamW's decay of a padded zero stays zero); here it runs on the CPU.
+    members = cnns(optimizer=optimizer, batchnorm=batchnorm, lr_schedule="cosine")
+    departures, reports = run_pack(digits, members, kind=CNN, stacked=True)
+    for i, p in enumerate(members):
+        assert_same_training(digits, p, 100 + i, departures[i], reports[i], kind=CNN)
+
+
+def test_a_diverged_cnn_fails_alone(digits: SearchData) -> None:
+    # SGD at lr 10 (the knob table's largest) with momentum 0.99, elu (unbounded, unlike relu's dead units,
+    # which only stall): NaN within the first epoch.
+    members = [params(conv_channels=8, width=64, optimizer="sgd", lr=10.0, momentum=0.99, activation="elu"),
+               params(conv_channels=2, width=16, optimizer="sgd", lr=1e-2, activation="elu")]
+    departures, reports = run_pack(digits, members, kind=CNN)
+    _, alone, _ = fit_alone(digits, members[0], 100, kind=CNN)
+    assert isinstance(alone, Diverged) and isinstance(departures[0].error, Diverged)
+    assert str(departures[0].error) == str(alone)  # same epoch, step and value as fit raises
+    assert_same_training(digits, members[1], 101, departures[1], reports[1], kind=CNN)
+
+
 # --------------------------------------------------------------------------- members end alone
 
 
@@ -282,24 +358,33 @@ def test_a_pruned_member_leaves_with_its_reports(digits: SearchData) -> None:
     assert_same_training(digits, members[1], 101, departures[1], kept)
 
 
-@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "denoise")], ids=["mlp", "autoencoder"])
+@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "denoise"), Kind("cnn")],
+                         ids=["mlp", "autoencoder", "cnn"])
 def test_a_departed_model_is_its_own_plain_model(digits: SearchData, kind: Kind) -> None:
-    members = [params(width=64, batchnorm=True, bottleneck_dim=16), params(width=16, batchnorm=True, bottleneck_dim=3)]
+    members = [params(width=64, batchnorm=True, bottleneck_dim=16, conv_channels=6),
+               params(width=16, batchnorm=True, bottleneck_dim=3, conv_channels=3)]
     departures, _ = run_pack(digits, members, kind=kind)
     model = departures[1].model
     fresh = build_model(kind.family, members[1], image_shape=digits.image_shape, n_classes=digits.n_classes)
     fresh.load_state_dict(model.state_dict())  # unpadded: exactly the narrow model's shapes
     torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
-    assert model[1].weight.shape == (16, 64)
+    if kind.family == "cnn":  # 3 and 6 channels in the two conv blocks; 6 x 2 x 2 features into the dense head
+        convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+        assert [c.weight.shape[:2] for c in convs] == [(3, 1), (6, 3)]
+        assert next(m for m in model if isinstance(m, torch.nn.Linear)).weight.shape == (16, 24)
+    else:
+        assert model[1].weight.shape == (16, 64)
     if kind.family == "autoencoder":  # the code layer and the decoder's first layer: the member's own code size
         code, decoder = [m for m in model if isinstance(m, torch.nn.Linear)][2:4]
         assert code.weight.shape == (3, 16) and decoder.weight.shape == (16, 3)
 
 
-@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "inpaint")], ids=["mlp", "autoencoder"])
+@pytest.mark.parametrize("kind", [CLASSIFY, Kind("autoencoder", "inpaint"), Kind("cnn")],
+                         ids=["mlp", "autoencoder", "cnn"])
 def test_padded_units_stay_zero(digits: SearchData, kind: Kind) -> None:
-    members = [params(width=64, batchnorm=True, dropout=0.2, bottleneck_dim=16, mask_size=4),
-               params(width=16, batchnorm=True, weight_decay=0.1, bottleneck_dim=3, mask_size=4)]
+    # (cnn: padded channels too, under batchnorm, beside the padded dense units.)
+    members = [params(width=64, batchnorm=True, dropout=0.2, bottleneck_dim=16, mask_size=4, conv_channels=6),
+               params(width=16, batchnorm=True, weight_decay=0.1, bottleneck_dim=3, mask_size=4, conv_channels=2)]
     pack = kind.pack(digits, members[0], capacity=3)
     narrow = [pack.add(p, seed=i, report=lambda s, m: None) for i, p in enumerate(members)][1]
     for _ in range(25):  # past the short last batch of the first epoch
@@ -316,8 +401,9 @@ def test_padded_units_stay_zero(digits: SearchData, kind: Kind) -> None:
 
 
 def test_pack_refusal_names_the_reason() -> None:
-    assert pack_refusal("mlp", "classify") is None
-    assert "model.family 'cnn' cannot be packed" in pack_refusal("cnn", "classify")
+    assert pack_refusal("mlp", "classify") is None and pack_refusal("cnn", "classify") is None
+    assert "model.family 'resnet' cannot be packed" in pack_refusal("resnet", "classify")
+    assert "task.type 'denoise' cannot be packed yet with model.family 'cnn'" in pack_refusal("cnn", "denoise")
     assert "task.type 'denoise' cannot be packed" in pack_refusal("mlp", "denoise")
     assert "task.precision 'bf16'" in pack_refusal("mlp", "classify", precision="bf16")
     assert pack_refusal("autoencoder", "denoise") is None and pack_refusal("autoencoder", "inpaint") is None

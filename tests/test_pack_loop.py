@@ -8,6 +8,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -110,44 +111,82 @@ def test_a_packed_denoising_run_gives_every_trial_its_records(tmp_path: Path) ->
     packed, client = _run(tmp_path, "3", PACKED_DENOISE)
     single, single_client = _run(tmp_path, "1", PACKED_DENOISE)
     trials = packed.trials
-    assert len(trials) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert 2 <= _most_at_once(trials) <= 3
-    # Optuna: every trial's reports; a completed one's value is its last report.
-    assert all(t.intermediate_values for t in trials)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert done and all(t.value == t.intermediate_values[max(t.intermediate_values)] for t in done)
-    # MLflow: one child run per trial, closed with its state, with its reconstructions (each epoch, and the last).
-    experiment = client.get_experiment_by_name("packed-ae")
-    children = {int(r.data.tags[TRIAL_NUMBER_TAG]): r for r in client.search_runs([experiment.experiment_id])
-                if TRIAL_NUMBER_TAG in r.data.tags}
-    assert sorted(children) == [t.number for t in trials]
+    children = _every_trial_recorded(packed, client, n_trials=5, pack=3, metric="val_psnr")
+    # Its reconstructions in MLflow (each epoch, and the last).
     for t in trials:
         run = children[t.number]
-        assert run.data.tags[STATE_TAG] == t.state.name and "val_psnr" in run.data.metrics
         images = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")}
         assert "reconstruction.png" in images and "reconstruction_epoch_001.png" in images, (t.number, images)
     for state in {t.state for t in trials}:  # the records of a trial trained alone, for each end
         assert _records(packed, client, state) == _records(single, single_client, state), state
-    # The saved model of a completed member loads alone into the autoencoder build_model makes, and holds the
-    # weights (and gave the reports) of the member's own fit: the trial trained alone with its params and seed.
-    spec = load_spec(tmp_path / "spec-3.yaml", runs_dir=str(tmp_path / "runs-3"))
+    _assert_saved_model_is_its_own_fit(tmp_path / "spec-3.yaml", tmp_path / "runs-3", _completed(trials)[0])
+
+
+def _completed(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def _every_trial_recorded(study: optuna.Study, client: MlflowClient, *, n_trials: int, pack: int, metric: str
+                          ) -> dict[int, Any]:
+    """Assert that a packed run finished its ``n_trials``, ``pack`` at most at once, each trial with its Optuna
+    reports and one MLflow child run closed with its state and holding ``metric``; return {trial number: run}."""
+    trials = study.trials
+    assert len(trials) == n_trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert 2 <= _most_at_once(trials) <= pack
+    # Optuna: every trial's reports; a completed one's value is its last report.
+    assert all(t.intermediate_values for t in trials)
+    done = _completed(trials)
+    assert done and all(t.value == t.intermediate_values[max(t.intermediate_values)] for t in done)
+    # MLflow: one child run per trial, closed with its state.
+    experiment = client.get_experiment_by_name(study.study_name)
+    children = {int(r.data.tags[TRIAL_NUMBER_TAG]): r for r in client.search_runs([experiment.experiment_id])
+                if TRIAL_NUMBER_TAG in r.data.tags}
+    assert sorted(children) == [t.number for t in trials]
+    for t in trials:
+        assert children[t.number].data.tags[STATE_TAG] == t.state.name and metric in children[t.number].data.metrics
+    return children
+
+
+def _assert_saved_model_is_its_own_fit(path: Path, runs: Path, trial: optuna.trial.FrozenTrial) -> None:
+    """Assert that ``trial``'s saved model loads into the model build_model makes for it, and holds the weights
+    (and gave the reports) of its own fit: the trial trained alone with its params and seed."""
+    spec = load_spec(path, runs_dir=str(runs))
     data = load_search_data(spec.task.dataset, val_fraction=spec.task.val_fraction, seed=spec.study.seed)
-    trial = done[0]
     params = {**space.base_params(spec), **trial.params}
-    saved = build_model("autoencoder", params, image_shape=data.image_shape, n_classes=data.n_classes)
-    path = tmp_path / MODEL_FILE
+    family, task = spec.model.family, spec.task.type
+    saved = build_model(family, params, image_shape=data.image_shape, n_classes=data.n_classes)
+    path = runs / MODEL_FILE
     optuna.artifacts.download_artifact(artifact_store=artifact_store(spec), file_path=str(path),
                                        artifact_id=trial.user_attrs[MODEL_ATTR])
     saved.load_state_dict(torch.load(path))
     torch.manual_seed(trial.user_attrs["seed"])
-    alone = build_model("autoencoder", params, image_shape=data.image_shape, n_classes=data.n_classes)
+    alone = build_model(family, params, image_shape=data.image_shape, n_classes=data.n_classes)
     mean, std = input_stats(data.mean, data.std, standardise=spec.task.normalize)
     reports: dict[int, float] = {}
-    fit(alone, data, make_task("denoise", params), TrainConfig.from_params(params, seed=trial.user_attrs["seed"],
-                                                                            device="cpu"),
-        lambda step, metrics: reports.update({step: metrics["val_mse"]}), mean=mean, std=std)
+    fit(alone, data, make_task(task, params), TrainConfig.from_params(params, seed=trial.user_attrs["seed"],
+                                                                       device="cpu"),
+        lambda step, metrics: reports.update({step: metrics[spec.study.metrics[0].name]}), mean=mean, std=std)
     torch.testing.assert_close(saved.state_dict(), alone.state_dict(), rtol=1e-3, atol=1e-4)
     assert trial.intermediate_values == pytest.approx(reports, rel=1e-4)
+
+
+# The CNN: conv channels and dense widths searched (padded per member), the dense layers' count a structural
+# choice; tiny (2 conv blocks of 2-6 channels on digits' 8x8 images).
+PACKED_CNN = _with(PACKED, study={"name": "packed-cnn", "n_trials": 6, "sampler": {"type": "tpe", "n_startup_trials": 2}},
+                   task={"epochs": 2}, model={"family": "cnn"},
+                   space={"conv_channels": {"type": "int", "low": 2, "high": 6}, "n_layers": {"type": "int", "low": 1,
+                                                                                             "high": 2},
+                          "width": {"type": "int", "low": 8, "high": 32}, "lr": SPEC["space"]["lr"]})
+
+
+@pytest.mark.slow
+def test_a_packed_cnn_run_gives_every_trial_its_records(tmp_path: Path) -> None:
+    packed, client = _run(tmp_path, "3", PACKED_CNN)
+    trials = packed.trials
+    children = _every_trial_recorded(packed, client, n_trials=6, pack=3, metric="val_accuracy")
+    assert len({t.params["conv_channels"] for t in trials}) > 1  # members of other channel counts, padded
+    assert all(int(children[t.number].data.params["conv_channels"]) == t.params["conv_channels"] for t in trials)
+    _assert_saved_model_is_its_own_fit(tmp_path / "spec-3.yaml", tmp_path / "runs-3", _completed(trials)[0])
 
 
 def test_a_pack_size_that_is_no_positive_integer_is_refused(tmp_path: Path) -> None:
@@ -159,10 +198,10 @@ def test_a_pack_size_that_is_no_positive_integer_is_refused(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("model, why", [
-    ({"model": {"family": "cnn"}}, "model.family 'cnn' cannot be packed"),
+    ({"model": {"family": "mlp"}, "task": {"precision": "bf16"}}, "task.precision 'bf16' cannot be packed"),
     # An autoencoder space that can give the conv encoder (as inpainting.yaml's): every trial trains alone.
     ({"model": {"family": "autoencoder"}, "task": {"type": "denoise"}, "study": {"metric": "val_mse"},
-      "space": {"encoder": ["dense", "conv"]}}, "encoder 'conv' cannot be packed")], ids=["cnn", "conv-encoder"])
+      "space": {"encoder": ["dense", "conv"]}}, "encoder 'conv' cannot be packed")], ids=["bf16", "conv-encoder"])
 def test_a_model_that_cannot_be_packed_trains_alone_and_says_so_once(tmp_path: Path, model: dict, why: str) -> None:
     spec = _with(PACKED, study={"n_trials": 2, **model.get("study", {})}, task={"epochs": 1, **model.get("task", {})},
                  model=model["model"], tracking={"enabled": False})

@@ -1,6 +1,6 @@
-"""Trial packs: K dense nets of one structure trained together, each the training ``fit`` gives it.
+"""Trial packs: K nets of one structure trained together, each the training ``fit`` gives it.
 
-The nets: MLP classifiers, and dense denoising / in-painting autoencoders.
+The nets: MLP and CNN classifiers, and dense denoising / in-painting autoencoders.
 
 A pack holds K slots. The study loop adds a trial into a free slot at any time (``Pack.add``),
 steps the pack (``Pack.step``: every member takes its next batch of its own data stream), and

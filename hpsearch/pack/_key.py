@@ -9,20 +9,21 @@ from typing import Any
 from hpsearch.errors import SpecError
 from hpsearch.models import Arch, read_arch
 
-# The families a pack trains, each with the tasks it trains them on: the dense classifier, and the dense
-# denoising / in-painting autoencoder (issue 13; CNNs later). Each task's training batch is drawn per member.
-PACKABLE = {"mlp": ("classify",), "autoencoder": ("denoise", "inpaint")}
+# The families a pack trains, each with the tasks it trains them on: the dense classifier, the CNN classifier,
+# and the dense denoising / in-painting autoencoder (issue 13). Each task's training batch is drawn per member.
+PACKABLE = {"mlp": ("classify",), "cnn": ("classify",), "autoencoder": ("denoise", "inpaint")}
 PACKABLE_FAMILIES = tuple(PACKABLE)
 PACKABLE_TASKS = tuple(dict.fromkeys(task for tasks in PACKABLE.values() for task in tasks))
-PACKABLE_ENCODERS = ("dense",)  # an autoencoder's `encoder`: the conv one is a CNN, not packed yet
+PACKABLE_ENCODERS = ("dense",)  # an autoencoder's `encoder`: the conv one (transposed convs) is not packed yet
 
 
 @dataclass(frozen=True)
 class StructureKey:
     """The params every member of a pack shares: they fix the pack's arithmetic, not its numbers.
 
-    Field names are param names where a trial's params hold them (``n_layers`` ... ``encoder``):
+    Field names are param names where a trial's params hold them (``n_layers`` ... ``kernel_size``):
     the study loop fixes those of a pack for its refills. ``family`` and ``task`` are the study's.
+    A CNN's ``conv_channels`` is not here: members' channels are padded, as dense widths are.
     """
 
     n_layers: int
@@ -31,6 +32,8 @@ class StructureKey:
     optimizer: str
     batch_size: int
     encoder: str = "dense"
+    conv_blocks: int = 0  # the CNN's; 0 for dense nets (read_arch's)
+    kernel_size: int = 1
     family: str = "mlp"
     task: str = "classify"
 
@@ -40,7 +43,7 @@ def structure_key(params: Mapping[str, Any], *, family: str = "mlp", task: str =
     arch = read_arch(family, params)
     return StructureKey(n_layers=len(arch.widths), activation=arch.activation, batchnorm=arch.batchnorm,
                         optimizer=params["optimizer"], batch_size=params["batch_size"], encoder=arch.encoder,
-                        family=family, task=task)
+                        conv_blocks=arch.conv_blocks, kernel_size=arch.kernel_size, family=family, task=task)
 
 
 def layer_widths(family: str, arch: Arch) -> tuple[int, ...]:
@@ -70,7 +73,8 @@ def pack_refusal(family: str, task: str, *, precision: str = "fp32", encoders: t
 
     ``encoders``: the autoencoder encoders the study's trials can have. Everything else a trial of a
     packable family may vary is packed per member: learning rate and schedule, momentum and betas,
-    weight decay, dropout, widths (the code size too), seed, augmentation, noise level and mask size.
+    weight decay, dropout, widths (the code size and a CNN's channels too), seed, augmentation,
+    noise level and mask size.
     """
     if family not in PACKABLE:
         return f"model.family {family!r} cannot be packed yet (packs train {list(PACKABLE_FAMILIES)}); " \

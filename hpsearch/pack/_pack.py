@@ -1,6 +1,6 @@
-"""The pack: K slots of dense nets trained together, each member trained, reported and ended on its own.
+"""The pack: K slots of nets trained together, each member trained, reported and ended on its own.
 
-The nets: MLP classifiers (classify), or dense autoencoders (denoise, inpaint).
+The nets: MLP or CNN classifiers (classify), or dense autoencoders (denoise, inpaint).
 
 Each member is the training ``hpsearch.train.fit`` gives it: built by ``build_model`` after
 ``torch.manual_seed(seed)`` (as the objective builds a trial's model), shuffled, augmented and
@@ -26,6 +26,7 @@ from hpsearch.augment import make_augmenter
 from hpsearch.errors import DataError, SpecError
 from hpsearch.models import build_model, keep_mask, read_arch
 from hpsearch.pack._key import StructureKey, check_batchnorm_batches, layer_widths, pack_refusal, structure_key
+from hpsearch.pack._conv import StackedCNN
 from hpsearch.pack._optim import StackedOptimizer
 from hpsearch.pack._stack import StackedDense
 from hpsearch.tasks import Task
@@ -80,7 +81,7 @@ class Departure:
 
 
 class Pack:
-    """K slots of dense nets sharing ``key``, trained together on ``data`` (continuous batching).
+    """K slots of nets sharing ``key``, trained together on ``data`` (continuous batching).
 
     ``add`` puts a trial into a free slot at any time; it starts at epoch 0 with its own data
     order. ``step`` gives every member its next batch and returns the members that left.
@@ -109,8 +110,10 @@ class Pack:
         self.batch = self.bounds[0][1] - self.bounds[0][0]  # the widest batch: every slot's column count
         self.reconstructs = key.family == "autoencoder"  # the outputs are images, the loss task.loss's MSE
         n_in = math.prod(data.image_shape)
-        self.stack = StackedDense(key, capacity=capacity, n_in=n_in,
-                                  n_out=n_in if self.reconstructs else data.n_classes, device=self.device)
+        self.stack = (StackedCNN(key, capacity=capacity, image_shape=data.image_shape, n_out=data.n_classes,
+                                 device=self.device) if key.family == "cnn"
+                      else StackedDense(key, capacity=capacity, n_in=n_in,
+                                        n_out=n_in if self.reconstructs else data.n_classes, device=self.device))
         # The CPU steps each member's own fit optimizer on its own model (its very kernel and numbers, and
         # cheap there); other devices, where K optimizer calls would cost K kernel launches, one stacked pass.
         self.stacked = (None if self.device.type == "cpu"
@@ -151,7 +154,7 @@ class Pack:
         torch.manual_seed(seed)  # as the objective builds a trial's model: the seed fixes the initial weights
         model = build_model(family, params, image_shape=self.image_shape, n_classes=self.n_classes).to(self.device)
         slot = self.slots.index(None)
-        grown = self.stack.grow(widths)
+        grown = self.stack.grow_for(arch)
         if grown and self.stacked is not None:
             self.stacked.pad(grown)
         self.stack.load(slot, model)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpsearch.models import ACTIVATION_LAYERS
-from hpsearch.pack._key import StructureKey, hidden_layers
+from hpsearch.models import ACTIVATION_LAYERS, Arch
+from hpsearch.pack._key import StructureKey, hidden_layers, layer_widths
 
 _BN_MOMENTUM = 0.1  # nn.BatchNorm1d's defaults, which build_model's layers keep
 _BN_EPS = 1e-5
@@ -40,7 +40,7 @@ class StackedDense:
         self.buffers: dict[str, Tensor] = {}
         for name, shape in self.shapes(self.widths).items():
             tensor = torch.zeros(shape, device=device)
-            if name.startswith("running"):
+            if "running" in name:
                 self.buffers[name] = tensor
             else:
                 self.params[name] = tensor.requires_grad_()
@@ -62,13 +62,21 @@ class StackedDense:
 
     # ----------------------------------------------------------------------- slots
 
+    def grow_for(self, arch: Arch) -> dict[str, tuple[int, ...]] | None:
+        """Pad every tensor to hold a member of ``arch``; return the new shapes, or None when it fits already."""
+        return self.grow(layer_widths(self.key.family, arch))
+
     def grow(self, widths: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
-        """Pad every tensor to hold ``widths``; return the new shapes, or None when they fit already."""
+        """Pad every tensor to hold layer ``widths``; return the new shapes, or None when they fit already."""
         wanted = tuple(max(a, b) for a, b in zip(self.widths, widths))
         if wanted == self.widths:
             return None
         self.widths = wanted
-        shapes = self.shapes(wanted)
+        return self._pad()
+
+    def _pad(self) -> dict[str, tuple[int, ...]]:
+        """Pad every tensor to the shapes of the present widths; return them."""
+        shapes = self.shapes(self.widths)
         self.params = {name: pad_to(p.detach(), shapes[name]).requires_grad_() for name, p in self.params.items()}
         self.buffers = {name: pad_to(b, shapes[name]) for name, b in self.buffers.items()}
         return shapes
@@ -86,7 +94,7 @@ class StackedDense:
         for name, tensor in self._slot_views(slot, model):
             tensor.copy_(self._own(name, slot, tensor))
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm1d) and module.num_batches_tracked is not None:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
                 module.num_batches_tracked.fill_(steps)
 
     @torch.no_grad()
@@ -127,6 +135,11 @@ class StackedDense:
 
     def _parameter_views(self, model: nn.Module) -> list[tuple[str, Tensor]]:
         """Return (stacked name, the parameter, detached) in ``model.parameters()``'s order."""
+        names = self._parameter_names(model)
+        return [(names[id(p)], p.detach()) for p in model.parameters()]
+
+    def _parameter_names(self, model: nn.Module) -> dict[int, str]:
+        """Return {id(parameter): its stacked name} for ``model``'s dense layers."""
         names: dict[int, str] = {}
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         norm_layers = self._norm_layers()
@@ -139,7 +152,7 @@ class StackedDense:
                 names[id(m.bias)] = f"bias{i}"
         for layer, m in zip(norm_layers, norms):
             names[id(m.weight)], names[id(m.bias)] = f"gamma{layer}", f"beta{layer}"
-        return [(names[id(p)], p.detach()) for p in model.parameters()]
+        return names
 
     # ----------------------------------------------------------------------- training
 
