@@ -57,6 +57,13 @@ class TakenOver(TrialFailed):
     """Another worker closed this trial while it ran (declared it stale, see study._taken_over)."""
 
 
+def say_taken_over(number: int, grace_period: float) -> None:
+    """Say that trial ``number``, this worker's, was declared stale by another worker, which failed and retried it."""
+    logger.warning(f"trial {number} was declared stale by another worker (its heartbeat was over {grace_period} s "
+                   "late: an overloaded machine or a paused process?), and failed and retried there; this worker "
+                   "drops its result and goes on.")
+
+
 @dataclass
 class TrialContext:
     """What every trial of one worker shares: spec, data on the device, tracking."""

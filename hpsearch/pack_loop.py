@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from hpsearch.checks import available_memory, largest_model
 from hpsearch.knobs import KNOBS
-from hpsearch.objective import TrialContext, TrialFailed, _Running, begin_trial, guarded
+from hpsearch.objective import TakenOver, TrialContext, TrialFailed, _Running, begin_trial, guarded, say_taken_over
 from hpsearch.pack import Pack, StructureKey, pack_refusal, structure_key
 from hpsearch.signals import StopSignals
 from hpsearch.spec import Spec
@@ -234,6 +234,11 @@ def _end(study: optuna.Study, trial: optuna.Trial, this: _Running, ending: Calla
     and tell the study, as ``Study.optimize`` tells a trial trained alone."""
     try:
         values = guarded(trial, this.ctx, ending)
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise TakenOver(f"trial {trial.number} was closed by another worker")
+    except TakenOver:  # declared stale by another worker (this one was stalled), failed and retried there
+        if not quiet:
+            say_taken_over(trial.number, this.ctx.spec.study.grace_period)
     except optuna.TrialPruned as exc:
         _tell(study, trial, TrialState.PRUNED, None, exc)
     except (Exception, KeyboardInterrupt) as exc:  # failed; or interrupted, or the worker's fault: FAIL, then on

@@ -28,7 +28,7 @@ from hpsearch import insights, space, stopping
 from hpsearch.errors import HPSearchError, SpecError, StorageError
 from hpsearch.finish import finish
 from hpsearch.pack_loop import pack_capacity, work_packed
-from hpsearch.objective import TakenOver, TrialContext, TrialFailed, run_trial, track_late
+from hpsearch.objective import TakenOver, TrialContext, TrialFailed, run_trial, say_taken_over, track_late
 from hpsearch.record import (ENQUEUED_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, FINGERPRINT_ATTR, INTERRUPTED_ATTR,
                              RUN_ID_ATTR, SAMPLER_STREAM_ATTR, SAMPLER_STREAM_KEY, SPEC_ATTR, STATE_TAG, STOPPED_ATTR,
                              SURPLUS_ATTR, WORKER_ATTR, artifact_store, count, count_trials, open_existing, read_spec,
@@ -328,9 +328,7 @@ def _taken_over(spec: Spec, study: optuna.Study, trials: list[optuna.Trial]) -> 
     """
     lost = [t.number for t in trials if study._storage.get_trial(t._trial_id).state.is_finished()]
     for number in lost:
-        logger.warning(f"trial {number} was declared stale by another worker (its heartbeat was over "
-                       f"{spec.study.grace_period} s late: an overloaded machine or a paused process?), and failed "
-                       "and retried there; this worker drops its result and goes on.")
+        say_taken_over(number, spec.study.grace_period)
     return bool(lost)
 
 

@@ -288,3 +288,31 @@ def test_every_running_member_keeps_its_heartbeat(tmp_path: Path) -> None:
         assert fail_stale_trials(study, grace_period=2) == [members[0].number]
     states = {t.number: t.state for t in study.get_trials()}
     assert [states[t.number] for t in members[1:]] == [TrialState.RUNNING] * 2
+
+
+@pytest.mark.slow
+def test_a_packed_worker_whose_members_another_declared_stale_drops_them_and_goes_on(tmp_path: Path) -> None:
+    # As a worker trained alone does (tests/test_workers.py): a stalled packed worker whose members
+    # another worker failed and retried says so once per member, a warning, not Optuna's failure line.
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 2}, task={"epochs": 40}))
+    storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    worker = _popen(["worker", str(path), "--threads", "1", "--pack", "2"], tmp_path, "w.log", env=_env(tmp_path))
+    try:
+        _wait_for(lambda: len(_mid_training(storage, "shared")) == 2, [worker], "both members mid-training")
+        worker.send_signal(signal.SIGSTOP)
+        time.sleep(LONG_TRIALS["study"]["grace_period"] + 2)
+        grace = LONG_TRIALS["study"]["grace_period"]
+        assert sorted(fail_stale_trials(open_study(load_spec(path, runs_dir=tmp_path / "runs")),
+                                        grace_period=grace)) == [0, 1]
+        worker.send_signal(signal.SIGCONT)
+        code = worker.wait(timeout=180)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    output = (tmp_path / "w.log").read_text()
+    assert code == 0 and "Traceback" not in output and "failed with parameters" not in output, output
+    for number in (0, 1):
+        assert output.count(f"trial {number} was declared stale by another worker") == 1, output
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2  # the retries ran, here
+    assert sorted(t.system_attrs.get("failed_trial") for t in trials[2:]) == [0, 1]
