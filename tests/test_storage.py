@@ -342,14 +342,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+# Packed: the pack loop left a member RUNNING, its worker's full disk unnamed as such.
 @pytest.mark.slow
-def test_a_full_disk_stops_the_study_with_a_clear_error_and_no_running_trial(small_disk: Path,
-                                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("pack", [1, 3], ids=["alone", "packed"])
+def test_a_full_disk_stops_the_study_with_a_clear_error_and_no_running_trial(small_disk: Path, tmp_path: Path,
+                                                                              pack: int) -> None:
     spec = _small_spec(tmp_path)
     spec.write_text(spec.read_text().replace("n_trials: 2", "n_trials: 60").replace("epochs: 1", "epochs: 2"))
     started = time.monotonic()
-    code, output, _ = _hpsearch(["run", str(spec), "--runs-dir", str(small_disk / "runs")], tmp_path,
-                                timeout=300)
+    code, output, _ = _hpsearch(["run", str(spec), "--runs-dir", str(small_disk / "runs"), "--pack", str(pack)],
+                                tmp_path, timeout=300)
     took = time.monotonic() - started
     assert code == 1, output
     # Named as a full disk, at once: not taken for a database outage (no 2-minute wait, no "is back").
