@@ -267,7 +267,9 @@ def cnns(**shared: Any) -> list[dict[str, Any]]:
     ("adam", False, "relu"),  # relu pools first, as the model does; gelu pools after its activation
     ("sgd", True, "gelu"),  # SGD under batchnorm: see test_batchnorm_and_activations
     pytest.param("adamw", False, "tanh", marks=pytest.mark.slow),
-    pytest.param("rmsprop", True, "relu", marks=pytest.mark.slow)])
+    # RMSprop (like Adam) under batchnorm turns rounding noise into full steps (see
+    # test_batchnorm_and_activations): with batchnorm it matched on 2 threads and not on 1 (CI's xdist).
+    pytest.param("rmsprop", False, "relu", marks=pytest.mark.slow)])
 def test_cnns_end_where_their_fits_end(digits: SearchData, optimizer: str, batchnorm: bool, activation: str) -> None:
     members = cnns(optimizer=optimizer, batchnorm=batchnorm, activation=activation, lr_schedule="cosine")
     departures, reports = run_pack(digits, members, kind=CNN)
