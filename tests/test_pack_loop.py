@@ -31,7 +31,8 @@ from hpsearch.record import STATE_TAG, TEST_ATTR, TRIAL_NUMBER_TAG
 from hpsearch.tasks import input_stats, make_task
 from hpsearch.train import TrainConfig, fit
 
-from .test_workers import HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write, retried
+from .test_workers import (HOST, LONG_TRIALS, SPEC, _env, _mid_training, _popen, _wait_for, _with, _write, retried,
+                           stall_past_grace)
 
 # Tiny, but with a structural choice (n_layers, optimizer) and a pruner that prunes from the first epoch.
 PACKED = _with(SPEC, study={"name": "packed", "n_trials": 10, "sampler": {"type": "tpe", "n_startup_trials": 3},
@@ -299,12 +300,7 @@ def test_a_packed_worker_whose_members_another_declared_stale_drops_them_and_goe
     worker = _popen(["worker", str(path), "--threads", "1", "--pack", "2"], tmp_path, "w.log", env=_env(tmp_path))
     try:
         _wait_for(lambda: len(_mid_training(storage, "shared")) == 2, [worker], "both members mid-training")
-        worker.send_signal(signal.SIGSTOP)
-        time.sleep(LONG_TRIALS["study"]["grace_period"] + 2)
-        grace = LONG_TRIALS["study"]["grace_period"]
-        assert sorted(fail_stale_trials(open_study(load_spec(path, runs_dir=tmp_path / "runs")),
-                                        grace_period=grace)) == [0, 1]
-        worker.send_signal(signal.SIGCONT)
+        assert stall_past_grace(worker, path) == [0, 1]
         code = worker.wait(timeout=180)
     finally:
         if worker.poll() is None:

@@ -278,10 +278,7 @@ def test_a_worker_whose_trial_another_declared_stale_drops_it_and_goes_on(tmp_pa
     run = _popen(["run", str(path), "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
     try:
         _wait_for(lambda: _mid_training(storage, "shared"), [run], "trial 0 past its first epoch")
-        run.send_signal(signal.SIGSTOP)
-        time.sleep(LONG_TRIALS["study"]["grace_period"] + 2)
-        assert fail_stale_trials(open_study(load_spec(path)), grace_period=LONG_TRIALS["study"]["grace_period"]) == [0]
-        run.send_signal(signal.SIGCONT)
+        assert stall_past_grace(run, path) == [0]
         code = run.wait(timeout=180)
     finally:
         if run.poll() is None:
@@ -292,6 +289,17 @@ def test_a_worker_whose_trial_another_declared_stale_drops_it_and_goes_on(tmp_pa
     trials = optuna.load_study(study_name="shared", storage=storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the retry ran, here
     assert trials[1].system_attrs.get("failed_trial") == 0
+
+
+def stall_past_grace(proc: subprocess.Popen[bytes], path: Path) -> list[int]:
+    """Pause the worker ``proc`` past LONG_TRIALS' grace period, fail its trials as another worker would (stale),
+    resume it; return the numbers of the trials failed."""
+    proc.send_signal(signal.SIGSTOP)
+    grace = LONG_TRIALS["study"]["grace_period"]
+    time.sleep(grace + 2)
+    failed = fail_stale_trials(open_study(load_spec(path, runs_dir=path.parent / "runs")), grace_period=grace)
+    proc.send_signal(signal.SIGCONT)
+    return sorted(failed)
 
 
 def retried(trials: list[optuna.trial.FrozenTrial], number: int, pid: int) -> optuna.trial.FrozenTrial:
