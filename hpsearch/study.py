@@ -236,14 +236,11 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
     study.sampler = make_sampler(spec, seed=seed)
     study.pruner = make_pruner(spec.study.pruner, reports_per_epoch=setup.reports_per_epoch)
 
-    capacity = pack_capacity(spec, setup.device)
-    current: list[optuna.Trial] = []  # the trial this worker runs now (in packs: every trial it started)
+    current: list[optuna.Trial] = []  # the trial this worker runs now
 
     def admit(trial: optuna.Trial) -> bool:
         """Tag a new trial with this worker; return False when it is surplus (marked so)."""
         set_user_attrs(trial, {WORKER_ATTR: worker_id(), SAMPLER_STREAM_ATTR: stream})
-        if capacity > 1:
-            current.append(trial)
         if not _surplus(study, trial, n_trials):
             return True
         trial.set_user_attr(SURPLUS_ATTR, f"other workers had already started the study's {n_trials} "
@@ -293,6 +290,7 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in surplus)
 
     optuna_log = logging.getLogger("optuna.study._optimize")
+    capacity = pack_capacity(spec, setup.device)
     with signals, _log_filters(optuna_log, signals.filter, not_a_failure, _one_line_failures):
         if capacity > 1:
             try:
@@ -301,7 +299,8 @@ def _work(spec: Spec, study: optuna.Study, setup: WorkerSetup, *, timeout: float
             except Exception as exc:  # a full disk ends the worker with its members closed, anything else as it was
                 if disk_full_cause(exc) is None:
                     raise
-                members = [t for t in current if not rdb(study).get_trial(t._trial_id).state.is_finished()]
+                members = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                           if t.user_attrs.get(WORKER_ATTR) == worker_id()]  # those the pack could not close
                 raise _stop_on_full_disk(spec, study, members, setup.tracker, exc) from None
         while capacity == 1 and (deadline is None or time.monotonic() < deadline):
             signals.check()
@@ -348,9 +347,9 @@ def _record_stop(study: optuna.Study, verdict: stopping.Verdict) -> bool:
     return True
 
 
-def _stop_on_full_disk(spec: Spec, study: optuna.Study, trials: list[optuna.Trial], tracker: Tracker | None,
-                       exc: BaseException) -> StorageError:
-    """Close the trial a full disk cut short (FAIL; its MLflow run FAILED); return the error that ends the worker.
+def _stop_on_full_disk(spec: Spec, study: optuna.Study, trials: list[optuna.Trial] | list[FrozenTrial],
+                       tracker: Tracker | None, exc: BaseException) -> StorageError:
+    """Close the trials a full disk cut short (FAIL; its MLflow run FAILED); return the error that ends the worker.
 
     Optuna could not close it itself, and a waiting worker would only write to the full disk again.
     """
