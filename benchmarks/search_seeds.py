@@ -65,7 +65,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -312,8 +312,13 @@ def warm_up(runs_dir: Path, *, threads: int, train_limit: int | None, spec_file:
 
 
 def measure(*, seeds: Sequence[int], budget: float, threads: int | None = None, train_limit: int | None = None,
-            searchers: Sequence[str] = SEARCHERS, progress: bool = False, spec_file: Path = SPEC_FILE) -> list[Run]:
-    """Return every searcher's run for every seed, the searchers' order rotated by one each seed."""
+            searchers: Sequence[str] = SEARCHERS, progress: bool = False, spec_file: Path = SPEC_FILE,
+            on_run: Callable[[list[Run]], None] | None = None) -> list[Run]:
+    """Return every searcher's run for every seed, the searchers' order rotated by one each seed.
+
+    ``on_run`` is called with the runs so far after each one (``--json`` keeps them as they come, so a
+    long measurement that stops on its way keeps what it measured).
+    """
     check_searchers(searchers, spec_file)
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -331,6 +336,8 @@ def measure(*, seeds: Sequence[int], budget: float, threads: int | None = None, 
                 else:
                     run = run_hpsearch(searcher, spec, budget=budget, threads=threads)
                 runs.append(run)
+                if on_run is not None:
+                    on_run(runs)
                 if progress:
                     done = sum(t["value"] is not None for t in run.trials)
                     print(f"seed {seed} {searcher}: {len(run.trials)} trials ({done} complete) in "
@@ -479,13 +486,18 @@ def main() -> None:
                  f"train limit {args.train_limit or 'none'}; load average at start {_load()}")
         print(about, flush=True)
         started = time.perf_counter()
+
+        def save(runs: list[Run], about: str = about + " (not finished)") -> None:
+            if args.json:
+                args.json.write_text(json.dumps({"about": about, "spec": read_yaml(args.spec),
+                                                 "runs": [dataclasses.asdict(r) for r in runs]}, indent=1))
+
         runs = measure(seeds=[int(s) for s in args.seeds.split(",")], budget=max(budgets), threads=args.threads,
-                       train_limit=args.train_limit, searchers=searchers, progress=True, spec_file=args.spec)
+                       train_limit=args.train_limit, searchers=searchers, progress=True, spec_file=args.spec,
+                       on_run=save)
         about += f", at end {_load()}; {time.perf_counter() - started:.0f} s in all"
         print(f"load average at end {_load()}; {time.perf_counter() - started:.0f} s in all\n")
-        if args.json:
-            args.json.write_text(json.dumps({"about": about, "spec": read_yaml(args.spec),
-                                             "runs": [dataclasses.asdict(r) for r in runs]}, indent=1))
+        save(runs, about)
     raw = saved["spec"] if args.from_json else read_yaml(args.spec)
     metric = raw["study"].get("metric", "value")
     print_table(runs, target=args.target, budgets=budgets, metric=metric)
