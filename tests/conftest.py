@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,29 @@ def _isolated_runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MPLBACKEND", "Agg")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     return runs
+
+
+@pytest.fixture(scope="session")
+def mlflow_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store with MLflow's tables, made once per test process: MLflow makes a new
+    store's tables by running its schema migrations, seconds of CPU; copying the file takes milliseconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("schema") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def made_mlflow_store(mlflow_schema: Path, _isolated_runs_dir: Path) -> Path:
+    """Return <runs>/mlflow.db, an empty MLflow store with its tables made (a copy of ``mlflow_schema``).
+
+    For tests that track to the default store but are not about making one. Making one stays tested where
+    it is the point: tests/test_tracking.py's workers racing on a new store, test_workers' killed worker
+    and two runs started together, test_cli's run of a small study.
+    """
+    _isolated_runs_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(mlflow_schema, _isolated_runs_dir / "mlflow.db"))
 
 
 def _one_cpu_per_xdist_worker() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,9 +164,9 @@ def test_a_taken_port_is_refused_not_reported_open(tmp_path: Path, command: str)
 
 
 @pytest.fixture(scope="module")
-def seen(tmp_path_factory: pytest.TempPathFactory) -> Built:
+def seen(tmp_path_factory: pytest.TempPathFactory, mlflow_schema: Path) -> Built:
     """A finished denoise study, tracked in MLflow, with its notes, published plots and report."""
-    built = build_study(tmp_path_factory.mktemp("seen"), "denoise")
+    built = build_study(tmp_path_factory.mktemp("seen"), "denoise", mlflow_schema=mlflow_schema)
     assert insights.refresh(built.spec, built.study, _tracker(built.spec), built.parent_run_id, force=True)
     report.write_report(built.spec, built.study, Path(built.spec.runs_dir) / "report")
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -336,7 +337,8 @@ def test_serve_answers_then_stops_with_its_server(seen: Built, signum: int) -> N
 
 
 @pytest.mark.slow
-def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: Path, browser: Any) -> None:
+def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: Path, browser: Any,
+                                                                    mlflow_schema: Path) -> None:
     """After a tiny real study, the page `hpsearch ui` prints shows the runs table first: every trial
     run (a child of the study's parent run) with its validation accuracy, best first; a trial's image
     is a click away."""
@@ -351,6 +353,7 @@ def test_hpsearch_ui_opens_on_the_study_runs_their_metric_and_images(tmp_path: P
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
     runs_dir = tmp_path / "runs"
     spec_path = tiny_spec(tmp_path)
+    shutil.copy(mlflow_schema, tmp_path / "mlflow.db")  # its MLflow store, tables made (not this test's point)
     assert run_cli("run", str(spec_path), "--runs-dir", str(runs_dir)).exit_code == 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("tiny").experiment_id

@@ -8,6 +8,7 @@ real PNG artifacts: reconstruction grids drawn by `pictures.reconstruction_grid`
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import types
 import warnings
@@ -134,10 +135,16 @@ def _tracker(spec: Spec) -> Any:
     return Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root)
 
 
-def build_study(tmp_path: Path, kind: str = "denoise", *, tracking: bool = True) -> Built:
-    """Return a finished study of ``kind`` made like objective.py makes one (see module docstring)."""
+def build_study(tmp_path: Path, kind: str = "denoise", *, tracking: bool = True,
+                mlflow_schema: Path | None = None) -> Built:
+    """Return a finished study of ``kind`` made like objective.py makes one (see module docstring).
+
+    Tracked, it starts from a copy of ``mlflow_schema`` (conftest's empty store) where one is given.
+    """
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = make_spec(tmp_path, kind)
+    if tracking and mlflow_schema is not None:
+        shutil.copy(mlflow_schema, tmp_path / "mlflow.db")  # spec_raw's tracking URI
     storage = optuna.storages.RDBStorage(spec.study.storage)
     metric = spec.study.metrics[0]
     study = optuna.create_study(study_name=spec.study.name, storage=storage, direction=metric.direction)

@@ -297,6 +297,7 @@ def _nothing_running(runs: Path, name: str) -> tuple[optuna.Study, MlflowClient,
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_a_trial_whose_model_does_not_fit_fails_alone(tmp_path: Path) -> None:
     # The issue's "model too large for memory" that validation cannot see: the machine has the memory,
     # but this process may not take it (a ulimit, as a container's limit would). Trial 0's model needs
@@ -318,6 +319,7 @@ def test_a_trial_whose_model_does_not_fit_fails_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_a_fault_of_the_worker_ends_the_study_with_one_line_and_closes_its_parent_run(tmp_path: Path) -> None:
     # The artifacts folder cannot be made (a file is in the way): every trial would fail on it, so it
     # ends the worker, with one line, and the study's MLflow parent run ends FAILED, not RUNNING.

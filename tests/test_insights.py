@@ -35,9 +35,9 @@ def built(tmp_path: Path) -> Built:
 
 
 @pytest.fixture
-def tracked(tmp_path: Path) -> Built:
-    """The same study, its trials also recorded as MLflow runs (slower: MLflow creates its tables)."""
-    return build_study(tmp_path, "denoise")
+def tracked(tmp_path: Path, mlflow_schema: Path) -> Built:
+    """The same study, its trials also recorded as MLflow runs."""
+    return build_study(tmp_path, "denoise", mlflow_schema=mlflow_schema)
 
 
 def test_annotate_writes_each_note_once(built: Built) -> None:

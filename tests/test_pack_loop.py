@@ -4,6 +4,7 @@ alone has; a packed worker stopped by a signal or SIGKILL leaves no trial RUNNIN
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections import Counter
@@ -54,8 +55,10 @@ PACKED_DENOISE = _with(PACKED, study={"name": "packed-ae", "metric": "val_mse", 
                        tracking={"enabled": True, "log_images_every": 1})
 
 
-def _run(tmp_path: Path, pack: str, spec: dict = PACKED) -> tuple[optuna.Study, MlflowClient]:
+def _run(tmp_path: Path, schema: Path, pack: str, spec: dict = PACKED) -> tuple[optuna.Study, MlflowClient]:
     runs = tmp_path / f"runs-{pack}"
+    runs.mkdir()
+    shutil.copy(schema, runs / "mlflow.db")  # an empty MLflow store (conftest's mlflow_schema): made once
     path = _write(tmp_path, spec, f"spec-{pack}.yaml")
     result = CliRunner().invoke(cli, ["run", str(path), "--pack", pack, "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output
@@ -81,9 +84,10 @@ def _records(study: optuna.Study, client: MlflowClient, state: TrialState) -> tu
 
 
 @pytest.mark.slow
-def test_a_packed_run_finishes_its_trials_with_the_records_of_an_unpacked_one(tmp_path: Path) -> None:
-    packed, packed_client = _run(tmp_path, "4")
-    single, single_client = _run(tmp_path, "1")
+def test_a_packed_run_finishes_its_trials_with_the_records_of_an_unpacked_one(tmp_path: Path,
+                                                                           mlflow_schema: Path) -> None:
+    packed, packed_client = _run(tmp_path, mlflow_schema, "4")
+    single, single_client = _run(tmp_path, mlflow_schema, "1")
     trials = packed.trials
     # Its n_trials, every one finished; some pruned and their slots refilled (10 trials through 4 slots).
     assert len(trials) == 10 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
@@ -108,9 +112,9 @@ def test_a_packed_run_finishes_its_trials_with_the_records_of_an_unpacked_one(tm
 
 
 @pytest.mark.slow
-def test_a_packed_denoising_run_gives_every_trial_its_records(tmp_path: Path) -> None:
-    packed, client = _run(tmp_path, "3", PACKED_DENOISE)
-    single, single_client = _run(tmp_path, "1", PACKED_DENOISE)
+def test_a_packed_denoising_run_gives_every_trial_its_records(tmp_path: Path, mlflow_schema: Path) -> None:
+    packed, client = _run(tmp_path, mlflow_schema, "3", PACKED_DENOISE)
+    single, single_client = _run(tmp_path, mlflow_schema, "1", PACKED_DENOISE)
     trials = packed.trials
     children = _every_trial_recorded(packed, client, n_trials=5, pack=3, metric="val_psnr")
     # Its reconstructions in MLflow (each epoch, and the last).
@@ -181,8 +185,8 @@ PACKED_CNN = _with(PACKED, study={"name": "packed-cnn", "n_trials": 6, "sampler"
 
 
 @pytest.mark.slow
-def test_a_packed_cnn_run_gives_every_trial_its_records(tmp_path: Path) -> None:
-    packed, client = _run(tmp_path, "3", PACKED_CNN)
+def test_a_packed_cnn_run_gives_every_trial_its_records(tmp_path: Path, mlflow_schema: Path) -> None:
+    packed, client = _run(tmp_path, mlflow_schema, "3", PACKED_CNN)
     trials = packed.trials
     children = _every_trial_recorded(packed, client, n_trials=6, pack=3, metric="val_accuracy")
     assert len({t.params["conv_channels"] for t in trials}) > 1  # members of other channel counts, padded
@@ -219,6 +223,7 @@ PACKED_LONG = _with(LONG_TRIALS, study={"n_trials": 4})
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_a_killed_packed_workers_members_are_failed_and_retried(tmp_path: Path) -> None:
     path = _write(tmp_path, PACKED_LONG)
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
@@ -251,6 +256,7 @@ def test_a_killed_packed_workers_members_are_failed_and_retried(tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_ends_every_member_of_a_pack_as_interrupted(tmp_path: Path, signum: int) -> None:
     path = _write(tmp_path, _with(PACKED_LONG, study={"n_trials": 30}))
@@ -292,6 +298,7 @@ def test_every_running_member_keeps_its_heartbeat(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_a_packed_worker_whose_members_another_declared_stale_drops_them_and_goes_on(tmp_path: Path) -> None:
     # As a worker trained alone does (tests/test_workers.py): a stalled packed worker whose members
     # another worker failed and retried says so once per member, a warning, not Optuna's failure line.

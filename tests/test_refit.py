@@ -115,6 +115,7 @@ def _trial_model(study: optuna.Study, tmp_path: Path) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_the_refit_model_trains_on_train_and_val_and_is_the_one_registered(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     result, study, client = _run(tmp_path)
@@ -147,6 +148,7 @@ def test_the_refit_model_trains_on_train_and_val_and_is_the_one_registered(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_no_refit_registers_the_best_trials_own_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result, study, client = _run(tmp_path, "--no-refit")
     test = study.user_attrs["hpsearch.test"]

@@ -30,23 +30,10 @@ HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def _schema_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite file with MLflow's tables (creating them takes seconds, copying it milliseconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("schema") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def store(tmp_path: Path, _schema_db: Path) -> tuple[str, str]:
+def store(made_mlflow_store: Path) -> tuple[str, str]:
     """Return (uri, artifact_root) of an empty store laid out as hpsearch's default: <runs>/mlflow.db."""
-    runs = tmp_path / "runs"
-    runs.mkdir(exist_ok=True)
-    shutil.copy(_schema_db, runs / "mlflow.db")
-    return f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
+    return f"sqlite:///{made_mlflow_store}", str(made_mlflow_store.parent / "mlartifacts")
 
 
 @pytest.fixture
@@ -350,12 +337,12 @@ def _worker(uri: str, artifact_root: str, index: int, barrier: Any, results: Any
 
 
 @pytest.mark.parametrize("new_store", [True, False], ids=["new-store", "existing-store"])
-def test_workers_starting_together_share_one_experiment_and_one_parent_run(tmp_path: Path, _schema_db: Path,
+def test_workers_starting_together_share_one_experiment_and_one_parent_run(tmp_path: Path, mlflow_schema: Path,
                                                                           new_store: bool) -> None:
     runs = tmp_path / "runs"
     runs.mkdir()
     if not new_store:
-        shutil.copy(_schema_db, runs / "mlflow.db")
+        shutil.copy(mlflow_schema, runs / "mlflow.db")
     # A new store's tables are created by the first worker while the others wait for it.
     uri, artifacts = f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
     # Forked from a server process that imported this module (MLflow, hpsearch) once, not four times.
@@ -514,7 +501,7 @@ def test_an_unreachable_server_costs_warnings_and_seconds_never_an_exception(
 
 
 def test_a_broken_store_warns_and_the_tracker_tries_again_later(tmp_path: Path, warnings: list[str],
-                                                                _schema_db: Path) -> None:
+                                                                mlflow_schema: Path) -> None:
     # The store's directory cannot be created yet (a file stands in its way): calls warn and fail...
     blocker = tmp_path / "runs"
     blocker.write_text("not a directory")
@@ -525,7 +512,7 @@ def test_a_broken_store_warns_and_the_tracker_tries_again_later(tmp_path: Path, 
     # ...and once the store is there, the same tracker gets through.
     blocker.unlink()
     blocker.mkdir()
-    shutil.copy(_schema_db, blocker / "mlflow.db")
+    shutil.copy(mlflow_schema, blocker / "mlflow.db")
     assert tracker.study_run("s", params={}, tags={}) is not None
     assert len(warnings) == 1
 
@@ -595,9 +582,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> Any:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+def tiny(tmp_path_factory: pytest.TempPathFactory, mlflow_schema: Path) -> tuple[Path, Any]:
     """A finished tiny study with system metrics on (sampled every 0.2 s): its spec and `hpsearch run`'s result."""
     folder = tmp_path_factory.mktemp("tiny")
+    shutil.copy(mlflow_schema, folder / "mlflow.db")  # tiny_spec's MLflow store, its tables made
     spec = tiny_spec(folder, tracking={"system_metrics": True})
     result = run_cli("run", str(spec), "--runs-dir", str(folder / "runs"),
                      env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})

@@ -49,6 +49,9 @@ def _write(tmp_path: Path, epochs: int = EPOCHS, **study: object) -> Path:
     return path
 
 
+# Every test here tracks to <runs>/mlflow.db (or to a server), none is about making that store: it is there.
+pytestmark = pytest.mark.usefixtures("made_mlflow_store")
+
 LONG = 120  # epochs: a trial of seconds, so a poll of the stores (slow on a loaded machine) sees it mid-training
 
 

@@ -268,6 +268,7 @@ LONG_TRIALS = _with(SPEC, study={"n_trials": 4, "grace_period": 3},
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_a_worker_whose_trial_another_declared_stale_drops_it_and_goes_on(tmp_path: Path) -> None:
     # A worker stalled past the grace period (an overloaded machine, a paused VM) finds its trial
     # failed and retried by another worker: it drops its result with a warning, not a traceback.
@@ -359,6 +360,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 # SIGHUP (the terminal closed) with one worker: `run` passes any stop signal on to its workers alike,
 # which SIGINT with two covers.
 @pytest.mark.parametrize(("signum", "workers"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGHUP, 1)],
@@ -398,6 +400,7 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, signum: int, workers: in
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 def test_four_workers_on_sqlite_never_hit_a_locked_database(tmp_path: Path) -> None:
     spec = _with(SPEC, study={"n_trials": 24, "sampler": {"type": "tpe", "n_startup_trials": 5},
                               "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}},
@@ -666,6 +669,7 @@ def test_trials_that_ran_while_mlflow_was_down_get_their_runs_once_it_is_back(tm
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("made_mlflow_store")
 @pytest.mark.parametrize("moment", ["testing", "recording"])
 def test_ctrl_c_during_the_final_test_leaves_no_record_or_a_whole_one(tmp_path: Path, moment: str) -> None:
     path = _write(tmp_path, _with(SPEC, study={"n_trials": 2}, task={"epochs": 1}, tracking={"enabled": True}))
