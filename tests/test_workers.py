@@ -377,6 +377,7 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, signum: int, workers: in
         os.killpg(run.pid, signum)
         interrupted_at = time.time()
         assert run.wait(timeout=60) == 130, (tmp_path / "run.log").read_text()
+        print(f"{workers} worker(s) stopped {time.time() - interrupted_at:.1f} s after the signal")
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -626,7 +627,8 @@ def test_trials_that_ran_while_mlflow_was_down_get_their_runs_once_it_is_back(tm
     port = free_port()
     server = tmp_path / "mlflow"
     url = f"http://127.0.0.1:{port}"
-    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 5}, task={"epochs": 60}, tracking={"uri": url}))
+    # 3 trials: the one in flight as the server goes, one begun without it, and one more.
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 3}, task={"epochs": 60}, tracking={"uri": url}))
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
 
     def finished_untracked() -> list[int]:
