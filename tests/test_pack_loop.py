@@ -189,7 +189,7 @@ PACKED_CNN = _with(PACKED, study={"name": "packed-cnn", "n_trials": 6, "sampler"
 
 @pytest.mark.slow
 def test_a_packed_cnn_run_gives_every_trial_its_records(tmp_path: Path, mlflow_schema: Path) -> None:
-    packed, client = _run(tmp_path, mlflow_schema, "3", PACKED_CNN, "--no-finish")  # its trials' records, as the denoiser's
+    packed, client = _run(tmp_path, mlflow_schema, "3", PACKED_CNN, "--no-finish")  # its trials' records
     trials = packed.trials
     children = _every_trial_recorded(packed, client, n_trials=6, pack=3, metric="val_accuracy")
     assert len({t.params["conv_channels"] for t in trials}) > 1  # members of other channel counts, padded
