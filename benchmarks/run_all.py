@@ -75,7 +75,7 @@ class Sizes:
 
 
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
-             overhead_train_limit=20000, growth_sizes=2000, growth_window=50, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=20, pruning_epochs=8,
+             overhead_train_limit=20000, growth_sizes=2000, growth_window=50, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=30, pruning_epochs=10,
              search_seeds=(0, 1, 2, 3, 4), search_budgets=(20.0, 40.0), search_train_limit=20000, search_target=0.85,
              batched_train_limit=20000, batched_repeats=3, pack_seeds=(0, 1, 2), pack_budget=120.0,
              pack_ks=(4, 16))  # on 2 CPU cores a pack of 64 quickstart trials needs ~15 min for its first ends
