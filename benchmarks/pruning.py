@@ -38,7 +38,7 @@ from hpsearch.study import open_study, setup_worker, work  # noqa: E402
 from hpsearch.record import reports_per_epoch  # noqa: E402
 
 MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # the quickstart's pruner
-# Other pruners to weigh against it (`--pruners`), each measured against no pruner on the same seeds.
+# The pruners `--pruners` may name (median is the quickstart's), each measured against none on the same seeds.
 CANDIDATES: dict[str, Any] = {
     "median": MEDIAN,
     "median-warmup1": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1},

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from .servers import dashboard_server
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRIALS = 4  # one for each of the 3 workers, then one more and the killed trial's retry
+N_TRIALS = 4  # complete ones: the 3 workers start one each (one is killed, failed and retried), then one more
 N_WORKERS = 3
 
 
