@@ -77,9 +77,10 @@ def _trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="writer", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}").get_trials()
 
 
-def _tracked_mid_training(tmp_path: Path) -> optuna.trial.FrozenTrial | None:
-    """Return a RUNNING trial that has its MLflow run and has reported an epoch."""
-    return next((t for t in _trials(tmp_path) if t.state == TrialState.RUNNING and t.intermediate_values
+def _tracked_mid_training(tmp_path: Path, before: int) -> optuna.trial.FrozenTrial | None:
+    """Return a RUNNING trial that has its MLflow run and has reported at least one epoch, fewer than `before`."""
+    return next((t for t in _trials(tmp_path) if t.state == TrialState.RUNNING
+                 and 0 < len(t.intermediate_values) < before
                  and "mlflow_run_id" in t.user_attrs), None)
 
 
@@ -113,13 +114,18 @@ def _whole(tmp_path: Path, run: object, trial: optuna.trial.FrozenTrial) -> None
 
 @pytest.mark.slow
 def test_training_goes_on_while_mlflow_waits_and_the_trial_is_told_once_its_run_is_whole(tmp_path: Path) -> None:
-    run = _popen(["run", str(_write(tmp_path)), "--no-finish"], tmp_path, "run.log")
+    run = _popen(["run", str(_write(tmp_path, epochs=LONG)), "--no-finish"], tmp_path, "run.log")
     try:
-        first = _wait_for(lambda: _tracked_mid_training(tmp_path), run, "a tracked trial mid-training")
+        # Early in its training (a trial of 30 epochs lasted 0.6 s: on a loaded machine it ended, records and
+        # all, between the poll that saw it and the lock, and the test failed on a correct writer).
+        first = _wait_for(lambda: _tracked_mid_training(tmp_path, before=LONG // 2), run,
+                          "a tracked trial early in its training")
         with _store_held(tmp_path):
+            reported = len(_trials(tmp_path)[first.number].intermediate_values)
+            assert reported < LONG, f"trial {first.number} had ended ({reported} epochs) before the store was locked"
             # Training does not wait for the store: the trial reports its last epoch while MLflow is held up
             # (written at once, a batch of epochs every 5 s would stall it until the lock goes)...
-            _wait_for(lambda: len(_trials(tmp_path)[first.number].intermediate_values) == EPOCHS, run,
+            _wait_for(lambda: len(_trials(tmp_path)[first.number].intermediate_values) == LONG, run,
                       "the trial to train to its end while the MLflow store is locked", timeout=15)
             time.sleep(1.0)
             # ...but it is not told before its records are in MLflow.
@@ -141,7 +147,8 @@ def test_training_goes_on_while_mlflow_waits_and_the_trial_is_told_once_its_run_
 def test_sigterm_while_records_are_queued_leaves_them_in_mlflow(tmp_path: Path) -> None:
     run = _popen(["run", str(_write(tmp_path, epochs=LONG, n_trials=5)), "--no-finish"], tmp_path, "run.log")
     try:
-        doomed = _wait_for(lambda: _tracked_mid_training(tmp_path), run, "a tracked trial mid-training")
+        doomed = _wait_for(lambda: _tracked_mid_training(tmp_path, before=LONG // 2), run,
+                           "a tracked trial early in its training")
         with _store_held(tmp_path):
             _wait_for(lambda: len(_trials(tmp_path)[doomed.number].intermediate_values) >= 3, run,
                       "epochs reported while the MLflow store is locked", timeout=15)
@@ -183,7 +190,8 @@ def test_sigkill_while_records_are_queued_leaves_the_run_killed_never_half_writt
     path = _write(tmp_path, epochs=LONG, n_trials=2)
     worker = _popen(["worker", str(path), "--threads", "1"], tmp_path, "worker.log")
     try:
-        doomed = _wait_for(lambda: _tracked_mid_training(tmp_path), worker, "a tracked trial mid-training")
+        doomed = _wait_for(lambda: _tracked_mid_training(tmp_path, before=LONG // 2), worker,
+                           "a tracked trial early in its training")
         with _store_held(tmp_path):
             _wait_for(lambda: len(_trials(tmp_path)[doomed.number].intermediate_values) >= 3, worker,
                       "epochs reported while the MLflow store is locked", timeout=15)
