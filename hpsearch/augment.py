@@ -1,8 +1,8 @@
-"""Random shifts, rotations and zooms of training batches, on the device, with no per-sample Python.
+"""Random shifts, rotations, zooms and mirror flips of training batches, on the device, with no per-sample Python.
 
 A batch of uint8 images is resampled in one gather: every output pixel reads the input pixel that
-its sample's random affine map (rotation and zoom about the image centre, then a whole-pixel
-shift) sends it to, rounded to the nearest pixel; pixels that come from outside the image are
+its sample's random affine map (a left-right mirror, rotation and zoom about the image centre, then
+a whole-pixel shift) sends it to, rounded to the nearest pixel; pixels that come from outside the image are
 black, as the background of MNIST-like images is. Nearest-neighbour keeps the images uint8 and
 costs one gather of the batch, so augmentation stays a small share of a small model's step;
 a bilinear ``grid_sample`` costs several times more on the CPU for a barely different picture at
@@ -31,10 +31,11 @@ class Augmentation:
     shift: int = 0  # whole pixels, drawn uniformly in [-shift, shift] on each axis
     rotate: float = 0.0  # degrees, drawn uniformly in [-rotate, rotate]
     scale: float = 0.0  # zoom factor drawn uniformly in [1 - scale, 1 + scale]
+    flip: bool = False  # mirror left to right, each image with probability 1/2 (clothes, not digits)
 
     @property
     def active(self) -> bool:
-        return self.shift > 0 or self.rotate > 0 or self.scale > 0
+        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.flip
 
 
 def make_augmenter(augmentation: Augmentation, image_shape: tuple[int, ...], generator: torch.Generator,
@@ -55,6 +56,7 @@ def make_augmenter(augmentation: Augmentation, image_shape: tuple[int, ...], gen
     padded_w = width + 2 * pad
     ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
     base = ((ys + pad) * padded_w + (xs + pad)).reshape(1, -1)  # each output pixel's own place, padded
+    mirrored = ((ys + pad) * padded_w + (width - 1 - xs + pad)).reshape(1, -1)  # its mirror image's place
     # Output pixel coordinates about the image centre, flattened: (1, H*W).
     cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     u = (xs - cx).reshape(1, -1).to(torch.float32)
@@ -74,18 +76,31 @@ def make_augmenter(augmentation: Augmentation, image_shape: tuple[int, ...], gen
                               device=device)
         return drawn[:, :1], drawn[:, 1:]
 
+    def flips(n: int) -> Tensor | None:
+        """Return which images are mirrored, (n, 1) bool; None (and nothing drawn) with flips off."""
+        if not augmentation.flip:
+            return None
+        return torch.rand(n, 1, generator=generator, device=device) < 0.5
+
     def source_index(n: int) -> Tensor:
         """Return where each output pixel reads in the padded image: (n, H*W) int64."""
         if not warps:
             dx, dy = shifts(n)
-            return base - (dy * padded_w + dx)  # output (y, x) reads input (y - dy, x - dx)
+            flipped = flips(n)
+            own = base if flipped is None else torch.where(flipped, mirrored, base)
+            return own - (dy * padded_w + dx)  # output (y, x) reads input (y - dy, x - dx), mirrored or not
         # The inverse map: an output pixel reads the input at R(-angle) / zoom of its position,
-        # less the shift, rounded to the nearest pixel; outside the image it reads the border.
+        # less the shift, rounded to the nearest pixel, mirrored about the centre column where
+        # flipped; outside the image it reads the border.
         angle = uniform(n, max_angle, 0.0)
         zoom = uniform(n, augmentation.scale, 1.0)
         dx, dy = shifts(n)
+        flipped = flips(n)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        col = (cos * u + sin * v).add_(cx + 1.5 - dx).floor_().clamp_(0, width + 1)
+        col = cos * u + sin * v
+        if flipped is not None:
+            col = torch.where(flipped, -col, col)
+        col = col.add_(cx + 1.5 - dx).floor_().clamp_(0, width + 1)
         row = (cos * v - sin * u).add_(cy + 1.5 - dy).floor_().clamp_(0, height + 1)
         return row.mul_(padded_w).add_(col).to(torch.int64)
 

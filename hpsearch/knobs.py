@@ -105,6 +105,8 @@ KNOBS: dict[str, Knob] = {
              "either way", low=0.0, high=180.0),
         Knob("augment_scale", "float", 0.0, "random zoom of training images by a factor in [1 - s, 1 + s]",
              low=0.0, high=0.9),
+        Knob("augment_flip", "bool", False, "mirror training images left to right, each with probability 1/2 "
+             "(for mirror-symmetric classes, like clothes; not digits)"),
         # --- task ---
         Knob("noise_std", "float", 0.3, "gaussian noise std (pixels in [0, 1])", low=0.0, high=1.0,
              tasks=("denoise",)),

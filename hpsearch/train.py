@@ -54,6 +54,7 @@ class TrainConfig:
     augment_shift: int = 0  # off by default: augmentation is a choice the study makes, searched or fixed
     augment_rotate: float = 0.0
     augment_scale: float = 0.0
+    augment_flip: bool = False
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast; weights and optimizer stay fp32
@@ -72,7 +73,8 @@ class TrainConfig:
     @property
     def augmentation(self) -> Augmentation:
         """Return how training batches are augmented (all zero: not at all)."""
-        return Augmentation(shift=self.augment_shift, rotate=self.augment_rotate, scale=self.augment_scale)
+        return Augmentation(shift=self.augment_shift, rotate=self.augment_rotate, scale=self.augment_scale,
+                            flip=self.augment_flip)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, seed: int, device: str, precision: str = "fp32",

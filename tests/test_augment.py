@@ -95,9 +95,32 @@ def test_zoom_changes_a_discs_area_within_the_factor() -> None:
     assert ratios.max() - ratios.min() > 0.3  # zooms differ from image to image
 
 
+@pytest.mark.parametrize("settings", [Augmentation(flip=True), Augmentation(flip=True, rotate=0.001)],
+                         ids=["flip", "flip through the warp"])
+def test_flip_mirrors_about_half_the_images_left_to_right(settings: Augmentation) -> None:
+    images = random_images(n=200)
+    out = make_augmenter(settings, SHAPE, generator(), CPU)(images)
+    kept = [torch.equal(o, i) for o, i in zip(out, images)]
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    assert all(k != m for k, m in zip(kept, mirrored))  # each image is itself or its mirror image, never both
+    assert 70 < sum(mirrored) < 130  # each one flips a coin
+
+
+def test_flip_with_shift_is_a_shift_of_the_image_or_of_its_mirror() -> None:
+    images = random_images()
+    out = make_augmenter(Augmentation(shift=1, flip=True), SHAPE, generator(), CPU)(images)
+    sides = set()
+    for i in range(len(images)):
+        found = [(mirror, dx, dy) for mirror in (False, True) for dx, dy in itertools.product(range(-1, 2), repeat=2)
+                 if torch.equal(out[i, 0], shifted(images[i, 0].flip(-1) if mirror else images[i, 0], dx, dy))]
+        assert found, f"image {i} is not a shift of at most 1 of itself or its mirror"
+        sides.add(found[0][0])
+    assert sides == {False, True}
+
+
 def test_same_generator_state_same_batches() -> None:
     images = random_images()
-    settings = Augmentation(shift=2, rotate=10.0, scale=0.1)
+    settings = Augmentation(shift=2, rotate=10.0, scale=0.1, flip=True)
     first = make_augmenter(settings, SHAPE, generator(5), CPU)(images)
     assert torch.equal(first, make_augmenter(settings, SHAPE, generator(5), CPU)(images))
     assert not torch.equal(first, make_augmenter(settings, SHAPE, generator(6), CPU)(images))
@@ -175,6 +198,8 @@ tracking: {{enabled: false}}
 @pytest.mark.parametrize("space, ok", [
     ("  augment_shift: 2\n  augment_rotate: {type: float, low: 0, high: 15}", True),
     ("  augment_scale: [0.0, 0.1]", True),
+    ("  augment_flip: [true, false]", True),
+    ("  augment_flip: 2", False),
     ("  augment_shift: 40", False),
     ("  augment_rotate: {type: float, low: -5, high: 15}", False),
 ])

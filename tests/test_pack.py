@@ -149,8 +149,8 @@ def test_dropout_masks_are_the_members_own(digits: SearchData, batchnorm: bool) 
 
 
 def test_augmentation_and_reports_within_an_epoch(digits: SearchData) -> None:
-    members = [params(width=32, augment_shift=1, augment_rotate=10.0), params(width=16), params(width=8,
-                                                                                                 augment_scale=0.1)]
+    members = [params(width=32, augment_shift=1, augment_rotate=10.0), params(width=16, augment_flip=True),
+               params(width=8, augment_scale=0.1), params(width=12)]
     departures, reports = run_pack(digits, members, reports_per_epoch=3)
     for i, p in enumerate(members):
         assert_same_training(digits, p, 100 + i, departures[i], reports[i], reports_per_epoch=3)
