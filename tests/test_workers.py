@@ -346,7 +346,8 @@ def test_a_killed_workers_trial_is_failed_retried_and_its_run_killed(tmp_path: P
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = Counter((r.data.tags["hpsearch.trial"], r.info.status) for r in runs if r not in parents)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert children[(str(doomed.number), "KILLED")] == 1
+    # (Once, on a loaded machine, the killed trial's run was not KILLED: the survivor's log says why.)
+    assert children[(str(doomed.number), "KILLED")] == 1, (children, (tmp_path / "w1.log").read_text())
     assert all(children[(str(t.number), "FINISHED")] == 1 for t in finished)
     assert sum(children.values()) == len(finished) + 1  # exactly one run per trial
 
