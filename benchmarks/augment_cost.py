@@ -31,6 +31,7 @@ from hpsearch.train import TrainConfig, fit  # noqa: E402
 GOAL = 0.15  # at most 15 % slower than the same epoch without augmentation
 SETTINGS: dict[str, dict[str, float]] = {
     "shift 2": {"augment_shift": 2},
+    "shift 2, flip": {"augment_shift": 2, "augment_flip": True},
     "shift 2, rotate 10, zoom 0.1": {"augment_shift": 2, "augment_rotate": 10.0, "augment_scale": 0.1},
 }
 
