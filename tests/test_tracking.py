@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import warnings as py_warnings
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +409,38 @@ def _model() -> Any:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 16), torch.nn.ReLU(),
                                torch.nn.Dropout(0.5), torch.nn.Linear(16, 10))
+
+
+def test_a_channels_last_conv_net_is_logged_without_warnings_and_loads_back(
+        tmp_path: Path, made_mlflow_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CNN's training layout on the CPU (hpsearch.train.memory_format): logged as it was, torch.export's
+    # archive warned "No complete tensor found in the group!" at the end of every Fashion-MNIST CNN study.
+    import mlflow.pytorch
+    import torch
+
+    from hpsearch.knobs import defaults
+    from hpsearch.models import build_model
+
+    uri = f"sqlite:///{made_mlflow_store}"
+    tracker = Tracker(uri, "cl")
+    parent = tracker.study_run("cl", params={}, tags={})
+    torch.manual_seed(0)
+    params = {**defaults(), "conv_blocks": 2, "conv_channels": 8, "width": 16, "batchnorm": True}
+    model = build_model("cnn", params, image_shape=(1, 28, 28), n_classes=10).to(memory_format=torch.channels_last)
+    example = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    with py_warnings.catch_warnings(record=True) as caught:
+        py_warnings.simplefilter("always")
+        assert tracker.log_model(parent, model, input_example=example, registered_name="cl") == "1"
+    assert not [w for w in caught if "complete tensor" in str(w.message)], [str(w.message) for w in caught]
+    # The model given is left as it was: training mode, channels_last.
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert model.training and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    batch = torch.from_numpy(np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32))
+    with torch.no_grad():
+        expected = model.eval()(batch)
+        assert torch.allclose(mlflow.pytorch.load_model("models:/cl/1")(batch), expected, atol=1e-5)
 
 
 def _check_log_model(tracker: Tracker, uri: str, monkeypatch: pytest.MonkeyPatch, name: str = "s") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -72,25 +73,23 @@ def log_model(client: MlflowClient, store_uri: str, run_id: str, model: torch.nn
     example = np.asarray(input_example)
     if example.ndim > 0 and example.shape[0] == 1:
         example = np.concatenate([example, example])
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    training = model.training
-    model.to("cpu").eval()
-    try:
-        with torch.no_grad():
-            output = model(torch.as_tensor(example)).numpy()
-        signature = infer_signature(example, output)
-        # mlflow.pytorch.log_model takes no client: it finds the run's experiment, the store and
-        # the registry through process-wide state. Creating the logged model here names the
-        # experiment; the URIs are set for the call only (see process_uris).
-        experiment_id = client.get_run(run_id).info.experiment_id
-        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
-        with process_uris(store_uri):
-            info = mlflow.pytorch.log_model(
-                model, name="model", model_id=logged.model_id, run_id=run_id, signature=signature,
-                input_example=example, registered_model_name=registered_name,
-                # Stated, not inferred: inferring them imports the model in a subprocess (seconds).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    finally:
-        model.to(device).train(training)
+    # A copy, on the CPU, in evaluation mode and in the standard memory layout: a conv net trained
+    # channels_last (hpsearch.train.memory_format) made torch.export's archive warn "No complete
+    # tensor found in the group!" (its weights were written right, but the user saw the warning).
+    model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        output = model(torch.as_tensor(example)).numpy()
+    signature = infer_signature(example, output)
+    # mlflow.pytorch.log_model takes no client: it finds the run's experiment, the store and
+    # the registry through process-wide state. Creating the logged model here names the
+    # experiment; the URIs are set for the call only (see process_uris).
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    with process_uris(store_uri):
+        info = mlflow.pytorch.log_model(
+            model, name="model", model_id=logged.model_id, run_id=run_id, signature=signature,
+            input_example=example, registered_model_name=registered_name,
+            # Stated, not inferred: inferring them imports the model in a subprocess (seconds).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     version = info.registered_model_version
     return None if version is None else str(version)
