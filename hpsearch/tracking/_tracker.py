@@ -437,8 +437,8 @@ class Tracker:
 
         The signature comes from ``input_example`` and the model's output on it. With a
         ``registered_name`` each call registers a new version under that name; without one, or
-        on failure, the answer is None. The model is logged from the CPU (it loads anywhere) and
-        put back on its device and in its train/eval mode afterwards. MLflow saves it with
+        on failure, the answer is None. What is logged is a copy, on the CPU (it loads anywhere), in
+        eval mode and the standard memory layout; ``model`` itself is left as it was. MLflow saves it with
         ``torch.export``, traced on the example: an example of one row is doubled, since a batch
         of one would fix the saved model's batch size to 1.
         """
