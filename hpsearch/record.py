@@ -49,6 +49,7 @@ SAMPLER_STREAM_KEY = "hpsearch.sampler_stream:"  # + stream number: who claimed 
 FINISH_KEY = "hpsearch.finish:"  # + the best trial's number: held while one process tests it
 # + trial number: the MLflow run an untracked trial got once the server was back.
 TRACKED_LATE_KEY = "hpsearch.tracked_late:"
+PARENT_RUN_KEY = "hpsearch.parent_run"  # no suffix: the MLflow parent run racing workers agreed on
 NOTE_SHA_KEY = "hpsearch:note_sha:"  # + "study" or a trial id: hash of the dashboard note hpsearch last wrote
 
 # --------------------------------------------------------------------------- trial user attrs

@@ -18,12 +18,14 @@ from optuna.trial import TrialState
 from hpsearch import warmstart
 from hpsearch.data import Provenance, SearchData, Split, load_search_data
 from hpsearch.errors import DataError, SpecError
-from hpsearch.record import (DATA_ATTR, EXPERIMENT_ATTR, FINGERPRINT_TAG, PARENT_RUN_ATTR, REPORTS_ATTR, STORAGE_TAG,
-                             STUDY_TAG, VIEW_ATTR, StoredData, auto_reports_per_epoch, open_existing, test_metric)
+from hpsearch.record import (DATA_ATTR, EXPERIMENT_ATTR, FINGERPRINT_TAG, PARENT_RUN_ATTR, PARENT_RUN_KEY,
+                             REPORTS_ATTR, STORAGE_TAG, STUDY_TAG, VIEW_ATTR, StoredData, auto_reports_per_epoch,
+                             open_existing, test_metric)
 from hpsearch.spec import Spec, mask_password
-from hpsearch.vocab import STATIC_METRICS
+from hpsearch.storage import Register
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import DatasetRecord, Tracker
+from hpsearch.vocab import STATIC_METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ def setup_worker(spec: Spec, study: optuna.Study, *, device: str | None = None,
         parent = tracker.study_run(spec.study.name, params=_flat_spec_params(spec, data),
                                    tags={STUDY_TAG: spec.study.name,
                                          STORAGE_TAG: mask_password(spec.study.storage),
-                                         FINGERPRINT_TAG: spec.fingerprint()})
+                                         FINGERPRINT_TAG: spec.fingerprint()},
+                                   agree=Register(study, PARENT_RUN_KEY))
         if parent:
             tracker.log_datasets(parent, datasets)  # logged once: MLflow keeps one input per dataset and run
             _link_experiment(spec, study, tracker, parent)

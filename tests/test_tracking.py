@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from hpsearch.errors import SpecError, StorageError
+from hpsearch.record import PARENT_RUN_KEY
 from hpsearch.spec import check_tracking_uri as check_uri  # the one rule, in the spec package
+from hpsearch.storage import Register
 from hpsearch.tracking import Tracker
 
 from .conftest import LogLines
@@ -150,6 +152,55 @@ def test_parent_run_is_created_once_and_found_again_on_resume(store: tuple[str, 
     assert run.info.run_name == "study-a"
     # Artifacts of a local store go under the caller's artifact root.
     assert run.info.artifact_uri.startswith(Path(artifacts).resolve().as_uri())
+    assert warnings == []
+
+
+def _optuna_study(tmp_path: Path) -> str:
+    """Return the URL of a new SQLite Optuna storage holding study "s" (where workers agree on a parent run)."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    return storage
+
+
+def test_a_racers_run_landing_late_does_not_change_the_agreed_parent(
+        store: tuple[str, str], warnings: list[str], tmp_path: Path) -> None:
+    import optuna
+
+    uri, artifacts = store
+    agree = Register(optuna.load_study(study_name="s", storage=_optuna_study(tmp_path)), PARENT_RUN_KEY)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
+    parent = tracker.study_run("s", params={}, tags={}, agree=agree)
+    assert parent is not None and agree.read() == parent
+    # A racing worker's create_run reaches a loaded store only now, stamped with the earlier start
+    # time its client took (CI once ended so with two parent runs: each side chose the earliest it saw).
+    client = _client(uri)
+    late = client.create_run(tracker.experiment_id, start_time=client.get_run(parent).info.start_time - 1000,
+                             tags={"hpsearch.study": "s", "hpsearch.role": "study"}).info.run_id
+    # Every later caller still gets the agreed run, the late one's creator included.
+    assert Tracker(uri, "exp", artifact_root=artifacts).study_run("s", params={}, tags={}, agree=agree) == parent
+    assert agree.read() == parent
+    assert late != parent and warnings == []
+
+
+def test_a_deleted_parent_run_is_replaced_once_and_the_study_agrees_on_the_new_one(
+        store: tuple[str, str], warnings: list[str], tmp_path: Path) -> None:
+    import optuna
+
+    uri, artifacts = store
+    agree = Register(optuna.load_study(study_name="s", storage=_optuna_study(tmp_path)), PARENT_RUN_KEY)
+    tracker = Tracker(uri, "exp", artifact_root=artifacts)
+    parent = tracker.study_run("s", params={"a": 1}, tags={}, agree=agree)
+    assert parent is not None
+    _client(uri).delete_run(parent)  # someone cleaned up the experiment in the MLflow UI
+    renewed = tracker.study_run("s", params={"a": 1}, tags={}, agree=agree)
+    assert renewed not in (None, parent) and agree.read() == renewed
+    assert Tracker(uri, "exp", artifact_root=artifacts).study_run("s", params={}, tags={}, agree=agree) == renewed
+    assert _client(uri).get_run(renewed).data.params == {"a": "1"}
+    # The same study tracked in another experiment (or store) gets a parent run there, in its place.
+    elsewhere = Tracker(uri, "exp2", artifact_root=artifacts).study_run("s", params={}, tags={}, agree=agree)
+    assert elsewhere not in (None, renewed) and agree.read() == elsewhere
     assert warnings == []
 
 
@@ -320,16 +371,18 @@ class _ListStream:
         pass
 
 
-def _worker(uri: str, artifact_root: str, index: int, barrier: Any, results: Any) -> None:
+def _worker(uri: str, artifact_root: str, storage: str, index: int, barrier: Any, results: Any) -> None:
     """One of several workers starting a study together: parent run, one trial, 5 epochs."""
     import mlflow  # noqa: F401 - imported before the barrier, so that the race starts together
+    import optuna
 
     warnings: list[str] = []
     hpsearch_log = logging.getLogger("hpsearch")
     hpsearch_log.addHandler(logging.StreamHandler(_ListStream(warnings)))
     tracker = Tracker(uri, "race", artifact_root=artifact_root)
+    agree = Register(optuna.load_study(study_name="s", storage=storage), PARENT_RUN_KEY)
     barrier.wait(timeout=120)
-    parent = tracker.study_run("s", params={"workers": 4}, tags={})
+    parent = tracker.study_run("s", params={"workers": 4}, tags={}, agree=agree)
     run_id = tracker.start_trial(parent or "", index, params={"worker": index}, tags={})
     for step in range(5):
         tracker.log_metrics(run_id or "", {"val_loss": 1 / (step + 1), "val_accuracy": step / 5}, step)
@@ -346,11 +399,12 @@ def test_workers_starting_together_share_one_experiment_and_one_parent_run(tmp_p
         shutil.copy(mlflow_schema, runs / "mlflow.db")
     # A new store's tables are created by the first worker while the others wait for it.
     uri, artifacts = f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
+    storage = _optuna_study(tmp_path)
     # Forked from a server process that imported this module (MLflow, hpsearch) once, not four times.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     barrier, results = ctx.Barrier(4), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(uri, artifacts, i, barrier, results)) for i in range(4)]
+    workers = [ctx.Process(target=_worker, args=(uri, artifacts, storage, i, barrier, results)) for i in range(4)]
     for w in workers:
         w.start()
     try:

@@ -430,14 +430,17 @@ def test_four_workers_on_sqlite_never_hit_a_locked_database(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- MLflow's parent run
 
 
-def _elect(uri: str, experiment: str, barrier: multiprocessing.synchronize.Barrier,
+def _elect(uri: str, experiment: str, storage: str, barrier: multiprocessing.synchronize.Barrier,
            results: multiprocessing.Queue) -> None:
+    from hpsearch.record import PARENT_RUN_KEY
+    from hpsearch.storage import Register
     from hpsearch.tracking import Tracker
 
     tracker = Tracker(uri, experiment, artifact_root=str(Path(uri.split(":///")[-1]).parent / "mlartifacts")
                       if uri.startswith("sqlite") else None)
+    agree = Register(optuna.load_study(study_name="s", storage=storage), PARENT_RUN_KEY)
     barrier.wait()  # every process asks at the same moment
-    results.put(tracker.study_run(experiment, params={"p": 1}, tags={}))
+    results.put(tracker.study_run(experiment, params={"p": 1}, tags={}, agree=agree))
 
 
 @pytest.mark.slow
@@ -445,12 +448,14 @@ def _elect(uri: str, experiment: str, barrier: multiprocessing.synchronize.Barri
 def test_racing_processes_agree_on_one_parent_run(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_url")
     experiment = f"race-{store}-{os.getpid()}-{time.time_ns()}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the study's database holds the agreement
+    optuna.create_study(study_name="s", storage=storage)
     # Four fresh processes, forked from a server process that imported this module (MLflow, hpsearch)
     # once: spawned ones would import it four times over, on the one CPU this test process has.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_elect, args=(uri, experiment, barrier, results)) for _ in range(4)]
+    procs = [ctx.Process(target=_elect, args=(uri, experiment, storage, barrier, results)) for _ in range(4)]
     for p in procs:
         p.start()
     elected = [results.get(timeout=120) for _ in procs]  # before join: a process with queued data waits

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import optuna
@@ -61,6 +62,22 @@ def read_claim(study: optuna.Study, key: str) -> Any:
     study_id = storage.get_study_id_from_name(study.study_name)
     text = _retried(storage, lambda: _read_claim(storage, study_id, key))
     return None if text is None else json.loads(text)
+
+
+@dataclass(frozen=True)
+class Register:
+    """One claim as a value racing processes agree on: read it, take it while empty, replace one found stale."""
+
+    study: optuna.Study
+    key: str
+
+    def read(self) -> Any:
+        """Return the value held, or None."""
+        return read_claim(self.study, self.key)
+
+    def take(self, value: Any, *, over: Any = None) -> bool:
+        """Store ``value`` if the register holds ``over`` (None: if it is empty); return whether this call did."""
+        return claim(self.study, self.key, value) if over is None else swap_claim(self.study, self.key, over, value)
 
 
 def claims(study: optuna.Study, prefix: str) -> dict[str, Any]:

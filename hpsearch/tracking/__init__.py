@@ -9,7 +9,8 @@ one concept each:
   order, flushed before the trial is told and at exit;
 - ``_store``: a tracking URI checked (by the spec's one rule) and MLflow opened on it safely and with time limits;
 - ``_warnings``: what a failed call says, once a minute at most;
-- ``_tags`` and ``_values``: what ties runs to a study, and values logged within MLflow's limits;
+- ``_tags``, ``_runs`` and ``_values``: what ties runs to a study, those runs found again, and values
+  logged within MLflow's limits;
 - ``_datasets``: the data a run used, as MLflow dataset inputs;
 - ``_registry``: models logged and registered, and the alias ``champion``;
 - ``_views``: the MLflow UI's pages of a study, and its saved view of the runs table.

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpsearch.spec import mask_password, without_credentials
-from hpsearch.storage import announced_wait
+from hpsearch.storage import Register, announced_wait
 from hpsearch.tracking import _registry
 from hpsearch.tracking._datasets import DatasetRecord, dataset_entity
 from hpsearch.tracking._store import _file_store, _http_limits, _pg_limits, check_store, open_client
+from hpsearch.tracking._runs import live_study_run, study_runs, trial_runs
 from hpsearch.tracking._tags import PARENT_TAG, REFIT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG
-from hpsearch.tracking._values import log_batch, log_epochs, log_missing_params, param_value, quote, strings, to_int
+from hpsearch.tracking._values import log_batch, log_epochs, log_missing_params, param_value, strings, to_int
 from hpsearch.tracking._views import KIND_TAG, MODEL_TRAINING, run_page_url, save_study_view
 from hpsearch.tracking._warnings import RateLimit, failure_reason
 from hpsearch.tracking._writer import QueuedRun
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
-    from mlflow.entities import Run
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ logger.addFilter(RateLimit())  # the same failure at most once a minute: a dead 
 _TRIES = 5  # attempts at a call that finds a SQLite store busy ("database is locked")...
 _BUSY_BUDGET_S = 30.0  # ...within this long: MLflow already waits up to 20 s for a lock inside each attempt
 _BUSY = ("database is locked", "database table is locked")
-_SETTLE_S = 1.0  # how long racing creators of a parent run wait, at least, for each other's inserts
-_PAGE = 1000  # runs per search page
 
 
 class Tracker:
@@ -150,56 +148,48 @@ class Tracker:
             client.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
         return str(found.experiment_id)
 
-    def _search(self, client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
-        """Return every active run of the experiment that matches, oldest first (start time, then id)."""
-        runs: list[Run] = []
-        token = None
-        while True:
-            page = client.search_runs([experiment_id], filter_string, max_results=_PAGE, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
     # ------------------------------------------------------------------ runs
 
-    def study_run(self, study_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+    def study_run(self, study_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str],
+                  agree: Register | None = None) -> str | None:
         """Return the id of the study's one parent run: found again on resume, created once under races.
 
-        Workers that start together may each create one. After creating, each waits for the
-        others' inserts to land (1 s, or twice its own look-and-create on a slow store), then
-        all choose the earliest (start time, then run id); the others delete their own, so every
-        caller returns the same id. MLflow has no atomic create-if-absent for runs, so two could
-        survive only if one worker's look-and-create took longer than another's wait; all later
-        calls still agree on the earliest.
+        MLflow has no atomic create-if-absent for runs, so racing workers agree through ``agree``,
+        an atomic register in the study's database: the run it holds, if still in this experiment,
+        is the parent. Otherwise each proposes the run it found (or made) and exactly one proposal
+        is taken; the others delete the run they made and use the winner's. Without ``agree``
+        (one caller at a time) the earliest run found is the parent, else a new one.
         """
         exp = self.experiment_id
         if exp is None:
             return None
 
         def find_or_create(client: MlflowClient) -> str:
-            started = time.monotonic()
-            runs = self._study_runs(client, exp, study_name)
-            if not runs:
-                mine = client.create_run(exp, run_name=study_name, tags={
-                    **strings(tags), STUDY_TAG: study_name, ROLE_TAG: "study"}).info.run_id
-                # A slow store is slow for the others too: wait longer there.
-                time.sleep(max(_SETTLE_S, 2 * (time.monotonic() - started)))
-                runs = self._study_runs(client, exp, study_name)
-                if runs and runs[0].info.run_id != mine:
+            mine: str | None = None
+            for _ in range(_TRIES):
+                held = agree.read() if agree else None
+                winner = live_study_run(client, exp, study_name, held) if held else None
+                if winner is None:
+                    runs = study_runs(client, exp, study_name)
+                    if runs:
+                        winner = runs[0]
+                    else:
+                        mine = mine or client.create_run(exp, run_name=study_name, tags={
+                            **strings(tags), STUDY_TAG: study_name, ROLE_TAG: "study"}).info.run_id
+                        winner = client.get_run(mine)
+                    # Lost: another process took it first, and its run exists by now. Look again.
+                    if agree and not agree.take(winner.info.run_id, over=held):
+                        continue
+                if mine and mine != winner.info.run_id:
                     client.delete_run(mine)
-                    return runs[0].info.run_id  # its creator logs its params
-            winner = runs[0]
-            log_missing_params(client, winner, params)  # all of them if new; on resume, only new keys
-            if winner.info.status != "RUNNING":  # resumed after it ended (done, or failed): it runs again
-                client.update_run(winner.info.run_id, status="RUNNING")
-            return winner.info.run_id
+                    return winner.info.run_id  # its creator logs its params
+                log_missing_params(client, winner, params)  # all of them if new; on resume, only new keys
+                if winner.info.status != "RUNNING":  # resumed after it ended (done, or failed): it runs again
+                    client.update_run(winner.info.run_id, status="RUNNING")
+                return winner.info.run_id
+            raise RuntimeError(f"no parent run was agreed on after {_TRIES} tries")
 
         return self._call(f"find or create the parent run of study {study_name!r}", find_or_create)
-
-    def _study_runs(self, client: MlflowClient, experiment_id: str, study_name: str) -> list[Run]:
-        return self._search(client, experiment_id,
-                            f"tags.`{STUDY_TAG}` = {quote(study_name)} and tags.`{ROLE_TAG}` = 'study'")
 
     def start_trial(self, parent_run_id: str, trial_number: int, *, params: Mapping[str, Any],
                     tags: Mapping[str, str], params_later: bool = False) -> str | None:
@@ -215,7 +205,7 @@ class Tracker:
             return None
 
         def start(client: MlflowClient) -> str:
-            running = [r for r in self._trial_runs(client, exp, parent_run_id, trial_number)
+            running = [r for r in trial_runs(client, exp, parent_run_id, trial_number)
                        if r.info.status == "RUNNING"]
             run = running[-1] if running else client.create_run(exp, run_name=f"trial-{trial_number}", tags={
                 **strings(tags), PARENT_TAG: parent_run_id, TRIAL_TAG: str(trial_number), ROLE_TAG: "trial"})
@@ -244,13 +234,6 @@ class Tracker:
 
         return self._call(f"start the refit run of trial {trial_number}", start)
 
-    def _trial_runs(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
-                    trial_number: int | None = None) -> list[Run]:
-        where = f"tags.`{PARENT_TAG}` = {quote(parent_run_id)}"
-        if trial_number is not None:
-            where += f" and tags.`{TRIAL_TAG}` = '{int(trial_number)}'"
-        return self._search(client, experiment_id, where)
-
     def find_trial_run(self, parent_run_id: str, trial_number: int) -> str | None:
         """Return the id of the trial's latest run under the parent, or None if it has none."""
         exp = self.experiment_id
@@ -258,7 +241,7 @@ class Tracker:
             return None
 
         def find(client: MlflowClient) -> str | None:
-            runs = self._trial_runs(client, exp, parent_run_id, trial_number)
+            runs = trial_runs(client, exp, parent_run_id, trial_number)
             return runs[-1].info.run_id if runs else None
 
         return self._call(f"find the run of trial {trial_number}", find)
@@ -271,7 +254,7 @@ class Tracker:
 
         def search(client: MlflowClient) -> list[dict[str, Any]]:
             runs = [{"run_id": r.info.run_id, "trial": to_int(r.data.tags.get(TRIAL_TAG)), "status": r.info.status,
-                     "tags": dict(r.data.tags)} for r in self._trial_runs(client, exp, parent_run_id)
+                     "tags": dict(r.data.tags)} for r in trial_runs(client, exp, parent_run_id)
                     if r.data.tags.get(ROLE_TAG) != "refit"]
             return sorted(runs, key=lambda r: -1 if r["trial"] is None else r["trial"])  # stable: by start
 
