@@ -38,13 +38,18 @@ from hpsearch.study import open_study, setup_worker, work  # noqa: E402
 from hpsearch.record import reports_per_epoch  # noqa: E402
 
 MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # the quickstart's pruner
-# The pruners `--pruners` may name (median is the quickstart's), each measured against none on the same seeds.
-CANDIDATES: dict[str, Any] = {
-    "median": MEDIAN,
-    "median-warmup1": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
-    "percentile-33": {"type": "percentile", "percentile": 33.0, "n_startup_trials": 3, "n_warmup_steps": 1},
-    "successive_halving": {"type": "successive_halving", "min_resource": 1, "reduction_factor": 3},
-    "hyperband": {"type": "hyperband", "min_resource": 1, "reduction_factor": 3},
+# The pruners `--pruners` may name (median is the quickstart's), each measured against none on the same
+# seeds: (pruner, reports per epoch). Warm-up steps count reports: with 4 an epoch, 4 steps is one epoch.
+CANDIDATES: dict[str, tuple[Any, int]] = {
+    "median": (MEDIAN, 1),
+    "median-warmup1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}, 1),
+    "percentile-33": ({"type": "percentile", "percentile": 33.0, "n_startup_trials": 3, "n_warmup_steps": 1}, 1),
+    "successive_halving": ({"type": "successive_halving", "min_resource": 1, "reduction_factor": 3}, 1),
+    "hyperband": ({"type": "hyperband", "min_resource": 1, "reduction_factor": 3}, 1),
+    # Judged within the epoch: 4 reports an epoch (one per 800 training images), from 1, 1.5 or 2.25 epochs.
+    "median-r4-from1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 3}, 4),
+    "median-r4-from1.5": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 5}, 4),
+    "median-r4-from2.25": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 8}, 4),
 }
 # The quickstart's search space (studies/quickstart.yaml), without its enqueued known-good trial.
 SPACE: dict[str, Any] = {
@@ -60,13 +65,15 @@ BATCH_SIZE = 64
 VAL_FRACTION = 0.2
 
 
-def spec_raw(name: str, *, pruner: Any, epochs: int, n_trials: int, seed: int = 0) -> dict[str, Any]:
+def spec_raw(name: str, *, pruner: Any, epochs: int, n_trials: int, seed: int = 0,
+             per_epoch: int = 1) -> dict[str, Any]:
     """Return the quickstart-like study: mnist-5k, MLP, TPE seeded with ``seed``, the given pruner, no tracking."""
     return {
         "study": {"name": name, "metric": "val_accuracy", "n_trials": n_trials, "seed": seed,
                   "sampler": {"type": "tpe", "n_startup_trials": 8}, "pruner": pruner},
         "task": {"type": "classify", "dataset": "mnist-5k", "val_fraction": VAL_FRACTION, "epochs": epochs,
-                 "batch_size": BATCH_SIZE, "device": "cpu"},
+                 "batch_size": BATCH_SIZE, "device": "cpu",
+                 "reports_per_epoch": per_epoch},
         "model": {"family": "mlp"},
         "space": SPACE,
         "tracking": {"enabled": False},
@@ -96,15 +103,17 @@ def warm_up(spec: Spec, *, threads: int) -> None:
 
 def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 30, epochs: int = 10,
             threads: int | None = None, pruners: tuple[str, ...] = ("median",)) -> dict[str, Any]:
-    """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none"), one result per seed (see :func:`run_study`)."""
+    """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none"), one result per seed (see run_study)."""
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    configs = {**{label: CANDIDATES[label] for label in pruners}, "none": "none"}
+    configs = {**{label: CANDIDATES[label] for label in pruners}, "none": ("none", 1)}
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
     with tempfile.TemporaryDirectory(prefix="hpsearch-pruning-") as tmp:
 
         def spec(name: str, label: str, seed: int) -> Spec:
-            return parse_spec(spec_raw(name, pruner=configs[label], epochs=epochs, n_trials=trials, seed=seed),
+            pruner, per_epoch = configs[label]
+            return parse_spec(spec_raw(name, pruner=pruner, epochs=epochs, n_trials=trials, seed=seed,
+                                       per_epoch=per_epoch),
                               source="benchmarks/pruning.py", runs_dir=Path(tmp))
 
         warm_up(spec("warm-up", pruners[0], 0), threads=threads)
@@ -162,7 +171,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for label in pruners:
         s = summarize(r, label)
-        print(f"| {label} `{CANDIDATES[label]}` | {spread_text(s['epochs_ratio'], '.2f')}x | "
+        pruner, per_epoch = CANDIDATES[label]
+        print(f"| {label} `{pruner}`, {per_epoch} report(s) an epoch | {spread_text(s['epochs_ratio'], '.2f')}x | "
               f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_median'], '.4f')} | "
               f"{spread_text(s['best_gap'], '+.4f')} | {spread_text(s['pruned'], 'g')} |")
     s = summarize(r, pruners[0])

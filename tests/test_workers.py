@@ -404,8 +404,11 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, signum: int, workers: in
 @pytest.mark.slow
 @pytest.mark.usefixtures("made_mlflow_store")
 def test_four_workers_on_sqlite_never_hit_a_locked_database(tmp_path: Path) -> None:
+    # A grace period long enough for 4 workers on a loaded 2-core machine: with SPEC's 2 s, a full
+    # suite run saw heartbeats starved that long and live trials declared stale (other tests test that).
     spec = _with(SPEC, study={"n_trials": 24, "sampler": {"type": "tpe", "n_startup_trials": 5},
-                              "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}},
+                              "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
+                              "grace_period": 30},
                  task={"epochs": 2}, tracking={"enabled": True})
     path = _write(tmp_path, spec)
     started = time.monotonic()
