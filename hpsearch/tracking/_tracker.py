@@ -164,8 +164,10 @@ class Tracker:
         if exp is None:
             return None
 
+        mine: str | None = None  # the run this call made, kept across retries of a busy store
+
         def find_or_create(client: MlflowClient) -> str:
-            mine: str | None = None
+            nonlocal mine
             for _ in range(_TRIES):
                 held = agree.read() if agree else None
                 winner = live_study_run(client, exp, study_name, held) if held else None
