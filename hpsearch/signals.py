@@ -45,6 +45,41 @@ def _in_io(frame: Any) -> bool:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class _Later:
+    """Calls made a moment later (re-checks of a deferred signal), and never once closed.
+
+    A signal delivered again after the handlers that asked for it were restored would meet
+    Python's own: a KeyboardInterrupt printed as "Exception ignored" in the interpreter's
+    shutdown, or, for SIGTERM, the process killed outright instead of exiting as stopped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+        self._timers: list[threading.Timer] = []
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._timers = [t for t in self._timers if t.is_alive()]
+            timer = threading.Timer(_IO_RECHECK_S, self._run, (fn, args))
+            timer.daemon = True
+            self._timers.append(timer)
+        timer.start()
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._open:
+                fn(*args)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+            for timer in self._timers:
+                timer.cancel()
+
+
 @contextmanager
 def on_stop_signals(handler: Callable[[int, Any], None], *,
                     swallowed: Callable[[int], None] | None = None) -> Iterator[None]:
@@ -53,10 +88,11 @@ def on_stop_signals(handler: Callable[[int, Any], None], *,
     A KeyboardInterrupt that ``handler`` raises where Python ignores exceptions (a weakref
     callback or ``__del__`` that happened to run when the signal came) would be lost, printed as
     "Exception ignored"; instead it is dropped silently and ``swallowed(signum)`` runs, by default
-    delivering the signal again a moment later, where it can stop the code.
+    delivering the signal again a moment later, where it can stop the code (not once outside).
     """
     previous = {}
     last = [signal.SIGINT]
+    later = _Later()
 
     def handle(signum: int, frame: Any) -> None:
         last[0] = signum
@@ -67,7 +103,10 @@ def on_stop_signals(handler: Callable[[int, Any], None], *,
             return unraisable_before(unraisable)
         logger.debug("a stop signal landed in code whose exceptions Python ignores (%r); it is delivered again.",
                      unraisable.object)
-        (swallowed or _deliver_again)(last[0])
+        if swallowed is not None:
+            swallowed(last[0])
+        else:
+            later.call(_signal_main, last[0])
 
     unraisable_before = sys.unraisablehook
     main = threading.current_thread() is threading.main_thread()  # only the main thread gets signals
@@ -79,15 +118,11 @@ def on_stop_signals(handler: Callable[[int, Any], None], *,
     try:
         yield
     finally:
+        later.close()
         for signum, old in previous.items():
             signal.signal(signum, old)
         if main:
             sys.unraisablehook = unraisable_before
-
-
-def _deliver_again(signum: int) -> None:
-    """Deliver ``signum`` to the main thread again, shortly (from another thread: not inside the current frame)."""
-    threading.Timer(_IO_RECHECK_S, _signal_main, (signum,)).start()
 
 
 def _signal_main(signum: int) -> None:
@@ -121,11 +156,13 @@ class StopSignals:
         self._raised = False
 
     def __enter__(self) -> StopSignals:
+        self._later = _Later()  # re-checks of a deferred signal: none after __exit__
         self._handling = on_stop_signals(self._handle, swallowed=self._swallowed)
         self._handling.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._later.close()
         self._handling.__exit__(*exc)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -143,7 +180,7 @@ class StopSignals:
         if not self._in_trial or self._raised:
             return
         if _in_io(frame) and hasattr(signal, "pthread_kill"):  # (not on Windows: interrupt at once there)
-            threading.Timer(_IO_RECHECK_S, self._recheck, (signum,)).start()
+            self._later.call(self._recheck, signum)
             return
         self._raised = True  # a second Ctrl-C must not break the interrupted trial's clean-up
         raise KeyboardInterrupt
@@ -151,7 +188,7 @@ class StopSignals:
     def _swallowed(self, signum: int) -> None:
         """The KeyboardInterrupt raised was lost (raised inside a finalizer): raise it again, as a re-check."""
         self._raised = False
-        threading.Timer(_IO_RECHECK_S, self._recheck, (signum,)).start()
+        self._later.call(self._recheck, signum)
 
     def _recheck(self, signum: int) -> None:
         self._rechecks += 1

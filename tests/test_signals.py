@@ -46,3 +46,32 @@ def test_a_stop_signal_landing_in_a_finalizer_still_stops_the_code(how: str) -> 
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "stopped", done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+# A stop signal that lands in a database call inside a trial is looked at again 50 ms later. CI saw a
+# worker stopped this way print a KeyboardInterrupt traceback from the interpreter's shutdown: the trial
+# had ended in between, the handlers were restored, and the re-check met Python's own (for SIGTERM, the
+# process would be killed outright instead of exiting as stopped).
+DEFERRED = """
+import os, signal, time
+from hpsearch.signals import StopSignals
+
+io = {{"__name__": "sqlalchemy.engine.commit", "os": os}}  # a database call, as the handler sees the frame
+exec("def commit(signum):\\n    os.kill(os.getpid(), signum)\\n    for _ in range(3):\\n        pass\\n", io)
+
+with StopSignals() as stop:
+    with stop.training():
+        io["commit"]({signum})  # the signal lands here and is deferred; the trial ends before its re-check
+print("stop requested:", stop.requested)
+time.sleep(0.5)  # the re-check would be due here, outside
+print("ended")
+"""
+
+
+@pytest.mark.parametrize("signum", ["signal.SIGINT", "signal.SIGTERM"])
+def test_a_deferred_signal_is_not_delivered_again_once_the_handlers_are_gone(signum: str) -> None:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(DEFERRED.format(signum=signum))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split("\n")[:2] == ["stop requested: True", "ended"], done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
