@@ -29,12 +29,18 @@ _IO_MODULES = ("sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql", "alemb
                "urllib3", "http.client", "optuna.storages", "optuna.artifacts", "hpsearch.storage",
                "hpsearch.tracking")
 _IO_RECHECK_S = 0.05
+# Waits for another thread's writes, (module, function): cut short, they leave nothing half written (the
+# writes go on), and a signal deferred through them could outlast the trial (a trial waiting for a locked
+# MLflow store to take its last records would end COMPLETE, the stop request lost for it).
+_WAITS_ONLY = (("hpsearch.tracking._writer", "flush"),)
 
 
 def _in_io(frame: Any) -> bool:
-    """Return whether the stack under ``frame`` is inside a database, tracking or HTTP call."""
+    """Return whether the stack under ``frame`` is inside a database, tracking or HTTP call (not a wait only)."""
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
+        if (module, frame.f_code.co_name) in _WAITS_ONLY:
+            return False
         if module.startswith(_IO_MODULES):
             return True
         frame = frame.f_back

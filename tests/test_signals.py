@@ -75,3 +75,29 @@ def test_a_deferred_signal_is_not_delivered_again_once_the_handlers_are_gone(sig
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.split("\n")[:2] == ["stop requested: True", "ended"], done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+# A trial that trained to its end waits for the background writer to take its last records. CI saw a SIGTERM
+# land in that wait while the MLflow store was locked: deferred (as if it were a write) until the store came
+# back, it was looked at again only after the trial had ended COMPLETE, and the stop request was lost for it.
+WAITING = """
+import os, signal, threading
+from hpsearch.signals import StopSignals
+from hpsearch.tracking._writer import _WRITER
+
+store_back = threading.Event()
+_WRITER.submit("run", lambda: store_back.wait(3))  # a locked store holds the write 3 s
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+try:
+    with StopSignals() as stop, stop.training():
+        _WRITER.flush("run")
+    print("ran on")
+except KeyboardInterrupt:
+    print("stopped, the record still queued:", _WRITER.pending("run"))
+"""
+
+
+def test_a_stop_signal_cuts_short_a_wait_for_the_background_writer() -> None:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(WAITING)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "stopped, the record still queued: 1", done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
