@@ -48,10 +48,10 @@ def test_a_stop_signal_landing_in_a_finalizer_still_stops_the_code(how: str) -> 
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
-# A stop signal that lands in a database call inside a trial is looked at again 50 ms later. CI saw a
-# worker stopped this way print a KeyboardInterrupt traceback from the interpreter's shutdown: the trial
-# had ended in between, the handlers were restored, and the re-check met Python's own (for SIGTERM, the
-# process would be killed outright instead of exiting as stopped).
+# A stop signal that lands in a database call inside a trial is looked at again 50 ms later. A full suite
+# run saw a packed worker stopped this way print a KeyboardInterrupt traceback from the interpreter's
+# shutdown: the trial had ended in between, the handlers were restored, and the re-check met Python's own
+# (for SIGTERM, the process would be killed outright instead of exiting as stopped).
 DEFERRED = """
 import os, signal, time
 from hpsearch.signals import StopSignals
@@ -77,9 +77,10 @@ def test_a_deferred_signal_is_not_delivered_again_once_the_handlers_are_gone(sig
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
-# A trial that trained to its end waits for the background writer to take its last records. CI saw a SIGTERM
-# land in that wait while the MLflow store was locked: deferred (as if it were a write) until the store came
-# back, it was looked at again only after the trial had ended COMPLETE, and the stop request was lost for it.
+# A trial that trained to its end waits for the background writer to take its last records. A full suite
+# run saw a SIGTERM land in that wait while the MLflow store was locked: deferred (as if it were a write)
+# until the store came back, it was looked at again only after the trial had ended COMPLETE, and the stop
+# request was lost for it.
 WAITING = """
 import os, signal, threading
 from hpsearch.signals import StopSignals
