@@ -355,6 +355,33 @@ def test_log_params_cuts_long_values_and_batches_by_100(store: tuple[str, str], 
     assert warnings == []
 
 
+
+def test_workers_logging_the_parent_runs_params_at_once_all_get_the_run(store: tuple[str, str],
+                                                                        warnings: list[str]) -> None:
+    # The full suite saw one of four racing workers lose tracking: it and another logged the agreed parent
+    # run's params at once, and MLflow's store (check, then insert) failed the slower insert on its UNIQUE
+    # constraint. Here threads log 30 params to runs that already exist, all at once, over 10 studies.
+    uri, artifacts = store
+    params = {f"p{i:02d}": i for i in range(30)}
+    for study in range(10):
+        parent = Tracker(uri, "exp", artifact_root=artifacts).study_run(f"s{study}", params={}, tags={})
+        barrier, got = threading.Barrier(4), []
+
+        def log_params(name: str = f"s{study}") -> None:
+            tracker = Tracker(uri, "exp", artifact_root=artifacts)
+            barrier.wait()
+            got.append(tracker.study_run(name, params=params, tags={}))
+
+        threads = [threading.Thread(target=log_params) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert got == [parent] * 4, f"study {study}: {got}"
+        assert _client(uri).get_run(parent).data.params == {k: str(v) for k, v in params.items()}
+    assert warnings == []
+
+
 # --------------------------------------------------------------------------- processes
 
 

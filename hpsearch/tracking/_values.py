@@ -60,12 +60,25 @@ def log_epochs(client: MlflowClient, run_id: str, epochs: Sequence[tuple[int, in
 
 
 def log_missing_params(client: MlflowClient, run: Run, params: Mapping[str, Any]) -> None:
-    """Log the params the run lacks: params cannot change once logged, and the others are there."""
-    from mlflow.entities import Param
+    """Log the params the run lacks: params cannot change once logged, and the others are there.
 
+    Workers sharing a run (the study's parent) may log the same params at once. MLflow's store
+    checks for a param, then inserts it, so the slower insert fails (a UNIQUE constraint); a param
+    another process logged with the same value counts as logged, and only a different value fails.
+    """
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    wanted = {str(k): param_value(v) for k, v in params.items()}
     have = run.data.params
-    log_batch(client, run.info.run_id,
-               params=[Param(str(k), param_value(v)) for k, v in params.items() if str(k) not in have])
+    for attempt in range(3):
+        try:
+            log_batch(client, run.info.run_id, params=[Param(k, v) for k, v in wanted.items() if k not in have])
+            return
+        except MlflowException:
+            have = client.get_run(run.info.run_id).data.params
+            if attempt == 2 or any(k in have and have[k] != v for k, v in wanted.items()):
+                raise
 
 
 def log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
