@@ -114,6 +114,10 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_worker(
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == doomed.number)
     assert retry.state == TrialState.COMPLETE and retry.params == dead.params
     assert retry.user_attrs["worker"] != dead.user_attrs["worker"]  # a surviving worker took it
+    # Two survivors may both go for the retry: the one that loses the race asks a new trial, past
+    # the total, which it marks surplus and fails at once (no run, no params); any other fail is a bug.
+    surplus = [t for t in trials if t.state == TrialState.FAIL and t.number != dead.number]
+    assert all("surplus" in t.user_attrs and not t.params for t in surplus), [t.user_attrs for t in surplus]
     print(f"\nkilled trial {doomed.number} retried as trial {retry.number}, "
           f"{retry.datetime_start.timestamp() - killed_at:.1f} s after the SIGKILL")
 
@@ -139,7 +143,7 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_worker(
         summary = next(s for s in summaries if s["study_name"] == name)
         detail = _get_json(f"{dashboard}/api/studies/{summary['study_id']}")
     assert len(detail["trials"]) == len(trials)
-    assert Counter(t["state"] for t in detail["trials"]) == Counter({"Complete": N_TRIALS, "Fail": 1})
+    assert Counter(t["state"] for t in detail["trials"]) == Counter({"Complete": N_TRIALS, "Fail": 1 + len(surplus)})
 
     # 6. The password is nowhere: not in any output, MLflow param or tag, Optuna attribute or API answer.
     texts = {log.name: log.read_text() for log in logs}

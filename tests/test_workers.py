@@ -272,7 +272,9 @@ LONG_TRIALS = _with(SPEC, study={"n_trials": 4, "grace_period": 3},
 def test_a_worker_whose_trial_another_declared_stale_drops_it_and_goes_on(tmp_path: Path) -> None:
     # A worker stalled past the grace period (an overloaded machine, a paused VM) finds its trial
     # failed and retried by another worker: it drops its result with a warning, not a traceback.
-    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 1}, task={"epochs": 40}))
+    # 150 epochs: several seconds, so the poll below sees the trial mid-way even on a fast or loaded machine
+    # (with 40, CI saw the whole study end between two polls).
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 1}, task={"epochs": 150}))
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
     run = _popen(["run", str(path), "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
     try:
