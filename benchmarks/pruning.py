@@ -51,6 +51,8 @@ CANDIDATES: dict[str, tuple[Any, int]] = {
     "successive_halving": ({"type": "successive_halving", "min_resource": 1, "reduction_factor": 3}, 1),
     "hyperband": ({"type": "hyperband", "min_resource": 1, "reduction_factor": 3}, 1),
     "percentile-40": ({"type": "percentile", "percentile": 40.0, "n_startup_trials": 3, "n_warmup_steps": 2}, 1),
+    "percentile-40-warmup1": ({"type": "percentile", "percentile": 40.0, "n_startup_trials": 3, "n_warmup_steps": 1},
+                              1),
     "successive_halving-min2": ({"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}, 1),
     "successive_halving-min3-f2": ({"type": "successive_halving", "min_resource": 3, "reduction_factor": 2}, 1),
     # Judged within the epoch: 4 reports an epoch (one per 800 training images), from 1, 1.5 or 2.25 epochs.
