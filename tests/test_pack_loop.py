@@ -305,7 +305,8 @@ def test_every_running_member_keeps_its_heartbeat(tmp_path: Path) -> None:
 def test_a_packed_worker_whose_members_another_declared_stale_drops_them_and_goes_on(tmp_path: Path) -> None:
     # As a worker trained alone does (tests/test_workers.py): a stalled packed worker whose members
     # another worker failed and retried says so once per member, a warning, not Optuna's failure line.
-    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 2}, task={"epochs": 40}))
+    # 150 epochs, as there: with 40, CI saw the pack finish between two polls.
+    path = _write(tmp_path, _with(LONG_TRIALS, study={"n_trials": 2}, task={"epochs": 150}))
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
     worker = _popen(["worker", str(path), "--threads", "1", "--pack", "2"], tmp_path, "w.log", env=_env(tmp_path))
     try:

@@ -237,8 +237,20 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def _popen(args: list[str], tmp_path: Path, log_name: str, **kwargs) -> subprocess.Popen[bytes]:
     log = (tmp_path / log_name).open("wb")
-    return subprocess.Popen([sys.executable, "-m", "hpsearch", *args], cwd=REPO, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch", *args], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, **kwargs)
+    proc.log_path = tmp_path / log_name  # type: ignore[attr-defined] # for _wait_for's failure message
+    return proc
+
+
+def _logs(procs: list[subprocess.Popen[bytes]]) -> str:
+    """Return the end of each process's log (see _popen), to say what it was doing when a wait failed."""
+    tails = []
+    for p in procs:
+        if (path := getattr(p, "log_path", None)) is not None:
+            text = path.read_text(errors="replace")[-3000:]
+            tails.append(f"--- {path.name} (exit code {p.poll()}) ---\n{text}")
+    return "\n".join(tails)
 
 
 def _wait_for(condition, procs: list[subprocess.Popen[bytes]], what: str, timeout: float = 120):
@@ -251,9 +263,9 @@ def _wait_for(condition, procs: list[subprocess.Popen[bytes]], what: str, timeou
         if found:
             return found
         if all(p.poll() is not None for p in procs):
-            raise AssertionError(f"every process exited while waiting for {what}")
+            raise AssertionError(f"every process exited while waiting for {what}\n{_logs(procs)}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n{_logs(procs)}")
 
 
 def _mid_training(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -403,25 +415,32 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, signum: int, workers: in
         assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
+N_SHARED = 40
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("made_mlflow_store")
 def test_four_workers_on_sqlite_never_hit_a_locked_database(tmp_path: Path) -> None:
     # A grace period long enough for 4 workers on a loaded 2-core machine: with SPEC's 2 s, a full
     # suite run saw heartbeats starved that long and live trials declared stale (other tests test that).
-    spec = _with(SPEC, study={"n_trials": 24, "sampler": {"type": "tpe", "n_startup_trials": 5},
-                              "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
+    # Trials of 12 epochs, none pruned before its 5th: the three worker processes take 15-40 s to start
+    # (imports, data, MLflow) and with 2-epoch trials the first worker, in `run`'s own process, had
+    # finished all 24 before the last of them asked for one (CI: all 24 by one worker; here: by three).
+    # Here, with these: 14 trials done when the other three began, within 0.3 s of each other.
+    spec = _with(SPEC, study={"n_trials": N_SHARED, "sampler": {"type": "tpe", "n_startup_trials": 5},
+                              "pruner": {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 4},
                               "grace_period": 30},
-                 task={"epochs": 2}, tracking={"enabled": True})
+                 task={"epochs": 12}, tracking={"enabled": True})
     path = _write(tmp_path, spec)
     started = time.monotonic()
     run = _popen(["run", str(path), "--workers", "4", "--no-finish"], tmp_path, "run.log", env=_env(tmp_path))
     assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()
-    print(f"24 trials, 4 workers: {time.monotonic() - started:.1f} s")
+    print(f"{N_SHARED} trials, 4 workers: {time.monotonic() - started:.1f} s")
     output = (tmp_path / "run.log").read_text()
     assert "locked" not in output.lower() and "warning" not in output.lower() and "Traceback" not in output
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
     states = Counter(t.state for t in study.trials if "surplus" not in t.user_attrs)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 24 and sum(states.values()) == 24
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == N_SHARED and sum(states.values()) == N_SHARED
     assert len({t.user_attrs["worker"] for t in study.trials}) == 4  # all four took part
     # Each worker samples from its own stream: seeded alike, they would propose the same params.
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
