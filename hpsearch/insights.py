@@ -15,20 +15,21 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import figures
 from hpsearch.record import (DEVICE_ATTR, EXPERIMENT_ATTR, FAIL_REASON_ATTR, FIGURES_ATTR, IMAGE_ATTRS,
                              INTERRUPTED_ATTR, N_PARAMS_ATTR, NOTE_SHA_KEY, RECONSTRUCTION_ATTR, RUN_ID_ATTR,
                              RUN_URL_ATTR, SEED_ATTR, TEST_ATTR, TRAIN_SECONDS_ATTR, VIEW_ATTR, FinalTest, StoredData,
                              artifact_store, best_trial, count, epoch_text, read_artifact, reports_per_epoch)
 from hpsearch.spec import Spec, without_credentials
 from hpsearch.tracking import experiment_url, run_page_url
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `hpsearch ui` serves a local MLflow store
 _ARTIFACTS_KEY = "artifacts:"  # Optuna's system-attr prefix for artifact metadata
@@ -210,6 +211,8 @@ def _fmt(value: Any) -> str:
 def study_figures(spec: Spec, study: optuna.Study, *, store: FileSystemArtifactStore | None = None
                   ) -> dict[str, Figure]:
     """Return the study's comparison plots by file stem; plots the study cannot show yet are left out."""
+    from hpsearch import figures  # matplotlib: imported where figures are drawn, not by every worker
+
     trials = study.get_trials(deepcopy=False)
     metrics = spec.study.metrics
     primary = metrics[0]
@@ -242,6 +245,8 @@ def reconstructions_by_size(spec: Spec, trials: Sequence[FrozenTrial], store: Fi
     Each trial's reconstruction.png holds the same validation digits in three rows: clean,
     corrupted, reconstructed. The clean and corrupted rows are taken from the best trial's.
     """
+    from hpsearch import figures
+
     primary = spec.study.metrics[0]
     sign = 1.0 if primary.direction == "minimize" else -1.0
     fixed = next((p.value for p in spec.space if p.name == "bottleneck_dim" and p.type == "fixed"), None)
@@ -311,6 +316,8 @@ def publish(study: optuna.Study, figs: Mapping[str, Figure], *, store: FileSyste
 
     Each figure is closed afterwards.
     """
+    from hpsearch import figures
+
     existing: dict[str, list[str]] = {}
     for key, raw in study._storage.get_study_system_attrs(study._study_id).items():
         meta = json.loads(raw) if key.startswith(_ARTIFACTS_KEY) and isinstance(raw, str) else None

@@ -9,6 +9,9 @@ the modules depend on each other even where they do not run.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,15 @@ def test_modules_stay_under_the_size_limit() -> None:
     sizes = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
     over = {name for name, size in sizes.items() if size > MAX_LINES}
     assert over <= KNOWN_LARGE, {name: sizes[name] for name in over - KNOWN_LARGE}
+
+
+def test_a_worker_starts_without_the_plotting_and_scikit_learn_imports() -> None:
+    # Every worker process of a study pays its imports before its first trial (about half a second
+    # for matplotlib's figure machinery, 1-2 s for scikit-learn): the figures are drawn at a study's
+    # end, and the digits are read from scikit-learn's file (tests/test_data.py).
+    code = ("import sys; import hpsearch.cli, hpsearch.workers, hpsearch.worker_setup, hpsearch.study, "
+            "hpsearch.progress, hpsearch.objective, hpsearch.pack_loop; "
+            "print(sorted(m for m in ('matplotlib.figure', 'matplotlib.pyplot', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)}).stdout
+    assert out.strip() == "[]"

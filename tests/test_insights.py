@@ -9,7 +9,7 @@ import pytest
 from optuna_dashboard import get_note
 from optuna_dashboard._note import get_note_from_system_attrs, save_note_with_version
 
-from hpsearch import insights
+from hpsearch import figures, insights
 
 from .conftest import LogLines
 from .test_figures import Built, build_study
@@ -146,7 +146,7 @@ def test_study_figures_per_task(tmp_path: Path, kind: str, expected: list[str]) 
         assert [label.split("\n")[0] for label in labels[2:]] == [f"bottleneck {d}" for d in (8, 16, 32, 64, 128)]
         assert labels[4] == "bottleneck 32\n#4: val_mse 0.017", "the better of the two 32-trials"
     for fig in figs.values():
-        insights.figures.close(fig)
+        figures.close(fig)
 
 
 def test_study_figures_of_a_multi_objective_study(tmp_path: Path) -> None:
@@ -169,5 +169,5 @@ def test_study_figures_of_a_multi_objective_study(tmp_path: Path) -> None:
     # No learning curves (multi-objective trials report no per-epoch values); a Pareto front instead.
     assert list(figs) == ["optimization_history", "param_importances", "parallel_coordinates", "pareto_front"]
     for fig in figs.values():
-        insights.figures.close(fig)
+        figures.close(fig)
     assert "Best so far" in insights.study_note(spec, study.user_attrs, study.trials, ui_url="http://ui")
