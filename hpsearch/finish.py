@@ -4,6 +4,8 @@
 validation data (:mod:`hpsearch.refit`) or loads the trial's own model, tests it, records the test
 (the study's parent run, the refit's run, the model registry, the study's TEST_ATTR) and gives the
 registered version the champion alias if it is the best tested. Once per study, whoever finishes.
+The tested model is kept in the study's artifacts, so a test made while MLflow was unreachable is
+recorded there by a later finish (:func:`_record_late`), without testing again.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from hpsearch.data import Provenance, SearchData, load_search_data, load_test_sp
 from hpsearch.errors import DataError
 from hpsearch.objective import MODEL_FILE, track_late
 from hpsearch.record import (BEST_RUN_TAG, BEST_TRIAL_TAG, DATA_NAME_TAG, DATA_SHA_TAG, FINISH_KEY, MODEL_ATTR,
-                             PARENT_RUN_ATTR, RUN_ID_ATTR, STUDY_TAG, TEST_ATTR, TRIAL_TAG, StoredData,
-                             artifact_store, reports_per_epoch, test_metric, worker_id)
+                             PARENT_RUN_ATTR, RECORDED_LATE_KEY, REFIT_HISTORY, RUN_ID_ATTR, STUDY_TAG, TEST_ATTR,
+                             TRIAL_TAG, UNRECORDED, StoredData, artifact_store, reports_per_epoch, test_metric,
+                             worker_id)
 from hpsearch.refit import Refit
 from hpsearch.signals import completed_first, interrupt, on_stop_signals
 from hpsearch.spec import Spec
@@ -70,7 +73,7 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_re
         return {}
     with on_stop_signals(interrupt), _finish_claim(study, best.number) as done:
         if done is not None:
-            return done
+            return _record_late(spec, study, best, done) if done.get(UNRECORDED) else done
         model, test_metrics, example, n_test, refitted, test_data = _test_model(
             spec, study, best, device, use_refit=spec.study.refit.enabled if use_refit is None else use_refit)
         result: dict[str, Any] = {"trial": best.number, "metrics": test_metrics, "params": best.params,
@@ -79,15 +82,107 @@ def finish(spec: Spec, study: optuna.Study, *, device: str | None = None, use_re
             result["refit"] = refitted.as_record()
         tracker = None
         with completed_first():
+            result["model_artifact"] = _keep(spec, study, best, model, refitted)
             if spec.tracking.enabled:
                 tracker = Tracker(spec.tracking.uri, spec.tracking.experiment,
                                   artifact_root=spec.tracking.artifact_root)
-                track_late(study, tracker, study.user_attrs.get(PARENT_RUN_ATTR))
-                result.update(_record_test(spec, study, tracker, best, model, test_metrics, example, refitted,
-                                           test_data))
+                track_late(study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), limit=None)
+                failures = tracker.failures
+                recorded = _record_test(spec, study, tracker, best, model, test_metrics, example, refitted, test_data)
+                result.update(recorded)
+                if not recorded or tracker.failures > failures:  # kept to be recorded later (_record_late)
+                    result[UNRECORDED] = "the MLflow store was unreachable when the final model was tested"
+                    if refitted is not None:
+                        result[REFIT_HISTORY] = list(refitted.history)
             study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
     insights.refresh(spec, study, tracker, study.user_attrs.get(PARENT_RUN_ATTR), force=True)
     return result
+
+
+def _keep(spec: Spec, study: optuna.Study, best: FrozenTrial, model: torch.nn.Module, refitted: Refit | None) -> str:
+    """Return the id of the final model's weights as an Optuna artifact: the refit's, uploaded to the
+    study, or the best trial's own, kept already. Whatever becomes of MLflow, the tested model is never lost."""
+    if refitted is None:
+        return str(best.user_attrs[MODEL_ATTR])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_FILE
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        return optuna.artifacts.upload_artifact(artifact_store=artifact_store(spec), file_path=str(path),
+                                                study_or_trial=study, mimetype="application/octet-stream")
+
+
+def _record_late(spec: Spec, study: optuna.Study, best: FrozenTrial, done: dict[str, Any]) -> dict[str, Any]:
+    """Record in MLflow a final test made while it was unreachable; return the study's test record.
+
+    The model is the one tested, read back from the study's artifacts, and it is not tested again:
+    the record's metrics are logged and the model registered as the first finish would have. Of
+    processes doing this at once, one does (a claim it keeps, as the sign it was done); while
+    MLflow is still down, nothing is claimed and the record stays as it was, for the next run.
+    """
+    if not spec.tracking.enabled:
+        return done
+    tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, artifact_root=spec.tracking.artifact_root)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent is None or tracker.experiment_id is None:
+        return done
+    track_late(study, tracker, parent, limit=None)
+    key = f"{RECORDED_LATE_KEY}{best.number}"
+    mine = {"worker": worker_id(), "token": uuid.uuid4().hex}
+    if not claim(study, key, mine):
+        return done  # another process records it
+    try:
+        model, example, refitted, test_data = _tested_model(spec, study, best, done)
+        with completed_first():
+            failures = tracker.failures
+            recorded = _record_test(spec, study, tracker, best, model, done["metrics"], example, refitted,
+                                    test_data)
+            if not recorded or tracker.failures > failures:
+                raise _NotYet
+            result = {k: v for k, v in {**done, **recorded}.items() if k not in (UNRECORDED, REFIT_HISTORY)}
+            study.set_user_attr(TEST_ATTR, json.loads(json.dumps(result, default=str)))
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # a claim not released would block every later try
+            release_claim(study, key, mine)
+        if isinstance(exc, _NotYet):
+            return done
+        raise
+    logger.info("the final test of trial %d, made while MLflow was unreachable, is recorded there now.",
+                best.number)
+    insights.refresh(spec, study, tracker, parent, force=True)  # the study's figures, which MLflow missed too
+    return result
+
+
+class _NotYet(Exception):
+    """MLflow failed again while a late record was written: it is tried again by the next run."""
+
+
+def _tested_model(spec: Spec, study: optuna.Study, best: FrozenTrial, done: dict[str, Any]
+                  ) -> tuple[torch.nn.Module, Any, Refit | None, list[DatasetRecord]]:
+    """Return the model the record ``done`` tested (from the study's artifacts), an input example, its refit
+    (rebuilt from the record, for its MLflow run) and the test split as an MLflow dataset input. Nothing is
+    evaluated: the test split is read for its digest and the example only."""
+    from hpsearch.models import build_model
+
+    stored = StoredData.from_study(study)
+    assert stored is not None  # the test was made, so the study has its data
+    provenance = stored.provenance()
+    model = build_model(spec.model.family, _trial_params(spec, best), image_shape=stored.image_shape,
+                        n_classes=int(stored.n_classes))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_FILE
+        optuna.artifacts.download_artifact(artifact_store=artifact_store(spec), file_path=str(path),
+                                           artifact_id=done["model_artifact"])
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+    refitted = None
+    if r := done.get("refit"):
+        full = refit.merged(_search_data(spec, provenance))
+        refitted = Refit(model=model, trial=r["trial"], epochs=r["epochs"], epochs_rule=r["epochs_rule"],
+                         n_train=r["n_train"], seed=r["seed"], seconds=r["seconds"],
+                         history=tuple(done.get(REFIT_HISTORY, ())), data=full)
+    mean, std = input_stats(stored.mean, stored.std, standardise=spec.task.normalize)
+    test = load_test_split(provenance, data_dir=spec.task.data_dir)
+    example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
+    return model.eval(), example, refitted, dataset_records(provenance, {"test": test})
 
 
 def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str | None, *,

@@ -387,7 +387,8 @@ class _Running:
 _RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
-def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None, *, limit: int = 20) -> list[int]:
+def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None, *,
+               limit: int | None = 20) -> list[int]:
     """Give MLflow runs to trials that ran while it was unreachable; return their numbers.
 
     A trial marked untracked gets its run closed with its final state if it has one (it may
@@ -395,6 +396,7 @@ def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None,
     if it has none. Each is claimed in the study first (``hpsearch.tracked_late:<n>``), so
     workers doing this at once record each trial once; the claim stays as the record that the
     trial is in MLflow now. While MLflow is still down, nothing is claimed and it stops at once.
+    At most ``limit`` trials a call (None: all), so that a worker between trials is not held up long.
     """
     if parent_run_id is None:
         return []

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 import optuna
 
 from hpsearch.insights import experiment_link, ui_url_for
-from hpsearch.record import STOPPED_ATTR, Counts, FinalTest, StoredData, best_trial, count_trials
+from hpsearch.record import STOPPED_ATTR, Counts, FinalTest, StoredData, best_trial, count_trials, untracked
 from hpsearch.spec import Spec, mask_password
 
 
@@ -111,6 +111,12 @@ def summary(spec: Spec, study: optuna.Study, result: dict[str, Any]) -> str:
         lines.append("No trial completed, so there is no best model yet.")
     if spec.tracking.enabled:
         lines.append(f"MLflow experiment: {spec.tracking.experiment} at {mask_password(spec.tracking.uri)}")
+        missing = untracked(study.get_trials(deepcopy=False), study._storage.get_study_system_attrs(study._study_id))
+        if (test and test.unrecorded) or missing:
+            what = [f"the runs of {len(missing)} trial(s)"] if missing else []
+            what += ["the final test and model (kept in the study's artifacts)"] if test and test.unrecorded else []
+            lines.append(f"Not in MLflow yet: {' and '.join(what)}, as the store was unreachable. `hpsearch run "
+                         f"{spec.path}` records them once it is back, without testing again.")
     lines.append("Look at it:")
     lines.append(f"  hpsearch dashboard {spec.path}    # optuna-dashboard on {mask_password(spec.study.storage)}")
     if spec.tracking.enabled:

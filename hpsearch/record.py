@@ -33,6 +33,10 @@ SPEC_ATTR = "hpsearch.spec"  # the resolved spec (Spec.to_dict), as the study wa
 FINGERPRINT_ATTR = "hpsearch.fingerprint"  # Spec.fingerprint(): what defines the search (also an MLflow tag)
 DATA_ATTR = "hpsearch.data"  # the data provenance (see StoredData)
 TEST_ATTR = "hpsearch.test"  # the final test's record (see FinalTest)
+# Keys of that record while it is not in MLflow yet (the store was unreachable at the test): why, and
+# the refit's per-epoch history, for its run once MLflow is back.
+UNRECORDED = "unrecorded"
+REFIT_HISTORY = "refit_history"
 # Validation reports per epoch, decided once per study (a study stored without it reported once per
 # epoch). A trial's report number `step` is epoch `step / reports_per_epoch`.
 REPORTS_ATTR = "hpsearch.reports_per_epoch"
@@ -50,6 +54,7 @@ FINISH_KEY = "hpsearch.finish:"  # + the best trial's number: held while one pro
 # + trial number: the MLflow run an untracked trial got once the server was back.
 TRACKED_LATE_KEY = "hpsearch.tracked_late:"
 PARENT_RUN_KEY = "hpsearch.parent_run"  # no suffix: the MLflow parent run racing workers agreed on
+RECORDED_LATE_KEY = "hpsearch.recorded_late:"  # + the tested trial's number: its test recorded in MLflow late
 NOTE_SHA_KEY = "hpsearch:note_sha:"  # + "study" or a trial id: hash of the dashboard note hpsearch last wrote
 
 # --------------------------------------------------------------------------- trial user attrs
@@ -182,6 +187,8 @@ class FinalTest:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     refit_run_id: str | None = None
+    model_artifact: str | None = None  # the tested model's weights, an Optuna artifact (of the study if refit)
+    unrecorded: str | None = None  # why the test is not in MLflow yet (see finish._record_late), else None
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any] | None) -> FinalTest | None:

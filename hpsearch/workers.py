@@ -30,7 +30,7 @@ from hpsearch.progress import Progress
 from hpsearch.spec import Spec, mask_password
 from hpsearch.storage import fail_stale_trials, make_storage, running_trials
 from hpsearch.record import (DEVICE_ATTR, INTERRUPTED_ATTR, RUN_ID_ATTR, STATE_TAG, STOPPED_ATTR, WORKER_ATTR, Counts,
-                             best_trial, count_trials, open_existing, untracked, untracked_note, worker_id)
+                             FinalTest, best_trial, count_trials, open_existing, untracked, untracked_note, worker_id)
 from hpsearch.signals import interrupt, on_stop_signals
 from hpsearch.study import open_study, setup_worker, stale_trial_callback, work
 from hpsearch.worker_setup import available_cpus
@@ -252,6 +252,7 @@ class StudyStatus:
     grace_period: int
     untracked: tuple[int, ...] = ()  # finished trials missing from MLflow (see record.untracked)
     stop: tuple[str, ...] = ()  # how close each stop rule is, or which one ended the study
+    unrecorded: FinalTest | None = None  # the final test, made while MLflow was unreachable, not recorded there yet
 
     @property
     def workers(self) -> list[str]:
@@ -278,6 +279,9 @@ class StudyStatus:
                 lines.append(f"  trial {t.number} (worker {t.worker}): silent for {_clock(t.silent_s)}")
         if self.untracked:
             lines.append(f"untracked {len(self.untracked)} trial(s) not in MLflow: {untracked_note(self.untracked)}")
+        if t := self.unrecorded:
+            lines.append(f"untracked the final test of trial {t.trial} and its model (kept in the study's artifacts) "
+                         "are not in MLflow, which was unreachable; `hpsearch run` records them once it is back")
         return "\n".join(lines)
 
 
@@ -308,7 +312,8 @@ def study_status(spec: Spec, study: optuna.Study) -> StudyStatus:
     return StudyStatus(name=spec.study.name, storage=mask_password(spec.study.storage), n_trials=spec.study.n_trials,
                        counts=count_trials(study), best=best_text, live=tuple(live), stale=tuple(stale),
                        grace_period=spec.study.grace_period, stop=tuple(stop),
-                       untracked=tuple(untracked(trials, study._storage.get_study_system_attrs(study._study_id))))
+                       untracked=tuple(untracked(trials, study._storage.get_study_system_attrs(study._study_id))),
+                       unrecorded=test if (test := FinalTest.from_study(study)) and test.unrecorded else None)
 
 
 def cleanup(spec: Spec, study: optuna.Study) -> list[int]:
