@@ -115,6 +115,11 @@ BAD_SPECS = [
      ["study.enqueue[0].width_2", "layer 2", "n_layers: 2"]),
     ("enqueued value its own condition excludes", _with({"study.enqueue": [{"optimizer": "adam", "momentum": 0.9}]}),
      ["study.enqueue[0].momentum", "only when optimizer", "'adam'"]),
+    # A value too long to print whole is cut short (the refusal stays one paragraph).
+    ("a 10,000-character name", _with({"study.name": "x" * 10_000}),
+     ["study.name", "'xxxxxxxxxx", "... (10,002 characters)"]),
+    ("a huge list", _with({"space.optimizer": ["adam"] * 5_000}), ["space.optimizer", "characters)"]),
+    ("a 5,000-character unknown key", _with({"space." + "y" * 5_000: 1}), ["unknown key 'yyyy", "characters)"]),
 ]
 
 
@@ -126,6 +131,7 @@ def test_a_bad_spec_is_refused_before_anything_starts(tmp_path: Path, command: s
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(cli, [command, str(path)])
     _refused(result, [str(path), *fragments])
+    assert len(result.output) < 1_000 + len(str(path)), result.output
     assert not (tmp_path / "runs").exists()  # refused before any store was made
 
 

@@ -18,6 +18,13 @@ from hpsearch.errors import SpecError
 from hpsearch.vocab import pruner_class
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SHOWN_CHARS = 200  # a value's repr in a refusal is cut to this, so the message stays one paragraph
+
+
+def brief(value: Any) -> str:
+    """Return ``repr(value)``, cut short (saying how long it was) where it would not fit in a message."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS - 40]}... ({len(text):,} characters)"
 
 
 class Checker:
@@ -27,7 +34,9 @@ class Checker:
         self.source = source
 
     def fail(self, where: str, rule: str, value: Any) -> None:
-        shown = "" if value is None else f", but got {value!r}"
+        shown = "" if value is None else f", but got {brief(value)}"
+        if len(where) > _SHOWN_CHARS:  # a key path holding a key too long to print whole
+            where = where[:_SHOWN_CHARS - 40] + "..."
         raise SpecError(f"{self.source}: {where or 'the spec'}: {rule}{shown}.")
 
     def interpolate(self, raw: Any, where: str) -> Any:
@@ -64,7 +73,7 @@ class Checker:
             for key in raw:
                 if key not in allowed:
                     path = f"{where}.{key}" if where else key
-                    self.fail(path, f"unknown key {key!r}; expected one of {sorted(allowed)}", None)
+                    self.fail(path, f"unknown key {brief(key)}; expected one of {sorted(allowed)}", None)
         for key in required:
             if key not in raw or raw[key] is None:
                 self.fail(f"{where}.{key}" if where else key, "is required", None)
