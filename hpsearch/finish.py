@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 FINISH_BEAT_S = 5.0  # how often the process testing the model says it is alive...
 FINISH_STALE_S = 60.0  # ...and after how long without it another process takes the test over
+LATE_STALE_S = 600.0  # a late record's claim (not renewed: it takes seconds) is taken over after this long
 
 
 def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
@@ -127,9 +128,15 @@ def _record_late(spec: Spec, study: optuna.Study, best: FrozenTrial, done: dict[
         return done
     track_late(study, tracker, parent, limit=None)
     key = f"{RECORDED_LATE_KEY}{best.number}"
-    mine = {"worker": worker_id(), "token": uuid.uuid4().hex}
+    mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
     if not claim(study, key, mine):
-        return done  # another process records it
+        held = read_claim(study, key)
+        if held is None or not _claim_dead(held, stale_s=LATE_STALE_S) or not swap_claim(study, key, held, mine):
+            return done  # another process records it
+        logger.info(f"the late MLflow record of trial {best.number}'s final test had been claimed by "
+                    f"{held.get('worker')}, which stopped; this process takes it over.")
+    if (now := _recorded(study, best.number)) is not None and not now.get(UNRECORDED):
+        return now  # recorded by another process since this one looked (the claim stays, as the sign of it)
     try:
         model, example, refitted, test_data = _tested_model(spec, study, best, done)
         with completed_first():
@@ -340,9 +347,9 @@ def _recorded(study: optuna.Study, trial: int) -> dict[str, Any] | None:
     return done if done and done.get("trial") == trial else None
 
 
-def _claim_dead(held: dict[str, Any]) -> bool:
+def _claim_dead(held: dict[str, Any], *, stale_s: float = FINISH_STALE_S) -> bool:
     """Return whether the process holding a finish claim is gone: silent too long, or dead on this host."""
-    if time.time() - float(held.get("at", 0)) > FINISH_STALE_S:
+    if time.time() - float(held.get("at", 0)) > stale_s:
         return True
     host, _, pid = str(held.get("worker", "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,9 @@ from mlflow.tracking import MlflowClient
 from hpsearch.cli import cli
 from hpsearch.data import load_test_split
 from hpsearch.finish import _finish_claim
-from hpsearch.record import FINISH_KEY, TEST_ATTR, StoredData
+from hpsearch.record import FINISH_KEY, RECORDED_LATE_KEY, TEST_ATTR, StoredData
 from hpsearch.signals import interrupt, on_stop_signals
-from hpsearch.storage import claims
+from hpsearch.storage import claim, claims
 from hpsearch.tasks import input_stats
 
 from .servers import free_port, mlflow_server
@@ -73,8 +76,9 @@ def test_the_claim_is_held_during_the_test_and_released_after(study: optuna.Stud
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("claim_before", ["none", "of a dead process"])
 def test_a_final_model_tested_while_mlflow_was_down_is_recorded_and_registered_once_it_is_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, claim_before: str) -> None:
     # Nothing that finished is lost: the refit model, tested while the MLflow server was unreachable,
     # used to live only in that process's memory, and no later run registered it (the study's test
     # record said the test was done). Now it is kept in the study's artifacts and recorded once MLflow
@@ -98,6 +102,12 @@ def test_a_final_model_tested_while_mlflow_was_down_is_recorded_and_registered_o
     assert "Not in MLflow yet" in down.output and "3 trial(s)" in down.output, down.output
     status = CliRunner().invoke(cli, ["status", str(path), "--runs-dir", runs_dir])
     assert f"untracked the final test of trial {first['trial']}" in status.output, status.output
+    if claim_before != "none":  # a process that died while recording it late: its claim is taken over
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        study = optuna.load_study(study_name="late", storage=storage)
+        assert claim(study, f"{RECORDED_LATE_KEY}{first['trial']}",
+                     {"worker": f"{socket.gethostname()}:{gone.pid}", "at": time.time(), "token": "x"})
 
     with mlflow_server(tmp_path / "mlflow", port=port):
         back = CliRunner().invoke(cli, ["run", str(path), "--runs-dir", runs_dir])
