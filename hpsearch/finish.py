@@ -29,7 +29,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from hpsearch import insights, record, refit, space
-from hpsearch.data import Provenance, SearchData, load_search_data, load_test_split
+from hpsearch.data import Provenance, SearchData, Split, load_search_data, load_test_split
 from hpsearch.errors import DataError
 from hpsearch.objective import MODEL_FILE, track_late
 from hpsearch.record import (BEST_RUN_TAG, BEST_TRIAL_TAG, DATA_NAME_TAG, DATA_SHA_TAG, FINISH_KEY, MODEL_ATTR,
@@ -168,18 +168,10 @@ def _tested_model(spec: Spec, study: optuna.Study, best: FrozenTrial, done: dict
     """Return the model the record ``done`` tested (from the study's artifacts), an input example, its refit
     (rebuilt from the record, for its MLflow run) and the test split as an MLflow dataset input. Nothing is
     evaluated: the test split is read for its digest and the example only."""
-    from hpsearch.models import build_model
-
     stored = StoredData.from_study(study)
     assert stored is not None  # the test was made, so the study has its data
     provenance = stored.provenance()
-    model = build_model(spec.model.family, _trial_params(spec, best), image_shape=stored.image_shape,
-                        n_classes=int(stored.n_classes))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / MODEL_FILE
-        optuna.artifacts.download_artifact(artifact_store=artifact_store(spec), file_path=str(path),
-                                           artifact_id=done["model_artifact"])
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+    model = _load_model(spec, stored, _trial_params(spec, best), done["model_artifact"])
     refitted = None
     if r := done.get("refit"):
         full = refit.merged(_search_data(spec, provenance))
@@ -188,8 +180,25 @@ def _tested_model(spec: Spec, study: optuna.Study, best: FrozenTrial, done: dict
                          history=tuple(done.get(REFIT_HISTORY, ())), data=full)
     mean, std = input_stats(stored.mean, stored.std, standardise=spec.task.normalize)
     test = load_test_split(provenance, data_dir=spec.task.data_dir)
-    example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
-    return model.eval(), example, refitted, dataset_records(provenance, {"test": test})
+    return model.eval(), _example(test, mean, std), refitted, dataset_records(provenance, {"test": test})
+
+
+def _load_model(spec: Spec, stored: StoredData, params: dict[str, Any], artifact_id: str) -> torch.nn.Module:
+    """Return the model of ``params`` with the weights kept as the study's Optuna artifact ``artifact_id``."""
+    from hpsearch.models import build_model
+
+    model = build_model(spec.model.family, params, image_shape=stored.image_shape, n_classes=int(stored.n_classes))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_FILE
+        optuna.artifacts.download_artifact(artifact_store=artifact_store(spec), file_path=str(path),
+                                           artifact_id=artifact_id)
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model
+
+
+def _example(test: Split, mean: float, std: float) -> Any:
+    """Return the registered model's input example: the first test images, standardised as the model sees them."""
+    return ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
 
 
 def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str | None, *,
@@ -202,7 +211,6 @@ def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str 
     (:mod:`hpsearch.refit`) when ``use_refit``, else the best trial's own saved model.
     """
     from hpsearch import tasks
-    from hpsearch.models import build_model
     from hpsearch.train import evaluate, resolve_device
 
     stored = StoredData.from_study(study)
@@ -221,13 +229,7 @@ def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str 
                                reference=reference, reports_per_epoch=reports_per_epoch(study.user_attrs))
         model = refitted.model
     else:
-        model = build_model(spec.model.family, params, image_shape=stored.image_shape,
-                            n_classes=int(stored.n_classes))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / MODEL_FILE
-            optuna.artifacts.download_artifact(artifact_store=artifact_store(spec), file_path=str(path),
-                                               artifact_id=best.user_attrs[MODEL_ATTR])
-            model.load_state_dict(torch.load(path, map_location="cpu"))
+        model = _load_model(spec, stored, params, best.user_attrs[MODEL_ATTR])
     model = model.to(dev).eval()
     # Only now, with the final model chosen and trained, is the test split read.
     test = load_test_split(provenance, data_dir=spec.task.data_dir).to(dev)
@@ -235,8 +237,8 @@ def _test_model(spec: Spec, study: optuna.Study, best: FrozenTrial, device: str 
                            noise_kind=spec.task.noise.kind, reference=reference)
     metrics = evaluate(model, test, task, mean=mean, std=std, device=dev)
     test_metrics = {test_metric(k): v for k, v in metrics.items()}
-    example = ((test.images[:4].float() / 255.0 - mean) / std).cpu().numpy()
-    return model, test_metrics, example, len(test), refitted, dataset_records(provenance, {"test": test})
+    test_data = dataset_records(provenance, {"test": test})
+    return model, test_metrics, _example(test, mean, std), len(test), refitted, test_data
 
 
 def _record_test(spec: Spec, study: optuna.Study, tracker: Tracker, best: FrozenTrial, model: torch.nn.Module,
