@@ -39,7 +39,7 @@ from hpsearch.storage import claim, claims, disk_full_cause, disk_full_error, fa
     set_user_attrs, shrink_sqlite
 from hpsearch.tracking import Tracker, check_store
 from hpsearch.worker_setup import WorkerSetup, setup_worker
-from hpsearch.vocab import pruner_class, sampler_class
+from hpsearch.vocab import EPOCH_OPTIONS, epoch_reports, pruner_class, sampler_class
 
 __all__ = ["claim_sampler_stream", "count_trials", "finish", "load_stored_spec", "make_pruner", "make_sampler",
            "open_study", "sampler_seed", "setup_worker", "stale_trial_callback", "work", "WorkerSetup"]
@@ -64,20 +64,16 @@ def make_sampler(spec: Spec, *, seed: int | None = None) -> optuna.samplers.Base
     return cls(seed=seed, **options)
 
 
-# Pruner options counted in epochs in a spec; the pruner counts reports (see record.REPORTS_ATTR).
-_EPOCH_OPTIONS = ("n_warmup_steps", "min_resource", "max_resource", "patience")
-
-
 def make_pruner(p: PrunerSpec, *, reports_per_epoch: int = 1) -> optuna.pruners.BasePruner:
     """Return the pruner a spec names (the patient pruner wrapping its inner one).
 
-    The spec gives warm-ups, resources and patience in epochs; with several reports an epoch,
-    they become that many reports (``max_resource: auto`` stays auto).
+    The spec gives warm-ups, resources and patience in epochs, whole or not; they become reports
+    (``vocab.epoch_reports``: 0.5 epochs with 4 reports an epoch is 2; ``max_resource: auto`` stays auto).
     """
     if p.type == "none":
         return optuna.pruners.NopPruner()
-    options = {k: v * reports_per_epoch if k in _EPOCH_OPTIONS and isinstance(v, int) and not isinstance(v, bool)
-               else v for k, v in p.options.items()}
+    options = {k: epoch_reports(v, reports_per_epoch) if k in EPOCH_OPTIONS and isinstance(v, (int, float))
+               and not isinstance(v, bool) else v for k, v in p.options.items()}  # max_resource: auto stays auto
     cls = pruner_class(p.type)
     if p.type == "patient":
         assert p.wrapped is not None  # the spec checks this

@@ -9,6 +9,7 @@ Optuna at import time: the spec imports this module, and neither belongs there.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # --- data and tasks ---
@@ -78,6 +79,16 @@ PRUNERS = {
     "threshold": "ThresholdPruner",
     "none": "NopPruner",
 }
+
+# Pruner options a spec counts in epochs, whole or not (0.5: half an epoch); the pruner counts reports, so
+# hpsearch turns each into reports with `epoch_reports` once the study's reports per epoch are known.
+EPOCH_OPTIONS = ("n_warmup_steps", "min_resource", "max_resource", "patience")
+
+
+def epoch_reports(epochs: float, reports_per_epoch: int) -> int:
+    """Return the reports an epoch-counted pruner option of ``epochs`` stands for: up to the first report at or
+    after that many epochs (ceil, so 0.5 epochs with one report an epoch is 1 report: the end of epoch 1)."""
+    return math.ceil(round(epochs * reports_per_epoch, 9))  # round: 0.3 x 10 is 3.0000000000000004
 
 
 def sampler_class(name: str) -> type:

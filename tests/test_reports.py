@@ -16,7 +16,7 @@ from hpsearch.cli import cli
 from hpsearch.data import SearchData, load_search_data
 from hpsearch.knobs import defaults
 from hpsearch.models import build_model
-from hpsearch.spec import PrunerSpec
+from hpsearch.spec import PrunerSpec, parse_spec
 from hpsearch.study import make_pruner
 from hpsearch.tasks import make_task
 from hpsearch.train import TrainConfig, fit
@@ -73,6 +73,19 @@ def test_pruner_settings_in_epochs_become_reports() -> None:
     patient = make_pruner(PrunerSpec("patient", {"patience": 2}, wrapped=PrunerSpec("median", {"n_warmup_steps": 1})),
                           reports_per_epoch=3)
     assert patient._patience == 6 and patient._wrapped_pruner._n_warmup_steps == 3
+
+
+@pytest.mark.parametrize(("epochs", "per_epoch", "reports"), [(0.5, 4, 2), (0.5, 1, 1), (0.25, 5, 2), (0.3, 10, 3),
+                                                             (1.5, 2, 3), (0.0, 5, 0)])
+def test_pruner_settings_in_fractions_of_an_epoch_become_the_first_report_at_or_after_them(
+        epochs: float, per_epoch: int, reports: int, tmp_path: Path) -> None:
+    raw = yaml.safe_load((Path(__file__).parents[1] / "studies" / "quickstart.yaml").read_text())
+    raw["study"]["pruner"] = {"type": "patient", "patience": epochs,
+                              "wrapped": {"type": "median", "n_warmup_steps": epochs}}
+    spec = parse_spec(raw, source="test", runs_dir=tmp_path)  # the spec takes fractions of an epoch
+    assert spec.study.pruner.options == {"patience": epochs}
+    patient = make_pruner(spec.study.pruner, reports_per_epoch=per_epoch)
+    assert patient._patience == reports and patient._wrapped_pruner._n_warmup_steps == reports
 
 
 @pytest.mark.parametrize(("step", "per_epoch", "text"), [(3, 1, "3"), (1, 4, "0.25"), (9, 4, "2.25"), (6, 6, "1")])

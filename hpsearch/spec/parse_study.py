@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,8 +13,8 @@ from hpsearch.spec.objects import (MetricSpec, ParamSpec, PrunerSpec, RefitSpec,
                                    TaskSpec, WarmStartSpec)
 from hpsearch.spec.parse_space import parse_enqueue
 from hpsearch.spec.urls import check_storage_url
-from hpsearch.vocab import (DEFAULT_METRIC, DIRECTIONS, METRICS, PRUNERS, SAMPLERS, STATIC_METRICS, pruner_class,
-                            sampler_class)
+from hpsearch.vocab import (DEFAULT_METRIC, DIRECTIONS, EPOCH_OPTIONS, METRICS, PRUNERS, SAMPLERS, STATIC_METRICS,
+                            pruner_class, sampler_class)
 
 # Options hpsearch sets itself, so a spec may not.
 _RESERVED_SAMPLER_OPTIONS = {"seed", "search_space"}
@@ -195,6 +196,16 @@ def _parse_pruner(check: Checker, raw: Any, where: str) -> PrunerSpec:
                        None)
     elif "wrapped" in m:
         check.fail(f"{where}.wrapped", "only the `patient` pruner wraps another pruner", m["wrapped"])
+    # Epoch-counted options may be fractions of an epoch; Optuna, which counts reports, sees whole ones.
+    fractions = {}
+    for key in [k for k in EPOCH_OPTIONS if k in options and options[k] != "auto"]:  # hyperband's resources: auto
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            check.fail(f"{where}.{key}", "must be a number of epochs >= 0 (whole or not: 0.5 is half an epoch)",
+                       value)
+        if isinstance(value, float):
+            fractions[key] = value
+            options[key] = math.ceil(value)  # stands in for the check below; what it becomes: vocab.epoch_reports
     options = check_options(check, pruner_class(kind), f"optuna.pruners.{PRUNERS[kind]}", options, where,
                             _RESERVED_PRUNER_OPTIONS)
-    return PrunerSpec(type=kind, options=options, wrapped=wrapped)
+    return PrunerSpec(type=kind, options={**options, **fractions}, wrapped=wrapped)
