@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import socket
 import tempfile
 import threading
 import time
@@ -32,14 +30,14 @@ from hpsearch import insights, record, refit, space
 from hpsearch.data import Provenance, SearchData, Split, load_search_data, load_test_split
 from hpsearch.errors import DataError
 from hpsearch.objective import MODEL_FILE, track_late
-from hpsearch.record import (BEST_RUN_TAG, BEST_TRIAL_TAG, DATA_NAME_TAG, DATA_SHA_TAG, FINISH_KEY, MODEL_ATTR,
-                             PARENT_RUN_ATTR, RECORDED_LATE_KEY, REFIT_HISTORY, RUN_ID_ATTR, STUDY_TAG, TEST_ATTR,
+from hpsearch.record import (BEST_RUN_TAG, BEST_TRIAL_TAG, DATA_NAME_TAG, DATA_SHA_TAG, FINISH_KEY, LATE_STALE_S,
+                             MODEL_ATTR, PARENT_RUN_ATTR, RECORDED_LATE_KEY, REFIT_HISTORY, RUN_ID_ATTR, STUDY_TAG, TEST_ATTR,
                              TRIAL_TAG, UNRECORDED, StoredData, artifact_store, reports_per_epoch, test_metric,
                              worker_id)
 from hpsearch.refit import Refit
 from hpsearch.signals import completed_first, interrupt, on_stop_signals
 from hpsearch.spec import Spec
-from hpsearch.storage import claim, read_claim, release_claim, swap_claim
+from hpsearch.storage import claim, holder_gone, read_claim, release_claim, swap_claim
 from hpsearch.tasks import input_stats
 from hpsearch.tracking import VERSION_METRIC_TAG, DatasetRecord, Tracker
 from hpsearch.worker_setup import dataset_records
@@ -48,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 FINISH_BEAT_S = 5.0  # how often the process testing the model says it is alive...
 FINISH_STALE_S = 60.0  # ...and after how long without it another process takes the test over
-LATE_STALE_S = 600.0  # a late record's claim (not renewed: it takes seconds) is taken over after this long
 
 
 def best_trial(spec: Spec, study: optuna.Study) -> FrozenTrial | None:
@@ -131,7 +128,7 @@ def _record_late(spec: Spec, study: optuna.Study, best: FrozenTrial, done: dict[
     mine = {"worker": worker_id(), "at": time.time(), "token": uuid.uuid4().hex}
     if not claim(study, key, mine):
         held = read_claim(study, key)
-        if held is None or not _claim_dead(held, stale_s=LATE_STALE_S) or not swap_claim(study, key, held, mine):
+        if held is None or not holder_gone(held, stale_s=LATE_STALE_S) or not swap_claim(study, key, held, mine):
             return done  # another process records it
         logger.info(f"the late MLflow record of trial {best.number}'s final test had been claimed by "
                     f"{held.get('worker')}, which stopped; this process takes it over.")
@@ -319,7 +316,7 @@ def _finish_claim(study: optuna.Study, trial: int) -> Iterator[dict[str, Any] | 
                 del holding["value"]
                 continue
             held = read_claim(study, key)
-            if held is not None and _claim_dead(held) and swap_claim(study, key, held, mine):
+            if held is not None and holder_gone(held, stale_s=FINISH_STALE_S) and swap_claim(study, key, held, mine):
                 logger.info(f"the final test of trial {trial} had been claimed by {held.get('worker')}, which "
                             "stopped; this process takes it over.")
                 break
@@ -347,22 +344,6 @@ def _recorded(study: optuna.Study, trial: int) -> dict[str, Any] | None:
     """Return the study's test record if it is of ``trial``, else None."""
     done = study.user_attrs.get(TEST_ATTR)
     return done if done and done.get("trial") == trial else None
-
-
-def _claim_dead(held: dict[str, Any], *, stale_s: float = FINISH_STALE_S) -> bool:
-    """Return whether the process holding a finish claim is gone: silent too long, or dead on this host."""
-    if time.time() - float(held.get("at", 0)) > stale_s:
-        return True
-    host, _, pid = str(held.get("worker", "")).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _search_data(spec: Spec, provenance: Provenance) -> SearchData:

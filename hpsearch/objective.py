@@ -34,13 +34,14 @@ from hpsearch.data import SearchData
 from hpsearch.errors import DataError, StorageError
 from hpsearch.models import build_model, count_params
 from hpsearch.spec import Spec
-from hpsearch.storage import claim, is_connection_error, release_claim, set_user_attrs, swap_claim
+from hpsearch.storage import (claim, holder_gone, is_connection_error, read_claim, release_claim, set_user_attrs,
+                              swap_claim)
 from hpsearch.tracking import DatasetRecord, Tracker
 from hpsearch.train import Diverged, TrainConfig, TrainResult, fit
 from hpsearch.record import (ARTIFACT_PREFIX, DEVICE_ATTR, FAIL_REASON_ATTR, FAIL_REASON_TAG, INTERRUPTED_ATTR,
-                             MODEL_ATTR, N_PARAMS_ATTR, RETRIED_FROM_TAG, RUN_ID_ATTR, RUN_URL_ATTR,
+                             LATE_STALE_S, MODEL_ATTR, N_PARAMS_ATTR, RETRIED_FROM_TAG, RUN_ID_ATTR, RUN_URL_ATTR,
                              SAMPLER_STREAM_ATTR, SEED_ATTR, STATE_TAG, STUDY_TAG, TRACKED_LATE_KEY, TRACKED_LATE_TAG,
-                             TRAIN_SECONDS_ATTR, TRIAL_NUMBER_TAG, UNTRACKED_ATTR, epoch_text, untracked)
+                             TRAIN_SECONDS_ATTR, TRIAL_NUMBER_TAG, UNTRACKED_ATTR, epoch_text, untracked, worker_id)
 
 MODEL_FILE = "model.pt"
 _T = TypeVar("_T")
@@ -395,7 +396,8 @@ def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None,
     have been left RUNNING), or a new run with its params, per-epoch values and final metrics
     if it has none. Each is claimed in the study first (``hpsearch.tracked_late:<n>``), so
     workers doing this at once record each trial once; the claim stays as the record that the
-    trial is in MLflow now. While MLflow is still down, nothing is claimed and it stops at once.
+    trial is in MLflow now; a claim that names no run yet, left by a process that died (or silent for
+    ``LATE_STALE_S``), is taken over. While MLflow is still down, nothing is claimed and it stops at once.
     At most ``limit`` trials a call (None: all), so that a worker between trials is not held up long.
     """
     if parent_run_id is None:
@@ -408,9 +410,14 @@ def track_late(study: optuna.Study, tracker: Tracker, parent_run_id: str | None,
     for number in todo:
         t = trials[number]
         key = f"{TRACKED_LATE_KEY}{number}"
-        mine = {"run_id": None, "token": uuid.uuid4().hex}
+        mine = {"run_id": None, "token": uuid.uuid4().hex, "worker": worker_id(), "at": time.time()}
         if not claim(study, key, mine):
-            continue
+            held = read_claim(study, key)  # under way elsewhere, or left by a process that died before its run
+            if held is None or held.get("run_id") is not None or not holder_gone(held, stale_s=LATE_STALE_S) \
+                    or not swap_claim(study, key, held, mine):
+                continue
+            logger.info(f"trial {number}'s late MLflow run had been claimed by {held.get('worker', 'a process')}, "
+                        "which stopped before writing it; this process takes it over.")
         failures = tracker.failures
         run_id = t.user_attrs.get(RUN_ID_ATTR) or tracker.find_trial_run(parent_run_id, number)
         if run_id is None and tracker.failures == failures:

@@ -55,6 +55,9 @@ FINISH_KEY = "hpsearch.finish:"  # + the best trial's number: held while one pro
 TRACKED_LATE_KEY = "hpsearch.tracked_late:"
 PARENT_RUN_KEY = "hpsearch.parent_run"  # no suffix: the MLflow parent run racing workers agreed on
 RECORDED_LATE_KEY = "hpsearch.recorded_late:"  # + the tested trial's number: its test recorded in MLflow late
+# A late record's claim (TRACKED_LATE_KEY's, RECORDED_LATE_KEY's; not renewed: writing one takes seconds) whose
+# holder is not known dead is taken over after this long.
+LATE_STALE_S = 600.0
 NOTE_SHA_KEY = "hpsearch:note_sha:"  # + "study" or a trial id: hash of the dashboard note hpsearch last wrote
 
 # --------------------------------------------------------------------------- trial user attrs
@@ -392,9 +395,14 @@ def _pareto(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[Fr
 
 
 def untracked(trials: Sequence[FrozenTrial], study_system_attrs: Mapping[str, object]) -> list[int]:
-    """Return the numbers of finished trials missing from MLflow: marked untracked, and not recorded there since."""
+    """Return the numbers of finished trials missing from MLflow: marked untracked, and no run recorded there since
+    (a claim to record one that names no run yet is a record under way, or left by a process that died)."""
+    def recorded(number: int) -> bool:
+        held = study_system_attrs.get(f"{TRACKED_LATE_KEY}{number}")
+        return isinstance(held, Mapping) and held.get("run_id") is not None
+
     return [t.number for t in trials if UNTRACKED_ATTR in t.user_attrs and t.state.is_finished()
-            and f"{TRACKED_LATE_KEY}{t.number}" not in study_system_attrs]
+            and not recorded(t.number)]
 
 
 def untracked_note(numbers: Sequence[int]) -> str:

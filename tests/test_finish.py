@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from hpsearch.cli import cli
 from hpsearch.data import load_test_split
 from hpsearch.finish import _finish_claim
-from hpsearch.record import FINISH_KEY, RECORDED_LATE_KEY, TEST_ATTR, StoredData
+from hpsearch.record import FINISH_KEY, RECORDED_LATE_KEY, TEST_ATTR, TRACKED_LATE_KEY, StoredData
 from hpsearch.signals import interrupt, on_stop_signals
 from hpsearch.storage import claim, claims
 from hpsearch.tasks import input_stats
@@ -102,12 +102,16 @@ def test_a_final_model_tested_while_mlflow_was_down_is_recorded_and_registered_o
     assert "Not in MLflow yet" in down.output and "3 trial(s)" in down.output, down.output
     status = CliRunner().invoke(cli, ["status", str(path), "--runs-dir", runs_dir])
     assert f"untracked the final test of trial {first['trial']}" in status.output, status.output
-    if claim_before != "none":  # a process that died while recording it late: its claim is taken over
+    if claim_before != "none":  # a process that died while recording them late: its claims are taken over
         gone = subprocess.Popen(["true"])
         gone.wait()
         study = optuna.load_study(study_name="late", storage=storage)
-        assert claim(study, f"{RECORDED_LATE_KEY}{first['trial']}",
-                     {"worker": f"{socket.gethostname()}:{gone.pid}", "at": time.time(), "token": "x"})
+        dead = {"worker": f"{socket.gethostname()}:{gone.pid}", "at": time.time()}
+        assert claim(study, f"{RECORDED_LATE_KEY}{first['trial']}", {**dead, "token": "x"})  # the final test's
+        assert claim(study, f"{TRACKED_LATE_KEY}1", {**dead, "token": "y", "run_id": None})  # trial 1's run
+        status = CliRunner().invoke(cli, ["status", str(path), "--runs-dir", runs_dir])
+        line = next((x for x in status.output.splitlines() if "trial(s) not in MLflow" in x), "")
+        assert "3 trial(s) not in MLflow: 0, 1, 2" in line, status.output  # a claim with no run is not a run
 
     with mlflow_server(tmp_path / "mlflow", port=port):
         back = CliRunner().invoke(cli, ["run", str(path), "--runs-dir", runs_dir])

@@ -12,7 +12,7 @@ One concept per module:
 """
 
 from hpsearch.storage._attrs import set_user_attrs
-from hpsearch.storage._claims import Register, claim, claims, read_claim, release_claim, swap_claim
+from hpsearch.storage._claims import Register, claim, claims, holder_gone, read_claim, release_claim, swap_claim
 from hpsearch.storage._connect import (CONNECT_TIMEOUT_S, NOTICE_AFTER_S, PG_CONNECT_ARGS, SQLITE_TIMEOUT_S,
                                        announced_wait, checked_driver_url, driver_url, engine_kwargs, opening,
                                        prepare_sqlite, sync_on_checkpoint)
@@ -23,7 +23,8 @@ from hpsearch.storage._resilient import OUTAGE_S, ResilientStorage, is_connectio
 __all__ = [
     "CONNECT_TIMEOUT_S", "NOTICE_AFTER_S", "OUTAGE_S", "PG_CONNECT_ARGS", "SQLITE_TIMEOUT_S", "Register",
     "ResilientStorage", "RunningTrial", "announced_wait", "checked_driver_url", "claim", "claims", "disk_full_cause",
-    "disk_full_error", "driver_url", "engine_kwargs", "fail_stale_trials", "is_connection_error", "make_storage",
+    "disk_full_error", "driver_url", "engine_kwargs", "fail_stale_trials", "holder_gone", "is_connection_error",
+    "make_storage",
     "opening", "prepare_sqlite", "rdb", "read_claim", "release_claim", "running_trials", "shrink_sqlite",
     "set_user_attrs", "swap_claim", "sync_on_checkpoint",
 ]

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,6 +52,24 @@ def claim(study: optuna.Study, key: str, value: Any) -> bool:
 def swap_claim(study: optuna.Study, key: str, old: Any, new: Any) -> bool:
     """Replace the claim ``key`` by ``new`` if it still holds ``old``; return whether it did (compare and swap)."""
     return _update_claim(study, key, old, new)
+
+
+def holder_gone(held: Any, *, stale_s: float) -> bool:
+    """Return whether the process that stored the claim value ``held`` ({"worker": "host:pid", "at": seconds,
+    ...}) is gone: dead on this host, or its claim older than ``stale_s`` (a claim without them is old)."""
+    held = held if isinstance(held, dict) else {}
+    if time.time() - float(held.get("at", 0)) > stale_s:
+        return True
+    host, _, pid = str(held.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def release_claim(study: optuna.Study, key: str, value: Any) -> None:
