@@ -177,7 +177,7 @@ def main() -> None:
         parser.error(f"--pruners: {', '.join(unknown)} is not one of {', '.join(CANDIDATES)}")
     warnings.filterwarnings("ignore")  # Optuna's ExperimentalWarnings would bury the table
     r = measure(seeds=tuple(int(s) for s in args.seeds.split(",")), trials=args.trials, epochs=args.epochs,
-                threads=args.threads, pruners=pruners, base=yaml.safe_load(args.spec.read_text()))
+                threads=args.threads, pruners=pruners, base=(base := yaml.safe_load(args.spec.read_text())))
     print(f"{args.trials} trials x up to {args.epochs} epochs, {args.spec}; seeds {args.seeds}\n")
     print("| seed | pruner | epochs trained | wall s | best val_accuracy | pruned trials |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -191,7 +191,9 @@ def main() -> None:
     for label in pruners:
         s = summarize(r, label)
         pruner, per_epoch = CANDIDATES[label]
-        print(f"| {label} `{pruner or 'own'}`, {per_epoch or 'own'} report(s) an epoch | "
+        if label == "own":
+            pruner, per_epoch = base["study"].get("pruner", "median"), base["task"].get("reports_per_epoch", "auto")
+        print(f"| {label} `{pruner}`, {per_epoch} report(s) an epoch | "
               f"{spread_text(s['epochs_ratio'], '.2f')}x | "
               f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_pruned'], '.4f')} | "
               f"{spread_text(s['best_gap'], '+.4f')} | {spread_text(s['pruned'], 'g')} |")
