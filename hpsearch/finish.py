@@ -31,9 +31,9 @@ from hpsearch.data import Provenance, SearchData, Split, load_search_data, load_
 from hpsearch.errors import DataError
 from hpsearch.objective import MODEL_FILE, track_late
 from hpsearch.record import (BEST_RUN_TAG, BEST_TRIAL_TAG, DATA_NAME_TAG, DATA_SHA_TAG, FINISH_KEY, LATE_STALE_S,
-                             MODEL_ATTR, PARENT_RUN_ATTR, RECORDED_LATE_KEY, REFIT_HISTORY, RUN_ID_ATTR, STUDY_TAG, TEST_ATTR,
-                             TRIAL_TAG, UNRECORDED, StoredData, artifact_store, reports_per_epoch, test_metric,
-                             worker_id)
+                             MODEL_ATTR, PARENT_RUN_ATTR, RECORDED_LATE_KEY, REFIT_HISTORY, RUN_ID_ATTR, STUDY_TAG,
+                             TEST_ATTR, TRIAL_TAG, UNRECORDED, StoredData, artifact_store, reports_per_epoch,
+                             test_metric, worker_id)
 from hpsearch.refit import Refit
 from hpsearch.signals import completed_first, interrupt, on_stop_signals
 from hpsearch.spec import Spec

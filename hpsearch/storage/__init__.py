@@ -24,7 +24,6 @@ __all__ = [
     "CONNECT_TIMEOUT_S", "NOTICE_AFTER_S", "OUTAGE_S", "PG_CONNECT_ARGS", "SQLITE_TIMEOUT_S", "Register",
     "ResilientStorage", "RunningTrial", "announced_wait", "checked_driver_url", "claim", "claims", "disk_full_cause",
     "disk_full_error", "driver_url", "engine_kwargs", "fail_stale_trials", "holder_gone", "is_connection_error",
-    "make_storage",
-    "opening", "prepare_sqlite", "rdb", "read_claim", "release_claim", "running_trials", "shrink_sqlite",
-    "set_user_attrs", "swap_claim", "sync_on_checkpoint",
+    "make_storage", "opening", "prepare_sqlite", "rdb", "read_claim", "release_claim", "running_trials",
+    "shrink_sqlite", "set_user_attrs", "swap_claim", "sync_on_checkpoint",
 ]
