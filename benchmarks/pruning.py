@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import statistics
 import sys
@@ -69,6 +70,12 @@ CANDIDATES: dict[str, tuple[Any, int]] = {
                                 "n_warmup_steps": 1}, 4),
     "percentile-40-r4-from2": ({"type": "percentile", "percentile": 40.0, "n_startup_trials": 3,
                                 "n_warmup_steps": 2}, 4),
+    # At the study file's own reports an epoch (None: auto on Fashion-MNIST is 5, one per ~10,000 images),
+    # later or gentler than search_seeds.yaml's median from the first report: from the end of epoch 1, or
+    # only the bottom quarter cut from 0.4 epochs on.
+    "median-from1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}, None),
+    "percentile-25-from0.4": ({"type": "percentile", "percentile": 25.0, "n_startup_trials": 3,
+                               "n_warmup_steps": 0.4}, None),
 }
 
 
@@ -103,8 +110,9 @@ def run_study(spec: Spec, *, threads: int) -> dict[str, Any]:
     values = [t.value for t in trials if t.value is not None]
     return {"seed": spec.study.seed, "seconds": seconds,
             "epochs": sum(len(t.intermediate_values) for t in trials) / reports_per_epoch(study.user_attrs),
+            "reports_per_epoch": reports_per_epoch(study.user_attrs),
             "best": max(values) if values else float("nan"),
-            "pruned": sum(t.state.name == "PRUNED" for t in trials)}
+            "pruned": sum(t.state.name == "PRUNED" for t in trials), "n_val": setup.data.provenance.n_val}
 
 
 def warm_up(spec: Spec, *, threads: int) -> None:
@@ -115,12 +123,12 @@ def warm_up(spec: Spec, *, threads: int) -> None:
 def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = QUICKSTART_TRIALS,
             epochs: int = QUICKSTART_EPOCHS,
             threads: int | None = None, pruners: tuple[str, ...] = ("own",),
-            base: dict[str, Any] = QUICKSTART) -> dict[str, Any]:
-    """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none"), one result per seed (see run_study)
-    of the study file ``base``'s study."""
+            base: dict[str, Any] = QUICKSTART, with_none: bool = True) -> dict[str, Any]:
+    """Return, per pruner (``pruners``, of :data:`CANDIDATES`, and "none" unless not ``with_none``), one result
+    per seed (see run_study) of the study file ``base``'s study."""
     threads = threads or os.cpu_count() or 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    configs = {**{label: CANDIDATES[label] for label in pruners}, "none": ("none", 1)}
+    configs = {**{label: CANDIDATES[label] for label in pruners}, **({"none": ("none", 1)} if with_none else {})}
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in configs}
     with tempfile.TemporaryDirectory(prefix="hpsearch-pruning-") as tmp:
 
@@ -140,13 +148,17 @@ def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = QUICKSTAR
 
 
 def summarize(r: dict[str, Any], pruner: str = "own") -> dict[str, tuple[float, float, float]]:
-    """Return (median, min, max) over the seeds: epochs and seconds ratios (pruner / none), best values, gap."""
+    """Return (median, min, max) over the seeds: epochs and seconds ratios (pruner / none), best values, gap;
+    and "noise": one standard error of a validation accuracy at none's median best (binomial, on the
+    validation split's images), the same three times."""
     on, off = r["runs"][pruner], r["runs"]["none"]
 
     def spread(values: list[float]) -> tuple[float, float, float]:
         return statistics.median(values), min(values), max(values)
 
-    return {"epochs_ratio": spread([a["epochs"] / b["epochs"] for a, b in zip(on, off)]),
+    p = statistics.median(b["best"] for b in off)
+    noise = math.sqrt(p * (1 - p) / off[0]["n_val"])
+    return {"noise": (noise, noise, noise),"epochs_ratio": spread([a["epochs"] / b["epochs"] for a, b in zip(on, off)]),
             "seconds_ratio": spread([a["seconds"] / b["seconds"] for a, b in zip(on, off)]),
             "best_pruned": spread([a["best"] for a in on]), "best_none": spread([b["best"] for b in off]),
             "best_gap": spread([a["best"] - b["best"] for a, b in zip(on, off)]),
@@ -171,13 +183,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--pruners", default="own", help="comma-separated, of " + ", ".join(CANDIDATES)
                         + " (own: the study file's); each is measured against none")
+    parser.add_argument("--without-none", action="store_true",
+                        help="run the pruners only, not the unpruned study, and print no ratios (for when none's "
+                        "results are known from a run with the same code, seeds, threads and machine)")
     args = parser.parse_args()
     pruners = tuple(args.pruners.split(","))
     if unknown := [p for p in pruners if p not in CANDIDATES]:
         parser.error(f"--pruners: {', '.join(unknown)} is not one of {', '.join(CANDIDATES)}")
     warnings.filterwarnings("ignore")  # Optuna's ExperimentalWarnings would bury the table
     r = measure(seeds=tuple(int(s) for s in args.seeds.split(",")), trials=args.trials, epochs=args.epochs,
-                threads=args.threads, pruners=pruners, base=(base := yaml.safe_load(args.spec.read_text())))
+                threads=args.threads, pruners=pruners, base=(base := yaml.safe_load(args.spec.read_text())),
+                with_none=not args.without_none)
     print(f"{args.trials} trials x up to {args.epochs} epochs, {args.spec}; seeds {args.seeds}\n")
     print("| seed | pruner | epochs trained | wall s | best val_accuracy | pruned trials |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -185,6 +201,8 @@ def main() -> None:
         for label, runs in r["runs"].items():
             s = runs[i]
             print(f"| {seed} | {label} | {s['epochs']:g} | {s['seconds']:.1f} | {s['best']:.4f} | {s['pruned']} |")
+    if args.without_none:
+        return
     print(f"\nmedian [min, max] over {len(r['seeds'])} seeds, each pruner against none:\n")
     print("| pruner | epochs vs none | wall vs none | best val_accuracy | best minus none's | pruned trials |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -192,13 +210,16 @@ def main() -> None:
         s = summarize(r, label)
         pruner, per_epoch = CANDIDATES[label]
         if label == "own":
-            pruner, per_epoch = base["study"].get("pruner", "median"), base["task"].get("reports_per_epoch", "auto")
+            pruner = base["study"].get("pruner", "median")
+        if per_epoch is None:  # the study file's own
+            per_epoch = base["task"].get("reports_per_epoch", "auto")
         print(f"| {label} `{pruner}`, {per_epoch} report(s) an epoch | "
               f"{spread_text(s['epochs_ratio'], '.2f')}x | "
               f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_pruned'], '.4f')} | "
               f"{spread_text(s['best_gap'], '+.4f')} | {spread_text(s['pruned'], 'g')} |")
     s = summarize(r, pruners[0])
-    print(f"\nnone: best {spread_text(s['best_none'], '.4f')}")
+    print(f"\nnone: best {spread_text(s['best_none'], '.4f')}; one standard error of a validation accuracy at its "
+          f"median: {100 * s['noise'][0]:.2f} points ({r['runs']['none'][0]['n_val']:,} images)")
 
 
 if __name__ == "__main__":
