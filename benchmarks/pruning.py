@@ -71,8 +71,8 @@ CANDIDATES: dict[str, tuple[Any, int]] = {
     "percentile-40-r4-from2": ({"type": "percentile", "percentile": 40.0, "n_startup_trials": 3,
                                 "n_warmup_steps": 2}, 4),
     # At the study file's own reports an epoch (None: auto on Fashion-MNIST is 5, one per ~10,000 images),
-    # later or gentler than search_seeds.yaml's median from the first report: from the end of epoch 1, or
-    # only the bottom quarter cut from 0.4 epochs on.
+    # against search_seeds.yaml's median from the first report: the median from the end of epoch 1 (later),
+    # and from 0.4 epochs on keeping only trials in the top quarter (Optuna's percentile is the share kept).
     "median-from1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}, None),
     "percentile-25-from0.4": ({"type": "percentile", "percentile": 25.0, "n_startup_trials": 3,
                                "n_warmup_steps": 0.4}, None),
@@ -211,8 +211,8 @@ def main() -> None:
         pruner, per_epoch = CANDIDATES[label]
         if label == "own":
             pruner = base["study"].get("pruner", "median")
-        if per_epoch is None:  # the study file's own
-            per_epoch = base["task"].get("reports_per_epoch", "auto")
+        if per_epoch is None:  # the study file's own (auto: as many as the data made it)
+            per_epoch = r["runs"][label][0]["reports_per_epoch"]
         print(f"| {label} `{pruner}`, {per_epoch} report(s) an epoch | "
               f"{spread_text(s['epochs_ratio'], '.2f')}x | "
               f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_pruned'], '.4f')} | "
