@@ -47,7 +47,7 @@ QUICKSTART_TRIALS, QUICKSTART_EPOCHS = QUICKSTART["study"]["n_trials"], QUICKSTA
 # epoch). Warm-ups count epochs, as in a spec (hpsearch multiplies them by the reports an epoch): a trial
 # reports at steps 1, 2, ... and Optuna judges it from step n_warmup_steps on, so n_warmup_steps: 2 judges
 # it at the end of its 2nd epoch first (with 4 reports an epoch, at step 8, then at every report after).
-CANDIDATES: dict[str, tuple[Any, int]] = {
+CANDIDATES: dict[str, tuple[Any, int | None]] = {
     "own": (None, None),  # the study file's own pruner, at its own reports an epoch (its task's, or auto)
     "median": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 2}, 1),  # from epoch 2, 3 trials in
     "median-warmup1": ({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}, 1),  # from epoch 1
@@ -147,22 +147,31 @@ def measure(*, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), trials: int = QUICKSTAR
     return {"runs": results, "trials": trials, "epochs_per_trial": epochs, "seeds": list(seeds)}
 
 
-def summarize(r: dict[str, Any], pruner: str = "own") -> dict[str, tuple[float, float, float]]:
+def summarize(r: dict[str, Any], pruner: str = "own") -> dict[str, Any]:
     """Return (median, min, max) over the seeds: epochs and seconds ratios (pruner / none), best values, gap;
     and "noise": one standard error of a validation accuracy at none's median best (binomial, on the
-    validation split's images), the same three times."""
+    validation split's images)."""
     on, off = r["runs"][pruner], r["runs"]["none"]
 
     def spread(values: list[float]) -> tuple[float, float, float]:
         return statistics.median(values), min(values), max(values)
 
     p = statistics.median(b["best"] for b in off)
-    noise = math.sqrt(p * (1 - p) / off[0]["n_val"])
-    return {"noise": (noise, noise, noise),"epochs_ratio": spread([a["epochs"] / b["epochs"] for a, b in zip(on, off)]),
+    return {"noise": math.sqrt(p * (1 - p) / off[0]["n_val"]),
+            "epochs_ratio": spread([a["epochs"] / b["epochs"] for a, b in zip(on, off)]),
             "seconds_ratio": spread([a["seconds"] / b["seconds"] for a, b in zip(on, off)]),
             "best_pruned": spread([a["best"] for a in on]), "best_none": spread([b["best"] for b in off]),
             "best_gap": spread([a["best"] - b["best"] for a, b in zip(on, off)]),
             "pruned": spread([a["pruned"] for a in on])}
+
+
+def describe(label: str, r: dict[str, Any], base: dict[str, Any]) -> str:
+    """Return the pruner ``label`` of ``r`` (a :func:`measure` of study file ``base``) and its reports an epoch."""
+    pruner, per_epoch = CANDIDATES[label]
+    pruner = base["study"].get("pruner", "median") if pruner is None else pruner  # own: the study file's
+    per_epoch = r["runs"][label][0]["reports_per_epoch"] if per_epoch is None else per_epoch  # auto: the data's
+    flow = yaml.safe_dump(pruner, default_flow_style=True, sort_keys=False).strip()
+    return f"`{flow}`, {per_epoch} report(s) an epoch"
 
 
 def spread_text(spread: tuple[float, float, float], fmt: str) -> str:
@@ -208,18 +217,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for label in pruners:
         s = summarize(r, label)
-        pruner, per_epoch = CANDIDATES[label]
-        if label == "own":
-            pruner = base["study"].get("pruner", "median")
-        if per_epoch is None:  # the study file's own (auto: as many as the data made it)
-            per_epoch = r["runs"][label][0]["reports_per_epoch"]
-        print(f"| {label} `{pruner}`, {per_epoch} report(s) an epoch | "
+        print(f"| {label} {describe(label, r, base)} | "
               f"{spread_text(s['epochs_ratio'], '.2f')}x | "
               f"{spread_text(s['seconds_ratio'], '.2f')}x | {spread_text(s['best_pruned'], '.4f')} | "
               f"{spread_text(s['best_gap'], '+.4f')} | {spread_text(s['pruned'], 'g')} |")
     s = summarize(r, pruners[0])
     print(f"\nnone: best {spread_text(s['best_none'], '.4f')}; one standard error of a validation accuracy at its "
-          f"median: {100 * s['noise'][0]:.2f} points ({r['runs']['none'][0]['n_val']:,} images)")
+          f"median: {100 * s['noise']:.2f} points ({r['runs']['none'][0]['n_val']:,} images)")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Sizes:
     pack_ks: tuple[int, ...]  # trials a pack
 
 
-PRUNER = "median-from1"  # run_all's pruner on the Fashion-MNIST study (docs/benchmarks.md, "Pruning on Fashion...")
+PRUNER = "median-from1"  # on the Fashion-MNIST study: docs/benchmarks.md, "Pruning on Fashion-MNIST's MLP space"
 FULL = Sizes(train_limit=20000, epoch_repeats=3, overhead_trials=10, overhead_epochs=8,
              overhead_train_limit=20000, growth_sizes=2000, growth_window=50,
              pruning_spec=HERE / "search_seeds.yaml", pruning_pruner=PRUNER,  # the issue's Fashion-MNIST study
@@ -265,14 +265,11 @@ def pruning_rows(sizes: Sizes, threads: int) -> list[Row]:
     r = pruning.measure(seeds=sizes.pruning_seeds, trials=sizes.pruning_trials, epochs=sizes.pruning_epochs,
                         threads=threads, pruners=(sizes.pruning_pruner,), base=base)
     s = pruning.summarize(r, sizes.pruning_pruner)
-    pruner = pruning.CANDIDATES[sizes.pruning_pruner][0]
-    pruner = base["study"].get("pruner", "median") if pruner is None else pruner
-    flow = yaml.safe_dump(pruner, default_flow_style=True, sort_keys=False).strip()
-    name = f"pruner `{flow}`, {r['runs'][sizes.pruning_pruner][0]['reports_per_epoch']} report(s) an epoch"
+    name = "pruner " + pruning.describe(sizes.pruning_pruner, r, base)
     where = (f"{base['task']['dataset']} ({r['runs']['none'][0]['n_val']:,} validation images) "
              f"{base['model']['family'].upper()}, {sizes.pruning_spec.name}'s space, TPE, {r['trials']} trials x "
              f"{r['epochs_per_trial']} epochs, seeds {','.join(map(str, r['seeds']))}; median [min, max]")
-    ratio, gap, noise = s["epochs_ratio"][0], s["best_gap"][0], s["noise"][0]
+    ratio, gap, noise = s["epochs_ratio"][0], s["best_gap"][0], s["noise"]
     return [
         Row(f"pruning: epochs trained, {name}, vs none ({where}; {s['pruned'][0]:g} pruned)", "", "",
             pruning.spread_text(s["epochs_ratio"], ".2f") + "x",
